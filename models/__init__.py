@@ -1,0 +1,1 @@
+"""Deterministic builders of the sample models (seeded weights; never hand-edited binaries)."""

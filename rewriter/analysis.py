@@ -1,0 +1,168 @@
+"""Cost analysis: multiply-accumulates (MACs) and parameters per node, and the ranking of expensive convs.
+
+Formulas (one MAC = one multiply and one add; bias adds are not counted):
+
+* Conv:          MACs = N * C_out * H_out * W_out * (C_in / group) * prod(kernel)
+* ConvTranspose: MACs = N * C_in * H_in * W_in * (C_out / group) * prod(kernel)
+* Gemm:          MACs = M * N * K
+* MatMul:        MACs = prod(batch) * M * N * K   (numpy broadcasting of the batch dims)
+
+Params are the element counts of a node's floating-point constant inputs (weights, biases, BN
+statistics); each shared constant is counted once in the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import prod
+from typing import Any
+
+import onnx_graphsurgeon as gs
+
+from rewriter.graph import const_value, op_histogram
+from rewriter.model import Model
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    name: str
+    op: str
+    macs: int
+    params: int
+    kernel: tuple[int, ...] = ()
+    group: int = 1
+    in_channels: int | None = None
+    out_channels: int | None = None
+    output_shape: tuple[int, ...] | None = None
+
+    @property
+    def is_dense_kxk_conv(self) -> bool:
+        """A dense (group 1) convolution with a kernel of at least 3 along some axis."""
+        return self.op == "Conv" and self.group == 1 and bool(self.kernel) and max(self.kernel) >= 3
+
+
+def _float_const(tensor: gs.Tensor):  # type: ignore[no-untyped-def]
+    v = const_value(tensor)
+    return v if v is not None and v.dtype.kind == "f" else None
+
+
+def node_params(node: gs.Node) -> int:
+    """Elements of the node's floating-point constant inputs (weights, biases, BN statistics)."""
+    return sum(int(v.size) for t in node.inputs if (v := _float_const(t)) is not None)
+
+
+def _weight_shape(model: Model, node: gs.Node) -> tuple[int, ...] | None:
+    if len(node.inputs) < 2:
+        return None
+    value = const_value(node.inputs[1])
+    if value is not None:
+        return tuple(int(d) for d in value.shape)
+    return model.static_shape(node.inputs[1])
+
+
+def conv_macs(out_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """N * C_out * prod(spatial_out) * (C_in/group) * prod(kernel); weight is [C_out, C_in/group, *k]."""
+    return prod(out_shape) * prod(weight_shape[1:])
+
+
+def conv_transpose_macs(in_shape: tuple[int, ...], weight_shape: tuple[int, ...], group: int) -> int:
+    """N * C_in * prod(spatial_in) * (C_out/group) * prod(kernel); weight is [C_in, C_out/group, *k]."""
+    return prod(in_shape) * prod(weight_shape[1:])
+
+
+def matmul_macs(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """prod(broadcast batch) * M * K * N with numpy's 1-D promotion rules."""
+    a = a_shape if len(a_shape) > 1 else (1,) + tuple(a_shape)
+    b = b_shape if len(b_shape) > 1 else tuple(b_shape) + (1,)
+    batch_a, batch_b = a[:-2], b[:-2]
+    width = max(len(batch_a), len(batch_b))
+    batch_a = (1,) * (width - len(batch_a)) + batch_a
+    batch_b = (1,) * (width - len(batch_b)) + batch_b
+    batch = prod(max(x, y) for x, y in zip(batch_a, batch_b))
+    return batch * a[-2] * a[-1] * b[-1]
+
+
+def gemm_macs(a_shape: tuple[int, ...], b_shape: tuple[int, ...], trans_a: int, trans_b: int) -> int:
+    m, k = (a_shape[1], a_shape[0]) if trans_a else (a_shape[0], a_shape[1])
+    n = b_shape[0] if trans_b else b_shape[1]
+    return m * k * n
+
+
+def node_cost(model: Model, node: gs.Node) -> NodeCost:
+    """MACs and params of one node; MACs are 0 for ops this module does not count or cannot size."""
+    params = node_params(node)
+    op = node.op
+    try:
+        if op in ("Conv", "ConvTranspose"):
+            w = _weight_shape(model, node)
+            group = int(node.attrs.get("group", 1))
+            if w is None:
+                return NodeCost(node.name, op, 0, params, group=group)
+            kernel = tuple(w[2:])
+            if op == "Conv":
+                out = model.static_shape(node.outputs[0])
+                macs = conv_macs(out, w) if out else 0
+                cin, cout = w[1] * group, w[0]
+            else:
+                inp = model.static_shape(node.inputs[0])
+                out = model.static_shape(node.outputs[0])
+                macs = conv_transpose_macs(inp, w, group) if inp else 0
+                cin, cout = w[0], w[1] * group
+            return NodeCost(node.name, op, macs, params, kernel, group, cin, cout, out)
+        if op == "Gemm":
+            a, b = model.static_shape(node.inputs[0]), _weight_shape(model, node)
+            macs = gemm_macs(a, b, int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))) if a and b else 0
+            return NodeCost(node.name, op, macs, params, output_shape=model.static_shape(node.outputs[0]))
+        if op == "MatMul":
+            a, b = model.static_shape(node.inputs[0]), model.static_shape(node.inputs[1])
+            if b is None and (v := const_value(node.inputs[1])) is not None:
+                b = tuple(v.shape)
+            macs = matmul_macs(a, b) if a and b else 0
+            return NodeCost(node.name, op, macs, params, output_shape=model.static_shape(node.outputs[0]))
+    except (IndexError, TypeError, ValueError):
+        pass
+    return NodeCost(node.name, op, 0, params)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    nodes: list[NodeCost]
+    histogram: dict[str, int]
+    total_macs: int
+    total_params: int
+
+    def expensive_convs(self, min_kernel: int = 3) -> list[tuple[NodeCost, float]]:
+        """Dense KxK convs (k >= ``min_kernel``), most MACs first, each with its share of the model's MACs."""
+        convs = [c for c in self.nodes if c.is_dense_kxk_conv and max(c.kernel) >= min_kernel]
+        convs.sort(key=lambda c: (-c.macs, c.name))
+        total = self.total_macs or 1
+        return [(c, c.macs / total) for c in convs]
+
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        ranked = self.expensive_convs()
+        return {
+            "total_macs": self.total_macs,
+            "total_params": self.total_params,
+            "op_histogram": self.histogram,
+            "expensive_convs": [
+                {**asdict(c), "share": share} for c, share in (ranked if top is None else ranked[:top])
+            ],
+            "nodes": [asdict(c) for c in self.nodes],
+        }
+
+
+def analyze(model: Model) -> Analysis:
+    """Cost of every node of the model's main graph."""
+    costs = [node_cost(model, n) for n in model.graph.nodes]
+    # Params: each constant counted once even when shared.
+    seen: set[int] = set()
+    total_params = 0
+    for n in model.graph.nodes:
+        for t in n.inputs:
+            if id(t) in seen:
+                continue
+            v = _float_const(t)
+            if v is not None:
+                seen.add(id(t))
+                total_params += int(v.size)
+    return Analysis(costs, op_histogram(model.graph.nodes), sum(c.macs for c in costs), total_params)

@@ -1,0 +1,377 @@
+"""Command-line interface: a thin layer over the library.
+
+Exit codes: 0 success; 1 a gate failed (numerics, metric, or slower than the input) and no output model
+was written; 2 bad input or usage, reported in one line (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rewriter.errors import GateFailed, InputError, RewriterError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Guarded structural rewrites for ONNX CNNs: every rewrite is validated by onnxruntime before it is kept.",
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+log = logging.getLogger("rewriter")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_state = {"debug": False}
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.INFO if verbose else (logging.ERROR if quiet else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("onnx-rewriter: %(message)s"))
+    root = logging.getLogger("rewriter")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("passes").handlers[:] = [handler]
+    logging.getLogger("passes").setLevel(level)
+
+
+def guarded(fn: F) -> F:
+    """Turn library errors into one-line messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RewriterError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # never a traceback for a user unless asked
+            if _state["debug"]:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            err.print(f"error: {type(exc).__name__}: {first} (rerun with --debug for details)", markup=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each decision."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the essential result."),
+) -> None:
+    _state["debug"] = debug
+    _state["quiet"] = quiet
+    _setup_logging(verbose, quiet)
+
+
+# -- shared option helpers ---------------------------------------------------------------------------
+InputShapeOpt = typer.Option(None, "--input-shape", help="Resolve an input's dims: NAME:1x3x224x224 (repeatable).")
+FeedsOpt = typer.Option(None, "--feeds", help=".npy/.npz file of inputs (repeatable); default: seeded random feeds.")
+ThreadsOpt = typer.Option(1, "--threads", min=1, help="Intra-op threads of the timed sessions.")
+ProviderOpt = typer.Option("cpu", "--provider", help="Execution provider for timing: cpu, cuda, tensorrt.")
+
+
+def _shapes(texts: Optional[list[str]]) -> dict[str, tuple[int, ...]]:
+    from rewriter.shapes import parse_input_shapes
+
+    return parse_input_shapes(texts or [])
+
+
+def _model_path(path: Path) -> Path:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an ONNX model file")
+    return path
+
+
+def _feedset(model, feeds: Optional[list[Path]], count: int, seed: int):  # type: ignore[no-untyped-def]
+    """Feeds for validation: user files (split into calibration/validation), else seeded random."""
+    from rewriter.validation.feeds import FeedSet, input_specs
+
+    specs = input_specs(model.proto, model.input_shapes)
+    if feeds:
+        return FeedSet.from_files(feeds, specs, seed=seed)
+    return FeedSet.random(specs, count=count, calibration_count=count, seed=seed)
+
+
+def _quiet() -> bool:
+    return bool(_state.get("quiet"))
+
+
+def _fmt_int(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+@app.command()
+@guarded
+def analyze(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    input_shape: Optional[list[str]] = InputShapeOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON."),
+    top: int = typer.Option(20, "--top", min=1, help="How many expensive convs to list."),
+) -> None:
+    """MACs and params per node, the expensive dense KxK convs, and the op histogram."""
+    from rewriter.analysis import analyze as run_analysis
+    from rewriter.model import Model
+    from rewriter.report import write_json
+
+    m = Model.from_source(_model_path(model), _shapes(input_shape))
+    result = run_analysis(m)
+    ranked = result.expensive_convs()
+    if json_path is not None:
+        write_json({"model": str(model), "input_shapes": {k: list(v) for k, v in m.input_shapes.items()}, **result.to_dict()}, json_path)
+    if _quiet():
+        return
+    out.print(f"{model}: {sum(result.histogram.values())} nodes, {_fmt_int(result.total_macs)} MACs, {_fmt_int(result.total_params)} params")
+    table = Table(title=f"Expensive dense KxK convs ({len(ranked)}; top {min(top, len(ranked))})")
+    for col in ("#", "node", "kernel", "channels", "output", "MACs", "share"):
+        table.add_column(col, justify="right" if col in ("#", "MACs", "share") else "left")
+    for i, (c, share) in enumerate(ranked[:top], 1):
+        kernel = "x".join(map(str, c.kernel))
+        table.add_row(str(i), c.name, kernel, f"{c.in_channels}->{c.out_channels}", "x".join(map(str, c.output_shape or ())), _fmt_int(c.macs), f"{share:.1%}")
+    out.print(table)
+    hist = Table(title="Op histogram")
+    hist.add_column("op")
+    hist.add_column("count", justify="right")
+    for op, n in result.histogram.items():
+        hist.add_row(op, str(n))
+    out.print(hist)
+
+
+@app.command(name="passes")
+@guarded
+def list_passes() -> None:
+    """List the available passes (exact ones run by default)."""
+    from rewriter.registry import available_passes
+
+    table = Table(title="Passes")
+    for col in ("name", "kind", "default", "what it does"):
+        table.add_column(col)
+    for name, cls in available_passes().items():
+        table.add_row(name, "exact" if cls.exact else "lossy", "yes" if cls.exact else "no", cls.summary)
+    out.print(table)
+
+
+@app.command()
+@guarded
+def optimize(
+    model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the optimized model."),
+    passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass names (default: all exact passes)."),
+    input_shape: Optional[list[str]] = InputShapeOpt,
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
+    feeds: Optional[list[Path]] = FeedsOpt,
+    num_feeds: int = typer.Option(8, "--num-feeds", min=1, help="Random feeds to judge numerics on."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random feeds."),
+    max_error: Optional[str] = typer.Option(None, "--max-error", help="Budget of lossy passes, e.g. cosine>=0.999,top1-drop<=0.01."),
+    rtol: float = typer.Option(1e-4, "--rtol", help="Exact gate: relative tolerance."),
+    atol: float = typer.Option(1e-5, "--atol", help="Exact gate: absolute tolerance."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Gate rewrites on measured latency."),
+    subgraph: bool = typer.Option(True, "--subgraph/--whole-model", help="Time each rewrite on its region (fast) or the whole model."),
+    threads: int = ThreadsOpt,
+    provider: str = ProviderOpt,
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of validation to spend at most."),
+    max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", help="Refuse model files larger than this."),
+    in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB)."),
+) -> None:
+    """Run the guarded pipeline and write the optimized model and its report."""
+    from rewriter.io import save_model, sha256_file
+    from rewriter.model import Model
+    from rewriter.pipeline import optimize as run_optimize
+    from rewriter.report import build_report, write_json
+    from rewriter.validation.judge import ValidationConfig
+    from rewriter.validation.numerics import Budget
+    from rewriter.validation.runtime import RuntimeOptions
+
+    src = _model_path(model)
+    if output.exists() and not in_place and os.path.samefile(src, output):
+        raise InputError(f"{output}: is the input file; pass --in-place to overwrite it")
+    shapes = _shapes(input_shape)
+    runtime = RuntimeOptions(provider=provider, threads=threads)
+    config = ValidationConfig(
+        budget=Budget.parse(max_error, rtol=rtol, atol=atol),
+        runtime=runtime,
+        latency=latency,
+        subgraph_latency=subgraph,
+    )
+    if latency:
+        runtime.providers()  # fail early on an unavailable provider
+    input_sha = sha256_file(src)
+    source = Model.from_source(src, shapes, max_bytes=max_model_bytes)
+    feedset = _feedset(source, feeds, num_feeds, seed)
+    result = run_optimize(source, passes, feeds=feedset, config=config, time_budget_s=time_budget)
+    any_lossy = any(not d.exact for d in result.decisions)
+    gate = config.budget.failures(result.final_numerics, exact=not any_lossy) if result.final_numerics else []
+    if result.final_latency is not None and result.final_latency.ci.slower(config.exact_max_slowdown):
+        gate.append(f"optimized model is slower than the input: speedup {result.final_latency.ci}")
+    out_sha = None
+    if not gate:
+        save_model(result.model, output, external_data=external_data)
+        out_sha = sha256_file(output)
+    data = build_report(
+        result, input_path=str(model), input_sha256=input_sha, output_path=None if gate else str(output),
+        output_sha256=out_sha, provider=provider, threads=threads,
+    )
+    data["gate"] = {"passed": not gate, "failures": gate}
+    if report is not None:
+        write_json(data, report)
+    if not _quiet():
+        _print_optimize(result)
+    if gate:
+        raise GateFailed("gate failed, no output written: " + "; ".join(gate))
+    kept = len(result.kept)
+    out.print(f"wrote {output}: {kept} rewrite(s) kept, {len(result.decisions) - kept} rolled back"
+              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else ""))
+
+
+def _print_optimize(result) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title="Decisions")
+    for col in ("pass", "nodes", "MACs", "max abs err", "speedup [95% CI]", "decision"):
+        table.add_column(col, overflow="fold")
+    for d in result.decisions:
+        v = d.verdict
+        err_txt = "-"
+        if v is not None and v.numerics:
+            err_txt = f"{max(s.max_abs for s in v.numerics.values()):.2e}"
+        lat = "-"
+        if v is not None and v.latency is not None:
+            lat = f"{v.latency.ci} {v.latency_scope}"
+        c = d.candidate
+        decision = "kept" if d.kept else f"rolled back: {d.reason}"
+        table.add_row(c.pass_name, ", ".join(c.nodes), f"{_fmt_int(c.cost.macs_before)}->{_fmt_int(c.cost.macs_after)}", err_txt, lat, decision)
+    if result.decisions:
+        out.print(table)
+    skips = sum(len(r.skips) for r in result.passes)
+    if skips:
+        out.print(f"{skips} place(s) skipped by passes (reasons in the JSON report)")
+    b, a = result.before, result.after
+    out.print(
+        f"nodes {sum(b.histogram.values())} -> {sum(a.histogram.values())}, MACs {_fmt_int(b.total_macs)} -> {_fmt_int(a.total_macs)}, "
+        f"params {_fmt_int(b.total_params)} -> {_fmt_int(a.total_params)}"
+    )
+    for name, s in result.final_numerics.items():
+        out.print(f"output {name}: max abs err {s.max_abs:.3g}, cosine {s.cosine:.6f}" + (f", top-1 agreement {s.top1:.3f}" if s.top1 is not None else ""))
+
+
+@app.command()
+@guarded
+def validate(
+    base: Path = typer.Argument(..., help="Reference model."),
+    candidate: Path = typer.Argument(..., help="Model to judge against the reference."),
+    input_shape: Optional[list[str]] = InputShapeOpt,
+    feeds: Optional[list[Path]] = FeedsOpt,
+    num_feeds: int = typer.Option(16, "--num-feeds", min=1, help="Random feeds to compare on."),
+    seed: int = typer.Option(0, "--seed"),
+    max_error: Optional[str] = typer.Option(None, "--max-error", help="Lossy budget (default: exact gate at --rtol/--atol)."),
+    rtol: float = typer.Option(1e-4, "--rtol"),
+    atol: float = typer.Option(1e-5, "--atol"),
+    latency: bool = typer.Option(True, "--latency/--no-latency"),
+    threads: int = ThreadsOpt,
+    provider: str = ProviderOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+) -> None:
+    """Numerics per output and the latency ratio with its 95% CI; exit 1 if out of budget or slower."""
+    from rewriter.report import write_json
+    from rewriter.validation.compare import validate_models
+    from rewriter.validation.feeds import FeedSet
+    from rewriter.validation.judge import ValidationConfig
+    from rewriter.validation.numerics import Budget
+    from rewriter.validation.runtime import RuntimeOptions
+
+    from rewriter.model import Model
+
+    shapes = _shapes(input_shape)
+    base_model = Model.from_source(_model_path(base), shapes)
+    feedset: FeedSet = _feedset(base_model, feeds, num_feeds, seed)
+    if feeds:  # validate compares on every given sample
+        feedset = FeedSet(feedset.validation + feedset.calibration, [], feedset.source)
+    config = ValidationConfig(
+        budget=Budget.parse(max_error, rtol=rtol, atol=atol), runtime=RuntimeOptions(provider=provider, threads=threads), latency=latency
+    )
+    rep = validate_models(base_model, _model_path(candidate), input_shapes=shapes, feeds=feedset, config=config, exact=max_error is None)
+    if json_path is not None:
+        write_json(rep.to_dict(), json_path)
+    if not _quiet():
+        table = Table(title=f"Numerics vs {base.name} ({len(feedset.validation)} feeds; budget {rep.budget})")
+        for col in ("output", "max abs", "mean abs", "max rel", "cosine", "SNR dB", "top-1", "top-5"):
+            table.add_column(col, justify="left" if col == "output" else "right")
+        for name, s in rep.numerics.items():
+            table.add_row(name, f"{s.max_abs:.3g}", f"{s.mean_abs:.3g}", f"{s.max_rel:.3g}", f"{s.cosine:.6f}", f"{s.snr_db:.1f}",
+                          "-" if s.top1 is None else f"{s.top1:.3f}", "-" if s.top5 is None else f"{s.top5:.3f}")
+        out.print(table)
+        if rep.latency is not None:
+            lat = rep.latency
+            out.print(f"latency: base {lat.base_median_s * 1e3:.3f} ms, candidate {lat.candidate_median_s * 1e3:.3f} ms, speedup {lat.ci} over {lat.ci.pairs} interleaved pairs")
+    for f in rep.failures:
+        err.print(f"fail: {f}", markup=False)
+    if rep.slower:
+        err.print(f"fail: candidate is slower (speedup {rep.latency.ci})", markup=False)  # type: ignore[union-attr]
+    out.print("PASS" if rep.passed else "FAIL")
+    if not rep.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@guarded
+def bench(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    input_shape: Optional[list[str]] = InputShapeOpt,
+    runs: int = typer.Option(50, "--runs", min=2, help="Timed runs."),
+    threads: int = ThreadsOpt,
+    provider: str = ProviderOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+) -> None:
+    """Latency median and spread, and each op type's share of the time (onnxruntime profiler)."""
+    from rewriter.report import write_json
+    from rewriter.validation.profile import bench_model
+    from rewriter.validation.runtime import RuntimeOptions
+
+    res = bench_model(_model_path(model), input_shapes=_shapes(input_shape), runs=runs, options=RuntimeOptions(provider=provider, threads=threads))
+    if json_path is not None:
+        write_json({"model": str(model), "provider": provider, "threads": threads, "latency": res.latency.to_dict(),
+                    "op_share": res.op_share, "op_time_ms_per_run": res.op_time_ms}, json_path)
+    lat = res.latency
+    out.print(f"{model}: median {lat.median_s * 1e3:.3f} ms (p5 {lat.p05_s * 1e3:.3f}, p95 {lat.p95_s * 1e3:.3f}) over {lat.runs} runs, {threads} thread(s), {provider}")
+    if _quiet():
+        return
+    table = Table(title="Time per op type")
+    for col in ("op", "ms/run", "share"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for op, share in res.op_share.items():
+        table.add_row(op, f"{res.op_time_ms[op]:.3f}", f"{share:.1%}")
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

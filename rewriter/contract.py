@@ -1,0 +1,151 @@
+"""The pass contract.
+
+A pass looks at a :class:`~rewriter.model.Model` and yields, for each place it could rewrite, either a
+:class:`Candidate` (what it would change and what that saves) or a :class:`Skip` (why it declines).
+Applying one candidate edits a forked model's graph in place. Passes know nothing of onnxruntime,
+latency or budgets: judging a rewrite is the pipeline's job.
+
+Rules every ``apply`` follows:
+
+* the tensors the region hands to the rest of the graph keep their names (so the pipeline can compare
+  the region before and after, and nothing downstream has to be rewired);
+* new nodes get fresh names (so stale candidates are detected by name);
+* constant arrays are never modified in place -- new values go into new initializers.
+
+Passes written in the pattern / check / rewrite style derive from :class:`PatternPass`, which turns
+those three steps into ``find`` and ``apply``.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import onnx_graphsurgeon as gs
+
+from rewriter.model import Model
+
+
+class RewriteError(Exception):
+    """A candidate can no longer be applied (the graph changed since it was found), or applying it failed."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Estimated multiply-accumulates and parameters of the touched nodes, before and after."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def macs_saved(self) -> int:
+        return self.macs_before - self.macs_after
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible rewrite."""
+
+    pass_name: str
+    nodes: tuple[str, ...]
+    description: str
+    cost: Cost
+    #: Knobs of lossy passes (e.g. ``{"rank": 32}``); JSON-serialisable.
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Identity of a candidate across re-finds: pass, nodes and options."""
+        return json.dumps([self.pass_name, list(self.nodes), dict(self.options)], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A place a pass looked at and declined, with the reason."""
+
+    pass_name: str
+    nodes: tuple[str, ...]
+    reason: str
+
+
+class Pass(abc.ABC):
+    """Base of every pass. Subclasses set ``name``, ``summary`` and ``exact``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: Exact passes keep outputs equal up to float rounding; lossy ones need a numerics budget.
+    exact: ClassVar[bool]
+
+    @abc.abstractmethod
+    def find(self, model: Model) -> Iterator[Candidate | Skip]:
+        """Yield a candidate or a skip for every place this pass could act. Must not edit ``model``."""
+
+    @abc.abstractmethod
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        """Apply one candidate to ``model.graph`` (a fork). Raise :class:`RewriteError` if it is stale."""
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name} ({'exact' if self.exact else 'lossy'})>"
+
+
+M = TypeVar("M")
+
+
+class PatternPass(Pass, Generic[M]):
+    """A pass written as three separate steps.
+
+    * ``match(model, node)``: the structure around an anchor node, or ``None`` if it is not this pattern;
+    * ``check(model, match)``: ``None`` when every precondition holds, else the reason it does not;
+    * ``rewrite(model, match)``: edit the graph.
+
+    ``describe`` and ``cost`` give the candidate's text and estimated savings; ``nodes`` the touched nodes.
+    """
+
+    @abc.abstractmethod
+    def match(self, model: Model, node: gs.Node) -> M | None: ...
+
+    @abc.abstractmethod
+    def check(self, model: Model, match: M) -> str | None: ...
+
+    @abc.abstractmethod
+    def rewrite(self, model: Model, match: M) -> None: ...
+
+    @abc.abstractmethod
+    def nodes(self, match: M) -> tuple[gs.Node, ...]: ...
+
+    @abc.abstractmethod
+    def describe(self, model: Model, match: M) -> str: ...
+
+    @abc.abstractmethod
+    def cost(self, model: Model, match: M) -> Cost: ...
+
+    def anchor(self, candidate: Candidate) -> str:
+        """The node name ``match`` is called on when re-matching a candidate (its first node by default)."""
+        return candidate.nodes[0]
+
+    def find(self, model: Model) -> Iterator[Candidate | Skip]:
+        for node in list(model.graph.nodes):
+            m = self.match(model, node)
+            if m is None:
+                continue
+            names = tuple(n.name for n in self.nodes(m))
+            reason = self.check(model, m)
+            if reason is not None:
+                yield Skip(self.name, names, reason)
+                continue
+            yield Candidate(self.name, names, self.describe(model, m), self.cost(model, m))
+
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        node = model.node(self.anchor(candidate))
+        m = self.match(model, node) if node is not None else None
+        if m is None or tuple(n.name for n in self.nodes(m)) != candidate.nodes:
+            raise RewriteError(f"{self.name}: pattern at {candidate.nodes} no longer matches")
+        reason = self.check(model, m)
+        if reason is not None:
+            raise RewriteError(f"{self.name}: {reason}")
+        self.rewrite(model, m)

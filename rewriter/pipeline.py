@@ -1,0 +1,257 @@
+"""The guarded pipeline: find, apply one, judge, keep or roll back, repeat; then confirm end to end.
+
+For each pass, candidates are tried in order of estimated MACs saved. Each is applied to a fork of the
+accepted model and judged (numerics against the original model, latency against the accepted one). A
+candidate that raises is rolled back and recorded, never fatal. When a pass accepted anything, the whole
+model is timed against the model from before the pass; if that shows the pass did not pay, the pass is
+undone and its decisions say so. :func:`apply_pass` is the unguarded counterpart for the Python API and
+for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import onnx
+
+from rewriter.analysis import Analysis, analyze
+from rewriter.contract import Candidate, Pass, RewriteError, Skip
+from rewriter.model import Model
+from rewriter.registry import resolve_passes
+from rewriter.shapes import Shape
+from rewriter.validation.feeds import FeedSet
+from rewriter.validation.judge import Judge, ValidationConfig, Verdict
+from rewriter.validation.latency import LatencyComparison
+from rewriter.validation.numerics import OutputStats
+
+log = logging.getLogger(__name__)
+
+Source = str | os.PathLike[str] | onnx.ModelProto | Model
+
+
+def _as_model(source: Source, input_shapes: Mapping[str, Shape] | None, max_bytes: int | None = None) -> Model:
+    if isinstance(source, Model):
+        if input_shapes and dict(input_shapes) != source.input_shapes:
+            return Model.from_source(source.proto, input_shapes)
+        return source
+    return Model.from_source(source, input_shapes, max_bytes=max_bytes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one candidate."""
+
+    candidate: Candidate
+    exact: bool
+    kept: bool
+    reason: str
+    verdict: Verdict | None = None
+
+
+@dataclass
+class PassRun:
+    """One pass's part of the run."""
+
+    name: str
+    exact: bool
+    kept: int = 0
+    rolled_back: int = 0
+    skips: list[Skip] = field(default_factory=list)
+    model_latency: LatencyComparison | None = None
+    reverted: str | None = None
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    original: onnx.ModelProto
+    input_shapes: dict[str, Shape]
+    decisions: list[Decision]
+    passes: list[PassRun]
+    before: Analysis
+    after: Analysis
+    final_numerics: dict[str, OutputStats]
+    final_latency: LatencyComparison | None
+    budget: str
+    feeds: str
+    seconds: float
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.kept]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.kept)
+
+
+def _rank(candidates: list[Candidate]) -> list[Candidate]:
+    return sorted(candidates, key=lambda c: (-c.cost.macs_saved, c.nodes))
+
+
+def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
+    seen = {(s.nodes, s.reason) for s in run.skips}
+    for s in found:
+        if isinstance(s, Skip) and (s.nodes, s.reason) not in seen:
+            run.skips.append(s)
+            seen.add((s.nodes, s.reason))
+
+
+def _try(p: Pass, accepted: Model, candidate: Candidate, judge: Judge) -> tuple[Model | None, Decision]:
+    trial = accepted.fork()
+    try:
+        p.apply(trial, candidate)
+        committed = trial.commit()
+    except RewriteError as exc:
+        return None, Decision(candidate, p.exact, False, f"stale: {exc}")
+    except Exception as exc:  # a faulty pass must never end the run
+        log.warning("%s raised on %s: %s", p.name, candidate.nodes, exc)
+        return None, Decision(candidate, p.exact, False, f"rewrite raised {type(exc).__name__}: {exc}")
+    try:
+        verdict = judge.judge(accepted, committed, candidate, p.exact)
+    except Exception as exc:
+        log.warning("validation of %s on %s failed: %s", p.name, candidate.nodes, exc)
+        return None, Decision(candidate, p.exact, False, f"validation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    decision = Decision(candidate, p.exact, verdict.keep, verdict.reason, verdict)
+    return (committed if verdict.keep else None), decision
+
+
+def optimize(
+    source: Source,
+    passes: str | Sequence[str | Pass] | None = None,
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    feeds: FeedSet | None = None,
+    config: ValidationConfig | None = None,
+    max_rounds: int = 8,
+    time_budget_s: float | None = None,
+    max_model_bytes: int | None = None,
+) -> OptimizeResult:
+    """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
+
+    ``passes``: names, instances, or ``None`` for the exact defaults. ``time_budget_s`` caps the time
+    spent judging; candidates left when it runs out are recorded as not tried.
+    """
+    start = time.perf_counter()
+    config = config or ValidationConfig()
+    selected = resolve_passes(passes)
+    original = _as_model(source, input_shapes, max_model_bytes)
+    judge = Judge(original, feeds, config)
+    model = original
+    decisions: list[Decision] = []
+    runs: list[PassRun] = []
+    deadline = None if time_budget_s is None else start + time_budget_s
+    for p in selected:
+        run = PassRun(p.name, p.exact)
+        runs.append(run)
+        before_pass = model
+        first_decision = len(decisions)
+        tried: set[str] = set()
+        for _ in range(max_rounds):
+            try:
+                found = list(p.find(model))
+            except Exception as exc:
+                log.warning("%s.find raised: %s", p.name, exc)
+                run.skips.append(Skip(p.name, (), f"find raised {type(exc).__name__}: {exc}"))
+                break
+            _record_skips(run, found)
+            todo = _rank([c for c in found if isinstance(c, Candidate) and c.key not in tried])
+            if not todo:
+                break
+            changed = False
+            for cand in todo:
+                if any(model.node(n) is None for n in cand.nodes):
+                    continue  # consumed by an earlier rewrite this round; found afresh next round
+                tried.add(cand.key)
+                if deadline is not None and time.perf_counter() > deadline:
+                    decisions.append(Decision(cand, p.exact, False, "not tried: validation time budget exhausted"))
+                    continue
+                accepted, decision = _try(p, model, cand, judge)
+                decisions.append(decision)
+                log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
+                if accepted is not None:
+                    model, changed = accepted, True
+            if not changed:
+                break
+        mine = decisions[first_decision:]
+        if model is not before_pass and config.latency:
+            lat = judge.model_latency(before_pass.proto, model.proto)
+            run.model_latency = lat
+            undo = lat.ci.slower(config.exact_max_slowdown) if p.exact else not lat.ci.faster(config.lossy_min_speedup)
+            if undo:
+                run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
+                log.info("%s: %s", p.name, run.reverted)
+                model = before_pass
+                for i, d in enumerate(mine):
+                    if d.kept:
+                        decisions[first_decision + i] = replace(d, kept=False, reason=f"{d.reason}; {run.reverted}")
+                mine = decisions[first_decision:]
+        run.kept = sum(d.kept for d in mine)
+        run.rolled_back = sum(not d.kept for d in mine)
+    changed = model is not original
+    final_numerics = judge.numerics(model.proto) if changed else {}
+    final_latency = judge.model_latency(original.proto, model.proto) if changed and config.latency else None
+    any_lossy = any(not p.exact for p in selected)
+    return OptimizeResult(
+        model=model.proto,
+        original=original.proto,
+        input_shapes=dict(original.input_shapes),
+        decisions=decisions,
+        passes=runs,
+        before=analyze(original),
+        after=analyze(model),
+        final_numerics=final_numerics,
+        final_latency=final_latency,
+        budget=config.budget.describe(exact=not any_lossy),
+        feeds=judge.feeds.source,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class PassResult:
+    """Result of :func:`apply_pass`: the model, whether it changed, and what was applied or skipped."""
+
+    model: onnx.ModelProto
+    modified: bool
+    applied: list[Candidate]
+    skipped: list[Skip]
+
+
+def apply_pass(
+    source: Source,
+    p: Pass | str,
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    max_rounds: int = 8,
+) -> PassResult:
+    """Apply every candidate of one pass, unguarded (no validation), to a fixed point.
+
+    For exploring and testing passes; deployment use goes through :func:`optimize`.
+    """
+    (pass_,) = resolve_passes([p])
+    model = _as_model(source, input_shapes)
+    applied: list[Candidate] = []
+    skipped: list[Skip] = []
+    for _ in range(max_rounds):
+        found = list(pass_.find(model))
+        skipped.extend(s for s in found if isinstance(s, Skip) and s not in skipped)
+        progressed = False
+        for cand in _rank([c for c in found if isinstance(c, Candidate)]):
+            if any(model.node(n) is None for n in cand.nodes):
+                continue
+            trial = model.fork()
+            try:
+                pass_.apply(trial, cand)
+            except RewriteError:
+                continue
+            model = trial.commit()
+            applied.append(cand)
+            progressed = True
+        if not progressed:
+            break
+    return PassResult(model.proto, bool(applied), applied, skipped)

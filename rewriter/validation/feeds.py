@@ -1,0 +1,207 @@
+"""Input feeds for validation and calibration.
+
+Sources:
+
+* seeded random feeds that respect each input's dtype and resolved shape -- floats ~ N(0, 1),
+  integers uniform in [1, 8] (never all zero, small enough to be valid indices or sizes for most
+  models), booleans fair coin flips;
+* ``.npy`` (single-input models) and ``.npz`` files keyed by input name; an array with one more dim
+  than the input holds several samples along its first axis;
+* a folder of images plus an :class:`ImageSpec` (size, layout, channel order, mean/std or scale).
+
+Calibration feeds (for data-aware passes) and judging feeds are split without overlap by
+:func:`split_feeds`; random feeds for the two roles come from different seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from rewriter.errors import InputError
+from rewriter.shapes import Shape, graph_inputs
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: Shape
+
+
+def input_specs(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> list[InputSpec]:
+    specs = []
+    for vi in graph_inputs(model):
+        elem = vi.type.tensor_type.elem_type
+        specs.append(InputSpec(vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(elem)), tuple(input_shapes[vi.name])))
+    return specs
+
+
+def random_feed(specs: Sequence[InputSpec], rng: np.random.Generator) -> Feed:
+    feed: Feed = {}
+    for spec in specs:
+        kind = spec.dtype.kind
+        if kind == "f":
+            feed[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        elif kind in "iu":
+            feed[spec.name] = rng.integers(1, 9, size=spec.shape).astype(spec.dtype)
+        elif kind == "b":
+            feed[spec.name] = rng.random(spec.shape) < 0.5
+        else:
+            raise InputError(f"input {spec.name!r} has dtype {spec.dtype}, for which no random feed can be made; pass --feeds")
+    return feed
+
+
+def random_feeds(specs: Sequence[InputSpec], count: int, seed: int = 0) -> list[Feed]:
+    """``count`` seeded random feeds."""
+    rng = np.random.default_rng(seed)
+    return [random_feed(specs, rng) for _ in range(count)]
+
+
+def _samples(spec: InputSpec, array: np.ndarray, source: str) -> list[np.ndarray]:
+    if array.ndim == len(spec.shape) + 1:
+        items = list(array)
+    elif array.ndim == len(spec.shape):
+        items = [array]
+    else:
+        raise InputError(f"{source}: array for input {spec.name!r} has rank {array.ndim}, expected {len(spec.shape)} (or one more for several samples)")
+    out = []
+    for item in items:
+        if tuple(item.shape) != spec.shape:
+            raise InputError(f"{source}: input {spec.name!r} has shape {tuple(item.shape)}, the model is resolved to {spec.shape}")
+        if item.dtype != spec.dtype:
+            if item.dtype.kind != spec.dtype.kind and not (item.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+                raise InputError(f"{source}: input {spec.name!r} has dtype {item.dtype}, the model wants {spec.dtype}")
+            item = item.astype(spec.dtype)
+        out.append(np.ascontiguousarray(item))
+    return out
+
+
+def load_array_feeds(path: str | Path, specs: Sequence[InputSpec]) -> list[Feed]:
+    """Feeds from one ``.npy`` or ``.npz`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such feeds file")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{p}: not a .npy/.npz file ({exc})") from None
+    if isinstance(data, np.ndarray):
+        if len(specs) != 1:
+            raise InputError(f"{p}: a .npy file can only feed a single-input model; use .npz keyed by input name")
+        arrays = {specs[0].name: data}
+    else:
+        arrays = {k: data[k] for k in data.files}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InputError(f"{p}: no array for input(s) {missing} (arrays: {sorted(arrays)})")
+    per_input = {s.name: _samples(s, arrays[s.name], str(p)) for s in specs}
+    counts = {len(v) for v in per_input.values()}
+    if len(counts) != 1:
+        raise InputError(f"{p}: inputs hold different numbers of samples {sorted(counts)}")
+    n = counts.pop()
+    return [{name: per_input[name][i] for name in per_input} for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How to turn an image file into a model input.
+
+    ``value = (pixel * scale - mean) / std`` per channel, with pixels in [0, 255] in the stated
+    ``channels`` order ("RGB" or "BGR"), laid out as ``NCHW`` or ``NHWC`` with batch 1.
+    """
+
+    height: int
+    width: int
+    layout: str = "NCHW"
+    channels: str = "RGB"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("NCHW", "NHWC"):
+            raise InputError(f"image layout must be NCHW or NHWC, not {self.layout!r}")
+        if self.channels not in ("RGB", "BGR"):
+            raise InputError(f"image channel order must be RGB or BGR, not {self.channels!r}")
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB (already resized) -> a float32 tensor of batch 1."""
+        x = rgb.astype(np.float32)
+        if self.channels == "BGR":
+            x = x[..., ::-1]
+        x = (x * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x[None])
+
+
+def load_image_feeds(folder: str | Path, spec: ImageSpec, input_name: str, limit: int | None = None) -> list[Feed]:
+    """One feed per image file in ``folder`` (sorted by name), resized to the spec's size."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InputError("reading image folders needs Pillow: pip install 'onnx-rewriter[images]'") from None
+    p = Path(folder)
+    if not p.is_dir():
+        raise InputError(f"{p}: not a folder of images")
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise InputError(f"{p}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    feeds = []
+    for f in files[:limit]:
+        try:
+            with Image.open(f) as im:
+                rgb = np.asarray(im.convert("RGB").resize((spec.width, spec.height), Image.BILINEAR))
+        except OSError as exc:
+            raise InputError(f"{f}: cannot read image ({exc})") from None
+        feeds.append({input_name: spec.preprocess(rgb)})
+    return feeds
+
+
+def split_feeds(feeds: Sequence[Feed], calibration_fraction: float = 0.5, seed: int = 0) -> tuple[list[Feed], list[Feed]]:
+    """Disjoint (calibration, validation) sets from one list, by a seeded permutation."""
+    if not 0.0 < calibration_fraction < 1.0:
+        raise InputError("calibration fraction must be strictly between 0 and 1")
+    if len(feeds) < 2:
+        raise InputError("need at least two feeds to split into calibration and validation sets")
+    order = np.random.default_rng(seed).permutation(len(feeds))
+    n_cal = min(len(feeds) - 1, max(1, round(len(feeds) * calibration_fraction)))
+    return [feeds[i] for i in order[:n_cal]], [feeds[i] for i in order[n_cal:]]
+
+
+@dataclass
+class FeedSet:
+    """Feeds for the two roles. ``validation`` judges numerics; ``calibration`` is for data-aware passes."""
+
+    validation: list[Feed]
+    calibration: list[Feed]
+    source: str
+
+    @classmethod
+    def random(cls, specs: Sequence[InputSpec], count: int = 8, calibration_count: int = 8, seed: int = 0) -> FeedSet:
+        return cls(
+            random_feeds(specs, count, seed=seed),
+            random_feeds(specs, calibration_count, seed=seed + 1_000_003),
+            f"random (seed {seed})",
+        )
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | Path], specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
+        feeds: list[Feed] = []
+        for path in paths:
+            feeds.extend(load_array_feeds(path, specs))
+        cal, val = split_feeds(feeds, calibration_fraction, seed)
+        return cls(val, cal, ", ".join(str(p) for p in paths))

@@ -1,0 +1,200 @@
+"""The judge: decides whether one rewrite is kept.
+
+Numerics are always measured against the *original* model's reference outputs (computed once, graph
+optimizations disabled), so lossy rewrites share one budget and errors cannot silently add up. Latency is
+measured against the *currently accepted* model: on the touched region alone (fast path) when it can be
+extracted, else end to end.
+
+Decision rules (thresholds are options):
+
+* exact rewrite: kept when numerics hold at ``rtol``/``atol`` and the speedup CI does not lie wholly below
+  ``exact_max_slowdown`` (i.e. not shown slower);
+* lossy rewrite: kept when the budget holds, the task metric (if any) has not dropped more than allowed,
+  and the speedup CI lies wholly above ``lossy_min_speedup`` (a speedup shown with 95% confidence).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from rewriter.contract import Candidate
+from rewriter.errors import InputError
+from rewriter.model import Model
+from rewriter.validation.feeds import FeedSet, input_specs
+from rewriter.validation.latency import LatencyComparison, TimingOptions, time_pairs
+from rewriter.validation.numerics import Budget, OutputStats, compare_outputs
+from rewriter.validation.region import RegionError, extract_region, region_feed, region_outputs
+from rewriter.validation.runtime import RuntimeOptions, deploy_session, reference_session, run_feeds
+
+log = logging.getLogger(__name__)
+
+MetricFn = Callable[[Any], float]
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """A user's task metric: ``fn(session) -> float`` (higher is better) and the drop it may suffer."""
+
+    fn: MetricFn
+    max_drop: float
+    name: str = "metric"
+
+
+def load_metric(spec: str) -> MetricFn:
+    """Import ``module:function`` (the module may also be a path to a ``.py`` file)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"--metric {spec!r}: expected module:function")
+    try:
+        if module_name.endswith(".py"):
+            import importlib.util
+
+            loc = importlib.util.spec_from_file_location("_rewriter_user_metric", module_name)
+            if loc is None or loc.loader is None:
+                raise ImportError(module_name)
+            module = importlib.util.module_from_spec(loc)
+            loc.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # user code: any failure is a usage error
+        raise InputError(f"--metric {spec!r}: cannot import {module_name!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise InputError(f"--metric {spec!r}: {attr!r} is not a function of {module_name!r}")
+    return fn
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    budget: Budget = field(default_factory=Budget)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    timing: TimingOptions = field(default_factory=TimingOptions)
+    #: Measure latency at all (off: numerics-only gating).
+    latency: bool = True
+    #: Time the touched region alone for each rewrite (fast path); off: end to end.
+    subgraph_latency: bool = True
+    exact_max_slowdown: float = 1.0
+    lossy_min_speedup: float = 1.0
+    metric: TaskMetric | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    keep: bool
+    reason: str
+    numerics: dict[str, OutputStats]
+    latency: LatencyComparison | None = None
+    latency_scope: str | None = None  # "subgraph" | "model"
+    metric: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keep": self.keep,
+            "reason": self.reason,
+            "numerics": {k: v.to_dict() for k, v in self.numerics.items()},
+            "latency": None if self.latency is None else {"scope": self.latency_scope, **self.latency.to_dict()},
+            "metric": self.metric,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class Judge:
+    """Holds the original model's reference outputs and judges rewrites against them."""
+
+    def __init__(self, original: Model, feeds: FeedSet | None = None, config: ValidationConfig | None = None) -> None:
+        self.original = original
+        self.config = config or ValidationConfig()
+        self.feeds = feeds or FeedSet.random(input_specs(original.proto, original.input_shapes))
+        if not self.feeds.validation:
+            raise InputError("no validation feeds")
+        self._reference: list[dict] | None = None
+        self._metric_base: float | None = None
+
+    # -- reference ------------------------------------------------------------------------------------
+    @property
+    def reference(self) -> list[dict]:
+        if self._reference is None:
+            self._reference = run_feeds(reference_session(self.original.proto), self.feeds.validation)
+        return self._reference
+
+    @property
+    def metric_baseline(self) -> float | None:
+        if self.config.metric is None:
+            return None
+        if self._metric_base is None:
+            self._metric_base = self.metric_value(self.original.proto)
+        return self._metric_base
+
+    # -- measurements ---------------------------------------------------------------------------------
+    def numerics(self, proto: onnx.ModelProto) -> dict[str, OutputStats]:
+        outputs = run_feeds(reference_session(proto), self.feeds.validation)
+        b = self.config.budget
+        return compare_outputs(self.reference, outputs, rtol=b.rtol, atol=b.atol)
+
+    def metric_value(self, proto: onnx.ModelProto) -> float:
+        assert self.config.metric is not None
+        session = deploy_session(proto, self.config.runtime)
+        return float(self.config.metric.fn(session))
+
+    def model_latency(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> LatencyComparison:
+        rt = self.config.runtime
+        return time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.feeds.validation[0], self.config.timing)
+
+    def region_latency(self, accepted: Model, trial: Model, candidate: Candidate) -> LatencyComparison:
+        outputs = region_outputs(accepted, candidate.nodes)
+        if not outputs:
+            raise RegionError("the region has no outputs")
+        before = extract_region(accepted, outputs, candidate.nodes, accepted)
+        after = extract_region(trial, outputs, candidate.nodes, accepted)
+        feed = region_feed((before, after), accepted, seed=self.config.timing.seed)
+        rt = self.config.runtime
+        return time_pairs(deploy_session(before.model, rt), deploy_session(after.model, rt), feed, self.config.timing)
+
+    # -- the decision ---------------------------------------------------------------------------------
+    def judge(self, accepted: Model, trial: Model, candidate: Candidate, exact: bool) -> Verdict:
+        start = time.perf_counter()
+        cfg = self.config
+        stats = self.numerics(trial.proto)
+        problems = cfg.budget.failures(stats, exact)
+        if problems:
+            return Verdict(False, "numerics: " + "; ".join(problems), stats, seconds=time.perf_counter() - start)
+        metric = None
+        if cfg.metric is not None and not exact:
+            metric = self.metric_value(trial.proto)
+            drop = (self.metric_baseline or 0.0) - metric
+            if drop > cfg.metric.max_drop:
+                return Verdict(
+                    False, f"{cfg.metric.name} dropped by {drop:.4g} (allowed {cfg.metric.max_drop:g})", stats,
+                    metric=metric, seconds=time.perf_counter() - start,
+                )
+        if not cfg.latency:
+            return Verdict(True, "numerics within budget (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
+        scope = "subgraph"
+        lat: LatencyComparison | None = None
+        if cfg.subgraph_latency:
+            try:
+                lat = self.region_latency(accepted, trial, candidate)
+            except (RegionError, InputError) as exc:
+                log.info("%s: region timing unavailable (%s); timing the whole model", candidate.pass_name, exc)
+        if lat is None:
+            scope = "model"
+            lat = self.model_latency(accepted.proto, trial.proto)
+        ci = lat.ci
+        if exact:
+            if ci.slower(cfg.exact_max_slowdown):
+                return Verdict(False, f"slower: {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+            return Verdict(True, f"exact, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+        if not ci.faster(cfg.lossy_min_speedup):
+            return Verdict(
+                False, f"no speedup shown: {scope} speedup {ci} (needs CI above {cfg.lossy_min_speedup:g})",
+                stats, lat, scope, metric, time.perf_counter() - start,
+            )
+        return Verdict(True, f"within budget, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)

@@ -1,0 +1,108 @@
+"""Interleaved A/B latency measurement in one process.
+
+Both models run in deploy sessions built with the same :class:`RuntimeOptions`. After a warm-up, each
+*pair* times one sample of A and one of B, alternating which goes first; a sample repeats ``session.run``
+enough times to last at least ``min_sample_s`` so that timer and Python overhead do not dominate small
+subgraphs. Pairs are collected until ``max_pairs`` or the time budget (never fewer than ``min_pairs``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from rewriter.validation.stats import RatioCI, bootstrap_speedup
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    warmup: int = 3
+    min_pairs: int = 10
+    max_pairs: int = 40
+    time_budget_s: float = 3.0
+    min_sample_s: float = 0.002
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    base_median_s: float
+    candidate_median_s: float
+    ci: RatioCI
+    repeats_per_sample: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "base_median_ms": self.base_median_s * 1e3,
+            "candidate_median_ms": self.candidate_median_s * 1e3,
+            "speedup": self.ci.speedup,
+            "ci_low": self.ci.low,
+            "ci_high": self.ci.high,
+            "pairs": self.ci.pairs,
+            "repeats_per_sample": self.repeats_per_sample,
+        }
+
+
+def session_feed(feed: Mapping[str, np.ndarray], session) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """The part of ``feed`` that ``session`` takes as inputs."""
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feed.items() if k in names}
+
+
+def _sample(session, names, feed, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        session.run(names, feed)
+    return (time.perf_counter() - start) / repeats
+
+
+def time_pairs(base_session, candidate_session, feed: Mapping[str, np.ndarray], opts: TimingOptions) -> LatencyComparison:  # type: ignore[no-untyped-def]
+    """Interleaved timing of two ready sessions on one feed."""
+    feed_a, feed_b = session_feed(feed, base_session), session_feed(feed, candidate_session)
+    names_a = [o.name for o in base_session.get_outputs()]
+    names_b = [o.name for o in candidate_session.get_outputs()]
+    for _ in range(max(1, opts.warmup)):
+        base_session.run(names_a, feed_a)
+        candidate_session.run(names_b, feed_b)
+    single = max(_sample(base_session, names_a, feed_a, 1), _sample(candidate_session, names_b, feed_b, 1), 1e-7)
+    repeats = max(1, math.ceil(opts.min_sample_s / single))
+    a: list[float] = []
+    b: list[float] = []
+    deadline = time.perf_counter() + opts.time_budget_s
+    i = 0
+    while len(a) < opts.max_pairs and (len(a) < opts.min_pairs or time.perf_counter() < deadline):
+        if i % 2 == 0:
+            a.append(_sample(base_session, names_a, feed_a, repeats))
+            b.append(_sample(candidate_session, names_b, feed_b, repeats))
+        else:
+            b.append(_sample(candidate_session, names_b, feed_b, repeats))
+            a.append(_sample(base_session, names_a, feed_a, repeats))
+        i += 1
+    ci = bootstrap_speedup(a, b, seed=opts.seed)
+    return LatencyComparison(float(np.median(a)), float(np.median(b)), ci, repeats)
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    median_s: float
+    p05_s: float
+    p95_s: float
+    runs: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"median_ms": self.median_s * 1e3, "p05_ms": self.p05_s * 1e3, "p95_ms": self.p95_s * 1e3, "runs": self.runs}
+
+
+def time_session(session, feed: Mapping[str, np.ndarray], runs: int, warmup: int = 3) -> LatencyProfile:  # type: ignore[no-untyped-def]
+    """Median and 5th/95th percentiles of ``runs`` timed runs of one session."""
+    feed = session_feed(feed, session)
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(warmup):
+        session.run(names, feed)
+    times = np.array([_sample(session, names, feed, 1) for _ in range(max(1, runs))])
+    p05, med, p95 = np.quantile(times, [0.05, 0.5, 0.95])
+    return LatencyProfile(float(med), float(p05), float(p95), int(times.size))

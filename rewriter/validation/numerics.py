@@ -1,0 +1,211 @@
+"""Output comparison and numerics budgets.
+
+Per output (by name), over all judging feeds, with ``r`` the reference and ``c`` the candidate:
+
+* ``max_abs  = max |c - r|``;  ``mean_abs = mean |c - r|``
+* ``max_rel  = max |c - r| / max(|r|, 1e-12)``
+* ``cosine   = <c, r> / (|c| |r|)`` on the flattened values (1 when both are all zero)
+* ``snr_db   = 10 log10(sum r^2 / sum (c - r)^2)`` (inf when equal)
+* ``allclose_ratio = max |c - r| / (atol + rtol |r|)``: the exact gate holds when it is <= 1
+* for class-score outputs (rank 2, N x C with C >= 2): ``top1``, the fraction of rows whose argmax
+  agrees, and ``top5``, the fraction whose reference top-1 class is among the candidate's top 5.
+
+NaN/Inf policy: where the reference is NaN or +-Inf the candidate must hold the same value; a non-finite
+candidate value where the reference is finite is a failure (counted in ``nonfinite_mismatch``). The
+statistics above are taken over positions finite in both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rewriter.errors import InputError
+
+EXACT_RTOL = 1e-4
+EXACT_ATOL = 1e-5
+#: The budget of a lossy rewrite when the user states none.
+DEFAULT_LOSSY_BUDGET = "cosine>=0.999,top1-drop<=0.01"
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    snr_db: float
+    allclose_ratio: float
+    nonfinite_mismatch: int
+    elements: int
+    top1: float | None = None
+    top5: float | None = None
+
+    def value(self, metric: str) -> float | None:
+        if metric == "top1_drop":
+            return None if self.top1 is None else 1.0 - self.top1
+        if metric == "top5_drop":
+            return None if self.top5 is None else 1.0 - self.top5
+        return getattr(self, metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: non-finite floats become ``None`` (an ``snr_db`` of ``None`` with ``max_abs`` 0 means equal)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _topk_agreement(ref: np.ndarray, cand: np.ndarray, k: int) -> float:
+    ref_top = np.argmax(ref, axis=1)
+    cand_top = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(cand_top == ref_top[:, None], axis=1)))
+
+
+def compare_arrays(
+    name: str,
+    refs: Sequence[np.ndarray],
+    cands: Sequence[np.ndarray],
+    *,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> OutputStats:
+    """Statistics of one output over all feeds (each pair must have the same shape)."""
+    for r, c in zip(refs, cands):
+        if r.shape != c.shape:
+            raise ValueError(f"output {name!r}: shape {c.shape} differs from the reference's {r.shape}")
+    r = np.concatenate([np.asarray(x, np.float64).ravel() for x in refs]) if refs else np.zeros(0)
+    c = np.concatenate([np.asarray(x, np.float64).ravel() for x in cands]) if cands else np.zeros(0)
+    ref_finite, cand_finite = np.isfinite(r), np.isfinite(c)
+    same_nonfinite = (~ref_finite) & ((c == r) | (np.isnan(c) & np.isnan(r)))
+    mismatch = int(np.sum((~ref_finite & ~same_nonfinite) | (ref_finite & ~cand_finite)))
+    both = ref_finite & cand_finite
+    rf, cf = r[both], c[both]
+    diff = np.abs(cf - rf)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(rf), 1e-12)).max()) if diff.size else 0.0
+    nr, nc = float(np.linalg.norm(rf)), float(np.linalg.norm(cf))
+    cosine = 1.0 if nr == 0 and nc == 0 else (float(np.dot(rf, cf) / (nr * nc)) if nr and nc else 0.0)
+    err = float(np.sum(diff**2))
+    snr_db = math.inf if err == 0 else (10 * math.log10(float(np.sum(rf**2)) / err) if np.any(rf) else -math.inf)
+    allclose_ratio = float((diff / (atol + rtol * np.abs(rf))).max()) if diff.size else 0.0
+    top1 = top5 = None
+    if refs and all(x.ndim == 2 and x.shape[1] >= 2 for x in refs):
+        ref2 = np.concatenate([np.asarray(x) for x in refs])
+        cand2 = np.concatenate([np.asarray(x) for x in cands])
+        top1 = _topk_agreement(ref2, cand2, 1)
+        if ref2.shape[1] > 5:
+            top5 = _topk_agreement(ref2, cand2, 5)
+    return OutputStats(name, max_abs, mean_abs, max_rel, cosine, snr_db, allclose_ratio, mismatch, int(r.size), top1, top5)
+
+
+def compare_outputs(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Sequence[Mapping[str, np.ndarray]],
+    *,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> dict[str, OutputStats]:
+    """Per-output statistics; both sides are lists of ``{output name: array}``, one per feed."""
+    if len(reference) != len(candidate):
+        raise ValueError("reference and candidate were run on different numbers of feeds")
+    names = list(reference[0]) if reference else []
+    out = {}
+    for name in names:
+        if any(name not in c for c in candidate):
+            raise ValueError(f"candidate has no output named {name!r}")
+        out[name] = compare_arrays(name, [r[name] for r in reference], [c[name] for c in candidate], rtol=rtol, atol=atol)
+    return out
+
+
+_METRICS = {"max_abs": "<=", "mean_abs": "<=", "max_rel": "<=", "cosine": ">=", "snr_db": ">=",
+            "top1": ">=", "top5": ">=", "top1_drop": "<=", "top5_drop": "<="}
+_BOUND_RE = re.compile(r"^\s*([a-zA-Z0-9_-]+)\s*(?:@\s*(.+?))?\s*(<=|>=)\s*([-+0-9.eE]+|inf)\s*$")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One budget term: ``metric op value``, for one output or (``output=None``) for every output."""
+
+    metric: str
+    op: str
+    value: float
+    output: str | None = None
+
+    def holds(self, measured: float) -> bool:
+        return measured <= self.value if self.op == "<=" else measured >= self.value
+
+    def __str__(self) -> str:
+        where = f"@{self.output}" if self.output else ""
+        return f"{self.metric.replace('_', '-')}{where}{self.op}{self.value:g}"
+
+
+def parse_bounds(text: str) -> tuple[Bound, ...]:
+    """Parse ``cosine>=0.999,top1-drop<=0.01,max-abs@logits<=1e-3``."""
+    bounds = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = _BOUND_RE.match(part)
+        if not m:
+            raise InputError(f"--max-error term {part!r}: expected METRIC[@OUTPUT](<=|>=)VALUE, e.g. cosine>=0.999")
+        metric, output, op, value = m.group(1).replace("-", "_").lower(), m.group(2), m.group(3), float(m.group(4))
+        if metric not in _METRICS:
+            raise InputError(f"--max-error term {part!r}: unknown metric {metric!r} (known: {', '.join(sorted(_METRICS))})")
+        if op != _METRICS[metric]:
+            raise InputError(f"--max-error term {part!r}: {metric} is bounded with {_METRICS[metric]}")
+        bounds.append(Bound(metric, op, value, output))
+    if not bounds:
+        raise InputError("--max-error is empty")
+    return tuple(bounds)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What outputs may move by.
+
+    The exact gate (``rtol``/``atol`` elementwise, as in ``numpy.allclose``) applies to exact rewrites;
+    ``bounds`` apply to lossy ones. Non-finite mismatches fail both.
+    """
+
+    bounds: tuple[Bound, ...] = field(default_factory=lambda: parse_bounds(DEFAULT_LOSSY_BUDGET))
+    rtol: float = EXACT_RTOL
+    atol: float = EXACT_ATOL
+
+    @classmethod
+    def parse(cls, text: str | None, rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL) -> Budget:
+        return cls(parse_bounds(text or DEFAULT_LOSSY_BUDGET), rtol, atol)
+
+    def describe(self, exact: bool) -> str:
+        return f"allclose(rtol={self.rtol:g}, atol={self.atol:g})" if exact else ",".join(str(b) for b in self.bounds)
+
+    def failures(self, stats: Mapping[str, OutputStats], exact: bool) -> list[str]:
+        """Human-readable failures, each naming the output; empty when within budget."""
+        problems = []
+        names = set(stats)
+        for b in self.bounds:
+            if b.output is not None and b.output not in names:
+                raise InputError(f"--max-error names output {b.output!r}, which the model does not have ({sorted(names)})")
+        for name, s in stats.items():
+            if s.nonfinite_mismatch:
+                problems.append(f"output {name!r}: {s.nonfinite_mismatch} NaN/Inf values where the reference differs")
+            if exact:
+                if s.allclose_ratio > 1.0:
+                    problems.append(
+                        f"output {name!r}: max abs error {s.max_abs:.3g} exceeds allclose(rtol={self.rtol:g}, atol={self.atol:g}) "
+                        f"by {s.allclose_ratio:.3g}x"
+                    )
+                continue
+            for b in self.bounds:
+                if b.output not in (None, name):
+                    continue
+                measured = s.value(b.metric)
+                if measured is None:
+                    if b.output is not None:
+                        problems.append(f"output {name!r}: {b.metric} does not apply (not a class-score output)")
+                    continue
+                if not b.holds(measured):
+                    problems.append(f"output {name!r}: {b.metric.replace('_', '-')} = {measured:.6g} violates {b}")
+        return problems

@@ -1,0 +1,124 @@
+"""onnxruntime sessions with stated options.
+
+Two flavours are used everywhere:
+
+* *reference* sessions -- graph optimizations disabled, CPU: what numerics are judged with, so that a
+  rewrite is proven exact on its own, not through onnxruntime's fusions;
+* *deploy* sessions -- ``ORT_ENABLE_ALL`` (the level users ship with), a fixed number of intra-op threads
+  and the chosen provider: what latency is measured with, on both sides of every comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from rewriter.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How deploy sessions are built. Defaults favour stable timings: CPU, one intra-op thread."""
+
+    provider: str = "cpu"
+    threads: int = 1
+    optimization: str = "all"  # all | extended | basic | disabled
+
+    def providers(self) -> list[str]:
+        import onnxruntime as ort
+
+        if self.provider not in PROVIDERS:
+            raise InputError(f"unknown provider {self.provider!r}; choose from {sorted(PROVIDERS)}")
+        wanted = PROVIDERS[self.provider]
+        if wanted not in ort.get_available_providers():
+            raise InputError(
+                f"provider {self.provider!r} is not available in this onnxruntime build "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        return [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+
+
+def _level(name: str):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    levels = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if name not in levels:
+        raise InputError(f"unknown optimization level {name!r}; choose from {sorted(levels)}")
+    return levels[name]
+
+
+def session_options(threads: int, optimization: str, *, profile_prefix: str | None = None):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _level(optimization)
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def _payload(model: onnx.ModelProto | bytes | str) -> bytes | str:
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    return model
+
+
+def reference_session(model: onnx.ModelProto | bytes | str, threads: int = 0):  # type: ignore[no-untyped-def]
+    """CPU session with every graph optimization disabled (``threads=0``: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            _payload(model), session_options(threads, "disabled"), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def deploy_session(model: onnx.ModelProto | bytes | str, options: RuntimeOptions, *, profile_prefix: str | None = None):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            _payload(model),
+            session_options(options.threads, options.optimization, profile_prefix=profile_prefix),
+            providers=options.providers(),
+        )
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def run_feeds(session, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
+    """Outputs by name for each feed."""
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for feed in feeds:
+        values = session.run(names, dict(feed))
+        results.append(dict(zip(names, values)))
+    return results

@@ -1,0 +1,37 @@
+"""Fixtures shared across the suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+
+from models.sample import build_sample
+
+
+@pytest.fixture(scope="session")
+def sample_model() -> onnx.ModelProto:
+    return build_sample(seed=0)
+
+
+@pytest.fixture()
+def sample_path(tmp_path: Path, sample_model: onnx.ModelProto) -> Path:
+    path = tmp_path / "sample.onnx"
+    onnx.save_model(sample_model, path)
+    return path
+
+
+def corpus_dir() -> Path | None:
+    value = os.environ.get("ONNX_REWRITER_CORPUS")
+    return Path(value) if value else None
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """Folder of the fetched corpus models (``make test-corpus`` sets ONNX_REWRITER_CORPUS)."""
+    folder = corpus_dir()
+    if folder is None or not folder.is_dir():
+        pytest.fail("corpus tests need ONNX_REWRITER_CORPUS pointing at scripts/fetch_corpus.py's folder (run make test-corpus)")
+    return folder
