@@ -39,10 +39,16 @@ def compose_pointwise(
 
 
 def is_pointwise_conv(node: gs.Node) -> bool:
+    """A Conv whose kernel is all ones (from ``kernel_shape``, else from a constant weight's shape)."""
     if node.op != "Conv" or len(node.inputs) < 2:
         return False
-    w = const_value(node.inputs[1])
-    return w is not None and w.ndim >= 3 and all(k == 1 for k in w.shape[2:])
+    kernel = node.attrs.get("kernel_shape")
+    if kernel is None:
+        w = const_value(node.inputs[1])
+        if w is None or w.ndim < 3:
+            return False
+        kernel = w.shape[2:]
+    return len(kernel) > 0 and all(k == 1 for k in kernel)
 
 
 def conv_padding_free(node: gs.Node) -> bool:

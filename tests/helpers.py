@@ -16,9 +16,34 @@ RTOL = 1e-4
 ATOL = 1e-5
 
 
-def parse(text: str) -> onnx.ModelProto:
-    """A model from ONNX text syntax (onnx.parser), checked in full."""
+def parse(text: str, seed: int = 0) -> onnx.ModelProto:
+    """A model from ONNX text syntax (onnx.parser), checked in full.
+
+    Tensors declared in the graph's ``<...>`` block without a value (``<float[8, 4, 3, 3] W>``) become
+    seeded random initializers: N(0, 1) floats, except names containing ``var`` (BatchNormalization
+    variances), which are drawn from U(0.5, 1.5) to stay positive.
+    """
     model = onnx.parser.parse_model(text)
+    graph = model.graph
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    rng = np.random.default_rng(seed)
+    keep = []
+    for vi in graph.value_info:
+        if vi.name in produced:
+            keep.append(vi)
+            continue
+        tt = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape = tuple(d.dim_value for d in tt.shape.dim)
+        if "var" in vi.name.lower():
+            values = rng.uniform(0.5, 1.5, size=shape)
+        elif np.dtype(dtype).kind == "f":
+            values = rng.standard_normal(shape)
+        else:
+            values = rng.integers(1, 4, size=shape)
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(values).astype(dtype), vi.name))
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
     onnx.checker.check_model(model, full_check=True)
     return model
 
