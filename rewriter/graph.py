@@ -127,6 +127,13 @@ def to_onnx(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     del model.functions[:]
     model.functions.extend(template.functions)
+    if model.ir_version < 4:  # IR <= 3 requires every initializer to be listed as a graph input too
+        listed = {vi.name for vi in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+            for t in model.graph.initializer
+            if t.name not in listed
+        )
     return model
 
 
