@@ -1,9 +1,13 @@
 """The built-in passes. ``ALL_PASSES`` is the registry: an explicit tuple, in the order the default
-pipeline runs them. One module per pass; the module, the class's ``name`` and the CLI name match.
+pipeline runs them (BN folding first, so that the fusions after it see plain convs). One module per
+pass; the module, the class's ``name`` and the CLI name match.
 """
 
+from passes.fold_batchnorm import FoldBatchNorm
 from passes.fuse_1x1_chain import Fuse1x1Chain
+from passes.fuse_1x1_kxk import Fuse1x1Kxk
+from passes.fuse_kxk_1x1 import FuseKxk1x1
 
-ALL_PASSES = (Fuse1x1Chain,)
+ALL_PASSES = (FoldBatchNorm, Fuse1x1Chain, FuseKxk1x1, Fuse1x1Kxk)
 
-__all__ = ["ALL_PASSES", "Fuse1x1Chain"]
+__all__ = ["ALL_PASSES", "FoldBatchNorm", "Fuse1x1Chain", "Fuse1x1Kxk", "FuseKxk1x1"]
