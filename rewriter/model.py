@@ -74,7 +74,14 @@ class Model:
     @property
     def graph(self) -> gs.Graph:
         if self._graph is None:
-            self._graph = gs.import_onnx(self.proto)
+            graph = gs.import_onnx(self.proto)
+            if self.proto.ir_version >= 4:
+                # An initializer also listed as a graph input is a default the caller may override:
+                # onnx-graphsurgeon drops it from the inputs; put it back so passes see a graph input
+                # (and leave it alone) and export keeps the model's interface.
+                tensors = graph.tensors()
+                graph.inputs = [tensors[vi.name] for vi in self.proto.graph.input if vi.name in tensors]
+            self._graph = graph
         return self._graph
 
     @property
