@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 ## make test: the default test suite (no network, no corpus models).
 test: $(STAMP)
-	$(PY) -m pytest -m "not corpus and not slow" -q
+	$(PY) -m pytest -q
 
 ## make test-corpus: fetch the real models of the corpus and run the tests that need them.
 test-corpus: $(STAMP)

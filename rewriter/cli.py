@@ -26,8 +26,9 @@ app = typer.Typer(
     help="Guarded structural rewrites for ONNX CNNs: every rewrite is validated by onnxruntime before it is kept.",
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Not a terminal (CI logs, pipes): no colours, and tables wide enough not to cut names.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 log = logging.getLogger("rewriter")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,9 +36,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (safe under test runners)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.INFO if verbose else (logging.ERROR if quiet else logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("onnx-rewriter: %(message)s"))
     root = logging.getLogger("rewriter")
     root.handlers[:] = [handler]
@@ -87,6 +98,10 @@ def _main(
 # -- shared option helpers ---------------------------------------------------------------------------
 InputShapeOpt = typer.Option(None, "--input-shape", help="Resolve an input's dims: NAME:1x3x224x224 (repeatable).")
 FeedsOpt = typer.Option(None, "--feeds", help=".npy/.npz file of inputs (repeatable); default: seeded random feeds.")
+ImagesOpt = typer.Option(None, "--images", help="Folder of images to use as feeds (needs --image-spec).")
+ImageSpecOpt = typer.Option(None, "--image-spec", help="HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s]")
+MetricOpt = typer.Option(None, "--metric", help="Task metric module:function(session) -> float, higher is better.")
+MetricDropOpt = typer.Option(0.01, "--max-metric-drop", help="Largest allowed drop of --metric.")
 ThreadsOpt = typer.Option(1, "--threads", min=1, help="Intra-op threads of the timed sessions.")
 ProviderOpt = typer.Option("cpu", "--provider", help="Execution provider for timing: cpu, cuda, tensorrt.")
 
@@ -105,11 +120,19 @@ def _model_path(path: Path) -> Path:
     return path
 
 
-def _feedset(model, feeds: Optional[list[Path]], count: int, seed: int):  # type: ignore[no-untyped-def]
-    """Feeds for validation: user files (split into calibration/validation), else seeded random."""
-    from rewriter.validation.feeds import FeedSet, input_specs
+def _feedset(model, feeds: Optional[list[Path]], count: int, seed: int, images: Optional[Path] = None, image_spec: Optional[str] = None):  # type: ignore[no-untyped-def]
+    """Feeds for validation: an image folder or user files (split into calibration/validation), else seeded random."""
+    from rewriter.validation.feeds import FeedSet, ImageSpec, input_specs
 
     specs = input_specs(model.proto, model.input_shapes)
+    if images is not None:
+        if feeds:
+            raise InputError("give either --feeds or --images, not both")
+        if image_spec is None:
+            raise InputError("--images needs --image-spec, e.g. 224x224,NCHW,RGB,scale=0.00392")
+        return FeedSet.from_images(images, ImageSpec.parse(image_spec), specs, seed=seed)
+    if image_spec is not None:
+        raise InputError("--image-spec needs --images DIR")
     if feeds:
         return FeedSet.from_files(feeds, specs, seed=seed)
     return FeedSet.random(specs, count=count, calibration_count=count, seed=seed)
@@ -186,6 +209,10 @@ def optimize(
     input_shape: Optional[list[str]] = InputShapeOpt,
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     feeds: Optional[list[Path]] = FeedsOpt,
+    images: Optional[Path] = ImagesOpt,
+    image_spec: Optional[str] = ImageSpecOpt,
+    metric: Optional[str] = MetricOpt,
+    max_metric_drop: float = MetricDropOpt,
     num_feeds: int = typer.Option(8, "--num-feeds", min=1, help="Random feeds to judge numerics on."),
     seed: int = typer.Option(0, "--seed", help="Seed of random feeds."),
     max_error: Optional[str] = typer.Option(None, "--max-error", help="Budget of lossy passes, e.g. cosine>=0.999,top1-drop<=0.01."),
@@ -195,6 +222,9 @@ def optimize(
     subgraph: bool = typer.Option(True, "--subgraph/--whole-model", help="Time each rewrite on its region (fast) or the whole model."),
     threads: int = ThreadsOpt,
     provider: str = ProviderOpt,
+    min_speedup: float = typer.Option(1.0, "--min-speedup", help="Lossy rewrites are kept only if the speedup CI lies above this."),
+    exact_min_speedup: float = typer.Option(0.99, "--exact-min-speedup", help="Exact rewrites are rolled back if the speedup CI lies wholly below this."),
+    max_pairs: int = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of validation to spend at most."),
     max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", help="Refuse model files larger than this."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
@@ -205,7 +235,8 @@ def optimize(
     from rewriter.model import Model
     from rewriter.pipeline import optimize as run_optimize
     from rewriter.report import build_report, write_json
-    from rewriter.validation.judge import ValidationConfig
+    from rewriter.validation.judge import TaskMetric, ValidationConfig, load_metric
+    from rewriter.validation.latency import TimingOptions
     from rewriter.validation.numerics import Budget
     from rewriter.validation.runtime import RuntimeOptions
 
@@ -219,16 +250,20 @@ def optimize(
         runtime=runtime,
         latency=latency,
         subgraph_latency=subgraph,
+        exact_min_speedup=exact_min_speedup,
+        lossy_min_speedup=min_speedup,
+        timing=TimingOptions(max_pairs=max_pairs, min_pairs=min(10, max_pairs)),
+        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric),
     )
     if latency:
         runtime.providers()  # fail early on an unavailable provider
     input_sha = sha256_file(src)
     source = Model.from_source(src, shapes, max_bytes=max_model_bytes)
-    feedset = _feedset(source, feeds, num_feeds, seed)
+    feedset = _feedset(source, feeds, num_feeds, seed, images, image_spec)
     result = run_optimize(source, passes, feeds=feedset, config=config, time_budget_s=time_budget)
     any_lossy = any(not d.exact for d in result.decisions)
     gate = config.budget.failures(result.final_numerics, exact=not any_lossy) if result.final_numerics else []
-    if result.final_latency is not None and result.final_latency.ci.slower(config.exact_max_slowdown):
+    if result.final_latency is not None and result.final_latency.ci.slower(config.exact_min_speedup):
         gate.append(f"optimized model is slower than the input: speedup {result.final_latency.ci}")
     out_sha = None
     if not gate:
@@ -286,6 +321,10 @@ def validate(
     candidate: Path = typer.Argument(..., help="Model to judge against the reference."),
     input_shape: Optional[list[str]] = InputShapeOpt,
     feeds: Optional[list[Path]] = FeedsOpt,
+    images: Optional[Path] = ImagesOpt,
+    image_spec: Optional[str] = ImageSpecOpt,
+    metric: Optional[str] = MetricOpt,
+    max_metric_drop: float = MetricDropOpt,
     num_feeds: int = typer.Option(16, "--num-feeds", min=1, help="Random feeds to compare on."),
     seed: int = typer.Option(0, "--seed"),
     max_error: Optional[str] = typer.Option(None, "--max-error", help="Lossy budget (default: exact gate at --rtol/--atol)."),
@@ -300,7 +339,7 @@ def validate(
     from rewriter.report import write_json
     from rewriter.validation.compare import validate_models
     from rewriter.validation.feeds import FeedSet
-    from rewriter.validation.judge import ValidationConfig
+    from rewriter.validation.judge import TaskMetric, ValidationConfig, load_metric
     from rewriter.validation.numerics import Budget
     from rewriter.validation.runtime import RuntimeOptions
 
@@ -308,11 +347,12 @@ def validate(
 
     shapes = _shapes(input_shape)
     base_model = Model.from_source(_model_path(base), shapes)
-    feedset: FeedSet = _feedset(base_model, feeds, num_feeds, seed)
-    if feeds:  # validate compares on every given sample
+    feedset: FeedSet = _feedset(base_model, feeds, num_feeds, seed, images, image_spec)
+    if feeds or images:  # validate compares on every given sample
         feedset = FeedSet(feedset.validation + feedset.calibration, [], feedset.source)
     config = ValidationConfig(
-        budget=Budget.parse(max_error, rtol=rtol, atol=atol), runtime=RuntimeOptions(provider=provider, threads=threads), latency=latency
+        budget=Budget.parse(max_error, rtol=rtol, atol=atol), runtime=RuntimeOptions(provider=provider, threads=threads), latency=latency,
+        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric),
     )
     rep = validate_models(base_model, _model_path(candidate), input_shapes=shapes, feeds=feedset, config=config, exact=max_error is None)
     if json_path is not None:
@@ -325,6 +365,8 @@ def validate(
             table.add_row(name, f"{s.max_abs:.3g}", f"{s.mean_abs:.3g}", f"{s.max_rel:.3g}", f"{s.cosine:.6f}", f"{s.snr_db:.1f}",
                           "-" if s.top1 is None else f"{s.top1:.3f}", "-" if s.top5 is None else f"{s.top5:.3f}")
         out.print(table)
+        if rep.metric_base is not None:
+            out.print(f"metric {metric}: base {rep.metric_base:.6g}, candidate {rep.metric_candidate:.6g}")
         if rep.latency is not None:
             lat = rep.latency
             out.print(f"latency: base {lat.base_median_s * 1e3:.3f} ms, candidate {lat.candidate_median_s * 1e3:.3f} ms, speedup {lat.ci} over {lat.ci.pairs} interleaved pairs")

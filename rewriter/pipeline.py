@@ -181,7 +181,7 @@ def optimize(
         if model is not before_pass and config.latency:
             lat = judge.model_latency(before_pass.proto, model.proto)
             run.model_latency = lat
-            undo = lat.ci.slower(config.exact_max_slowdown) if p.exact else not lat.ci.faster(config.lossy_min_speedup)
+            undo = lat.ci.slower(config.exact_min_speedup) if p.exact else not lat.ci.faster(config.lossy_min_speedup)
             if undo:
                 run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
                 log.info("%s: %s", p.name, run.reverted)

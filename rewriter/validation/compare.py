@@ -26,10 +26,15 @@ class ValidationReport:
     latency: LatencyComparison | None
     exact: bool
     budget: str
+    metric_base: float | None = None
+    metric_candidate: float | None = None
+
+    slower_below: float = 0.99
 
     @property
     def slower(self) -> bool:
-        return self.latency is not None and self.latency.ci.slower()
+        """Shown slower: the speedup CI lies wholly below ``slower_below`` (a 1% margin for noise by default)."""
+        return self.latency is not None and self.latency.ci.slower(self.slower_below)
 
     @property
     def passed(self) -> bool:
@@ -43,6 +48,7 @@ class ValidationReport:
             "slower": self.slower,
             "numerics": {k: v.to_dict() for k, v in self.numerics.items()},
             "latency": None if self.latency is None else self.latency.to_dict(),
+            "metric": None if self.metric_base is None else {"base": self.metric_base, "candidate": self.metric_candidate},
         }
 
 
@@ -69,5 +75,13 @@ def validate_models(
     judge = Judge(ref, feeds, config)
     stats = judge.numerics(cand.proto)
     failures = config.budget.failures(stats, exact)
+    metric_base = metric_cand = None
+    if config.metric is not None:
+        metric_base, metric_cand = judge.metric_baseline, judge.metric_value(cand.proto)
+        drop = (metric_base or 0.0) - metric_cand
+        if drop > config.metric.max_drop:
+            failures.append(f"{config.metric.name} dropped by {drop:.4g} ({metric_base:.6g} -> {metric_cand:.6g}; allowed {config.metric.max_drop:g})")
     latency = judge.model_latency(ref.proto, cand.proto) if config.latency else None
-    return ValidationReport(stats, failures, latency, exact, config.budget.describe(exact))
+    return ValidationReport(
+        stats, failures, latency, exact, config.budget.describe(exact), metric_base, metric_cand, config.exact_min_speedup
+    )

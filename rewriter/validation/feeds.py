@@ -137,6 +137,37 @@ class ImageSpec:
         if self.channels not in ("RGB", "BGR"):
             raise InputError(f"image channel order must be RGB or BGR, not {self.channels!r}")
 
+    @classmethod
+    def parse(cls, text: str) -> ImageSpec:
+        """``HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s]``, e.g. ``224x224,NHWC,BGR,mean=104/117/123``."""
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise InputError("--image-spec is empty")
+        try:
+            h, w = (int(v) for v in parts[0].lower().split("x"))
+        except ValueError:
+            raise InputError(f"--image-spec {text!r}: must start with HEIGHTxWIDTH, e.g. 224x224") from None
+        kw: dict = {}
+        for part in parts[1:]:
+            key, eq, value = part.partition("=")
+            try:
+                if not eq and key.upper() in ("NCHW", "NHWC"):
+                    kw["layout"] = key.upper()
+                elif not eq and key.upper() in ("RGB", "BGR"):
+                    kw["channels"] = key.upper()
+                elif key in ("mean", "std"):
+                    vals = tuple(float(v) for v in value.split("/"))
+                    kw[key] = vals * 3 if len(vals) == 1 else vals
+                    if len(kw[key]) != 3:
+                        raise ValueError
+                elif key == "scale":
+                    kw["scale"] = float(value)
+                else:
+                    raise ValueError
+            except ValueError:
+                raise InputError(f"--image-spec {text!r}: cannot read {part!r}") from None
+        return cls(h, w, **kw)
+
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB (already resized) -> a float32 tensor of batch 1."""
         x = rgb.astype(np.float32)
@@ -197,6 +228,18 @@ class FeedSet:
             random_feeds(specs, calibration_count, seed=seed + 1_000_003),
             f"random (seed {seed})",
         )
+
+    @classmethod
+    def from_images(cls, folder: str | Path, spec: ImageSpec, specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
+        if len(specs) != 1:
+            raise InputError("an image folder can only feed a single-input model")
+        feeds = load_image_feeds(folder, spec, specs[0].name)
+        want = specs[0].shape
+        got = tuple(feeds[0][specs[0].name].shape)
+        if got != want:
+            raise InputError(f"--image-spec gives inputs of shape {got}, the model is resolved to {want}")
+        cal, val = split_feeds(feeds, calibration_fraction, seed)
+        return cls(val, cal, f"images in {folder}")
 
     @classmethod
     def from_files(cls, paths: Sequence[str | Path], specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:

@@ -151,7 +151,11 @@ def parse_bounds(text: str) -> tuple[Bound, ...]:
         m = _BOUND_RE.match(part)
         if not m:
             raise InputError(f"--max-error term {part!r}: expected METRIC[@OUTPUT](<=|>=)VALUE, e.g. cosine>=0.999")
-        metric, output, op, value = m.group(1).replace("-", "_").lower(), m.group(2), m.group(3), float(m.group(4))
+        metric, output, op = m.group(1).replace("-", "_").lower(), m.group(2), m.group(3)
+        try:
+            value = float(m.group(4))
+        except ValueError:
+            raise InputError(f"--max-error term {part!r}: {m.group(4)!r} is not a number") from None
         if metric not in _METRICS:
             raise InputError(f"--max-error term {part!r}: unknown metric {metric!r} (known: {', '.join(sorted(_METRICS))})")
         if op != _METRICS[metric]:
