@@ -149,6 +149,82 @@ def _bn_params(node: gs.Node) -> list[gs.Tensor]:
     return list(node.inputs[1:5])
 
 
+
+# -- the follower as a per-channel affine map (shared with fuse_1x1_chain) --------------------------
+
+
+def affine_reason(graph: gs.Graph, node: gs.Node, operand: gs.Tensor | None, rank: int, channels: int) -> str | None:
+    """Why ``node`` (a BatchNormalization, or a Mul/Add with constant ``operand``) is not a per-channel
+    affine map over a rank-``rank`` tensor with ``channels`` channels on axis 1; ``None`` when it is."""
+    if len(node.outputs) != 1:
+        return f"{node.name}: {len(node.outputs)} outputs (training-mode statistics are used)"
+    if node.op == "BatchNormalization":
+        return _bn_reason(graph, node, channels)
+    if node.op not in ("Mul", "Add") or operand is None:
+        return f"{node.name}: {node.op} is not a per-channel affine map"
+    if "broadcast" in node.attrs or "axis" in node.attrs:
+        return f"{node.name}: legacy broadcast/axis attributes are not handled"
+    if is_graph_input(graph, operand):
+        return f"{node.name}: operand {operand.name!r} is a graph input, not a constant"
+    v = const_value(operand)
+    if v is None:
+        return f"{node.name}: operand {operand.name!r} is not constant"
+    if v.dtype.kind != "f":
+        return f"{node.name}: operand {operand.name!r} is {v.dtype}, not floating point"
+    if per_channel_vector(v, rank, channels) is None:
+        return (
+            f"{node.name}: operand {operand.name!r} of shape {tuple(v.shape)} does not broadcast per channel "
+            f"over a rank-{rank} output with {channels} channels"
+        )
+    return None
+
+
+def _bn_reason(graph: gs.Graph, bn: gs.Node, channels: int) -> str | None:
+    if int(bn.attrs.get("training_mode", 0)) != 0:
+        return f"{bn.name}: training_mode is set"
+    if int(bn.attrs.get("spatial", 1)) == 0:
+        return f"{bn.name}: spatial=0 (per-element statistics) is not handled"
+    if len(bn.inputs) != 5:
+        return f"{bn.name}: {len(bn.inputs)} inputs, expected 5"
+    values = []
+    for t in _bn_params(bn):
+        if is_graph_input(graph, t):
+            return f"{bn.name}: parameter {t.name!r} is a graph input, not a constant"
+        v = const_value(t)
+        if v is None:
+            return f"{bn.name}: parameter {t.name!r} is not constant"
+        if v.dtype.kind != "f":
+            return f"{bn.name}: parameter {t.name!r} is {v.dtype}, not floating point"
+        if tuple(v.shape) != (channels,):
+            return f"{bn.name}: parameter {t.name!r} has shape {tuple(v.shape)}, expected ({channels},)"
+        values.append(v)
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    if not np.all(values[3].astype(np.float64) + eps > 0):
+        return f"{bn.name}: var + epsilon is not positive everywhere"
+    return None
+
+
+def affine_scale_shift(node: gs.Node, operand: gs.Tensor | None, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(s, t) of a node that :func:`affine_reason` accepted: ``node(y) = y * s + t`` per channel."""
+    if node.op == "BatchNormalization":
+        gamma, beta, mean, var = (const_value(t) for t in _bn_params(node))
+        assert gamma is not None and beta is not None and mean is not None and var is not None
+        return batchnorm_scale_shift(gamma, beta, mean, var, float(node.attrs.get("epsilon", 1e-5)))
+    k = per_channel_vector(const_value(operand), rank, channels)  # type: ignore[arg-type]
+    assert k is not None
+    if node.op == "Mul":
+        return k, None
+    return np.ones(channels), k
+
+
+def affine_operand(node: gs.Node, data: gs.Tensor) -> gs.Tensor | None:
+    """For a two-input Mul/Add reading ``data``: its other input if that is a constant, else ``None``."""
+    if node.op not in ("Mul", "Add") or len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+    return other if other is not data and const_value(other) is not None else None
+
+
 class FoldBatchNorm(PatternPass[Fold]):
     name = "fold_batchnorm"
     summary = "Fold inference BatchNormalization or a per-channel constant Mul/Add into the preceding Conv/ConvTranspose/Gemm."
@@ -216,55 +292,7 @@ class FoldBatchNorm(PatternPass[Fold]):
         if len(mid.outputs) != 1:
             return f"intermediate tensor {mid.name!r} has {len(mid.outputs)} consumers"
         # The follower: constant floating parameters, a per-channel map.
-        if len(fol.outputs) != 1:
-            return f"{fol.name}: {len(fol.outputs)} outputs (training-mode statistics are used)"
-        if fol.op == "BatchNormalization":
-            return self._check_bn(graph, fol, channels)
-        return self._check_affine(graph, fol, match.operand, _out_rank(prod, w), channels)
-
-    @staticmethod
-    def _check_bn(graph: gs.Graph, bn: gs.Node, channels: int) -> str | None:
-        if int(bn.attrs.get("training_mode", 0)) != 0:
-            return f"{bn.name}: training_mode is set"
-        if int(bn.attrs.get("spatial", 1)) == 0:
-            return f"{bn.name}: spatial=0 (per-element statistics) is not handled"
-        if len(bn.inputs) != 5:
-            return f"{bn.name}: {len(bn.inputs)} inputs, expected 5"
-        values = []
-        for t in _bn_params(bn):
-            if is_graph_input(graph, t):
-                return f"{bn.name}: parameter {t.name!r} is a graph input, not a constant"
-            v = const_value(t)
-            if v is None:
-                return f"{bn.name}: parameter {t.name!r} is not constant"
-            if v.dtype.kind != "f":
-                return f"{bn.name}: parameter {t.name!r} is {v.dtype}, not floating point"
-            if tuple(v.shape) != (channels,):
-                return f"{bn.name}: parameter {t.name!r} has shape {tuple(v.shape)}, expected ({channels},)"
-            values.append(v)
-        eps = float(bn.attrs.get("epsilon", 1e-5))
-        if not np.all(values[3].astype(np.float64) + eps > 0):
-            return f"{bn.name}: var + epsilon is not positive everywhere"
-        return None
-
-    @staticmethod
-    def _check_affine(graph: gs.Graph, node: gs.Node, operand: gs.Tensor | None, rank: int, channels: int) -> str | None:
-        assert operand is not None
-        if "broadcast" in node.attrs or "axis" in node.attrs:
-            return f"{node.name}: legacy broadcast/axis attributes are not handled"
-        if is_graph_input(graph, operand):
-            return f"{node.name}: operand {operand.name!r} is a graph input, not a constant"
-        v = const_value(operand)
-        if v is None:
-            return f"{node.name}: operand {operand.name!r} is not constant"
-        if v.dtype.kind != "f":
-            return f"{node.name}: operand {operand.name!r} is {v.dtype}, not floating point"
-        if per_channel_vector(v, rank, channels) is None:
-            return (
-                f"{node.name}: operand {operand.name!r} of shape {tuple(v.shape)} does not broadcast per channel "
-                f"over a rank-{rank} output with {channels} channels"
-            )
-        return None
+        return affine_reason(graph, fol, match.operand, _out_rank(prod, w), channels)
 
     def describe(self, model: Model, match: Fold) -> str:
         w = _weight(match.producer)
@@ -283,26 +311,13 @@ class FoldBatchNorm(PatternPass[Fold]):
         # The follower is elementwise (0 MACs), so MACs do not change; the fold removes a node.
         return Cost(prod.macs, prod.macs, prod.params + node_params(match.follower), params_after)
 
-    @staticmethod
-    def _scale_shift(match: Fold, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray | None]:
-        fol = match.follower
-        if fol.op == "BatchNormalization":
-            gamma, beta, mean, var = (const_value(t) for t in _bn_params(fol))
-            assert gamma is not None and beta is not None and mean is not None and var is not None
-            return batchnorm_scale_shift(gamma, beta, mean, var, float(fol.attrs.get("epsilon", 1e-5)))
-        k = per_channel_vector(const_value(match.operand), rank, channels)  # type: ignore[arg-type]
-        assert k is not None
-        if fol.op == "Mul":
-            return k, None
-        return np.ones(channels), k
-
     def rewrite(self, model: Model, match: Fold) -> None:
         prod, fol = match.producer, match.follower
         w = _weight(prod)
         assert w is not None
         b = const_value(_bias_tensor(prod))
         channels = _out_channels(prod, w)
-        s, t = self._scale_shift(match, channels, _out_rank(prod, w))
+        s, t = affine_scale_shift(fol, match.operand, channels, _out_rank(prod, w))
         attrs = dict(prod.attrs)
         if prod.op == "Conv":
             w2, b2 = fold_conv(w, b, s, t)

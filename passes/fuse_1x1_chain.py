@@ -1,28 +1,39 @@
-"""fuse_1x1_chain: two pointwise (1x1) convolutions with nothing between them -> one pointwise conv.
+"""fuse_1x1_chain: two pointwise (1x1) convolutions, with at most per-channel affine maps between them
+(BatchNormalization, constant Mul/Add), -> one pointwise conv.
 
-For ``Y = Conv(Conv(X, W1, b1), W2, b2)`` with 1x1 kernels, group 1 and no padding, channel mixing
-composes as a matrix product (per pixel ``y = W2 (W1 x + b1) + b2``)::
+For ``Y = Conv(A(Conv(X, W1, b1)), W2, b2)`` with 1x1 kernels and no padding, where ``A(y) = y*s + t`` is
+the composition of the affine nodes between, channel mixing composes as a matrix product. Per pixel
+``y = W2 (s * (W1 x + b1) + t) + b2``, so with ``W1' = diag(s) W1``, ``b1' = s*b1 + t``::
 
-    W = W2 @ W1            # [O, M] @ [M, C] -> [O, C]
-    b = W2 @ b1 + b2
+    W = W2 @ W1'           # [O, M] @ [M, C] -> [O, C]
+    b = W2 @ b1' + b2
 
-Strides multiply (subsampling commutes with a pointwise map): ``s = s1 * s2``, and
-``floor(floor((H-1)/s1)/s2) = floor((H-1)/(s1*s2))`` keeps the output size. The fusion is kept only
-where it lowers MACs (e.g. an expansion followed by a projection); fusing a bottleneck pair would raise
-them.
+Groups: a grouped 1x1 is a block-diagonal ``[M, C]`` matrix; both are expanded to dense, multiplied, and
+the product is stored with the largest group count it is block-diagonal for (often 1, the same group
+count when the blocks line up). Strides multiply (subsampling commutes with a pointwise map):
+``s = s1 * s2``, and ``floor(floor((H-1)/s1)/s2) = floor((H-1)/(s1*s2))`` keeps the output size. The
+fusion is kept only where it lowers MACs (an expansion followed by a projection); fusing a bottleneck pair
+would raise them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gcd
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.analysis import node_cost
+from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Cost, PatternPass
-from rewriter.graph import NameFactory, constant, const_value, is_graph_input, replace_nodes, single_consumer
+from rewriter.graph import NameFactory, constant, const_value, is_graph_input, is_graph_output, replace_nodes
 from rewriter.model import Model
+
+#: The longest run of affine nodes looked through between the two convs.
+MAX_MIDDLE = 4
+
+
+# -- weight math (pure numpy) -----------------------------------------------------------------------
 
 
 def compose_pointwise(
@@ -36,6 +47,55 @@ def compose_pointwise(
     if b1 is not None:
         b = b + w2.astype(np.float64) @ b1.astype(np.float64)
     return w, b
+
+
+def dense_weight(w: np.ndarray, group: int) -> np.ndarray:
+    """The group-1 equivalent ``[O, C, *k]`` of a grouped conv weight ``[O, C/group, *k]`` (block-diagonal)."""
+    if group == 1:
+        return w
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    out_per_group = out_ch // group
+    dense = np.zeros((out_ch, in_per_group * group) + w.shape[2:], dtype=w.dtype)
+    for g in range(group):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        dense[rows, g * in_per_group : (g + 1) * in_per_group] = w[rows]
+    return dense
+
+
+def block_diagonal_groups(w: np.ndarray) -> int:
+    """The largest ``g`` for which the dense ``[O, C, ...]`` weight is block-diagonal with ``g`` equal blocks."""
+    out_ch, in_ch = w.shape[:2]
+    for g in range(gcd(out_ch, in_ch), 1, -1):
+        if out_ch % g or in_ch % g:
+            continue
+        o, c = out_ch // g, in_ch // g
+        mask = np.ones((out_ch, in_ch), dtype=bool)
+        for k in range(g):
+            mask[k * o : (k + 1) * o, k * c : (k + 1) * c] = False
+        if not np.any(w.reshape(out_ch, in_ch, -1)[mask]):
+            return g
+    return 1
+
+
+def grouped_weight(w: np.ndarray, group: int) -> np.ndarray:
+    """Inverse of :func:`dense_weight`: the ``[O, C/group, ...]`` blocks of a block-diagonal dense weight."""
+    if group == 1:
+        return w
+    out_ch, in_ch = w.shape[:2]
+    o, c = out_ch // group, in_ch // group
+    return np.concatenate([w[k * o : (k + 1) * o, k * c : (k + 1) * c] for k in range(group)], axis=0)
+
+
+def scale_rows(w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``diag(s) W`` and ``s*b + t`` (missing ``b``/``t`` are 0; ``None`` when both are missing)."""
+    w2 = w.astype(np.float64) * s[:, None]
+    if b is None and t is None:
+        return w2, None
+    b2 = np.zeros(len(s)) if b is None else b.astype(np.float64) * s
+    return w2, b2 if t is None else b2 + t
+
+
+# -- pattern / check / rewrite ----------------------------------------------------------------------
 
 
 def is_pointwise_conv(node: gs.Node) -> bool:
@@ -60,41 +120,76 @@ def conv_padding_free(node: gs.Node) -> bool:
 class Chain:
     first: gs.Node
     second: gs.Node
+    #: Affine nodes between, in order, each with its constant operand (None for BatchNormalization).
+    middle: tuple[tuple[gs.Node, gs.Tensor | None], ...] = ()
+
+
+def _bias(node: gs.Node) -> np.ndarray | None:
+    return const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
 
 
 class Fuse1x1Chain(PatternPass[Chain]):
     name = "fuse_1x1_chain"
-    summary = "Fuse two consecutive linear 1x1 convs into one (W = W2*W1), where it lowers MACs."
+    summary = "Fuse two linear 1x1 convs (with BN/affine between) into one (W = W2*W1), where it lowers MACs."
     exact = True
 
     def match(self, model: Model, node: gs.Node) -> Chain | None:
+        from passes.fold_batchnorm import affine_operand
+
         if not is_pointwise_conv(node) or len(node.outputs) != 1:
             return None
-        users = node.outputs[0].outputs
-        if len(users) != 1 or not is_pointwise_conv(users[0]) or users[0].inputs[0] is not node.outputs[0]:
-            return None
-        return Chain(node, users[0])
+        middle: list[tuple[gs.Node, gs.Tensor | None]] = []
+        tensor = node.outputs[0]
+        while True:
+            users = tensor.outputs
+            if len(users) != 1 or len(users[0].outputs) != 1:
+                return None
+            user = users[0]
+            if is_pointwise_conv(user) and user.inputs[0] is tensor:
+                return Chain(node, user, tuple(middle))
+            if len(middle) == MAX_MIDDLE:
+                return None
+            if user.op == "BatchNormalization" and user.inputs[0] is tensor:
+                middle.append((user, None))
+            elif (operand := affine_operand(user, tensor)) is not None:
+                middle.append((user, operand))
+            else:
+                return None
+            tensor = user.outputs[0]
 
     def nodes(self, match: Chain) -> tuple[gs.Node, ...]:
-        return (match.first, match.second)
+        return (match.first, *(n for n, _ in match.middle), match.second)
 
     def check(self, model: Model, match: Chain) -> str | None:
+        from passes.fold_batchnorm import affine_reason
+
         graph = model.graph
         for conv in (match.first, match.second):
-            if int(conv.attrs.get("group", 1)) != 1:
-                return f"{conv.name}: grouped 1x1 conv (group {conv.attrs['group']})"
             if not conv_padding_free(conv):
                 return f"{conv.name}: padding on a 1x1 conv would add a border of bias values"
             for t in conv.inputs[1:]:
+                if not t.name:
+                    continue
                 if is_graph_input(graph, t):
                     return f"{conv.name}: weight {t.name!r} is a graph input, not a constant"
                 if const_value(t) is None:
                     return f"{conv.name}: weight or bias {t.name!r} is not constant"
-        if not single_consumer(graph, match.first.outputs[0]):
-            return f"intermediate tensor {match.first.outputs[0].name!r} is a graph output"
         w1 = const_value(match.first.inputs[1])
-        if w1 is None or w1.dtype.kind != "f":
+        w2 = const_value(match.second.inputs[1])
+        assert w1 is not None and w2 is not None
+        if w1.dtype.kind != "f" or w2.dtype.kind != "f":
             return "weights are not floating point"
+        g1, g2 = int(match.first.attrs.get("group", 1)), int(match.second.attrs.get("group", 1))
+        if w1.shape[0] != w2.shape[1] * g2 or w1.shape[0] % g1 or w2.shape[0] % g2:
+            return f"weight shapes {tuple(w1.shape)} (group {g1}) and {tuple(w2.shape)} (group {g2}) do not chain"
+        for node in (match.first, *(n for n, _ in match.middle)):
+            mid = node.outputs[0]
+            if is_graph_output(graph, mid):
+                return f"intermediate tensor {mid.name!r} is a graph output"
+        for node, operand in match.middle:
+            reason = affine_reason(graph, node, operand, w1.ndim, int(w1.shape[0]))
+            if reason is not None:
+                return reason
         cost = self.cost(model, match)
         if cost.macs_before == 0:
             return "output shapes unknown; cannot tell whether fusing lowers MACs"
@@ -106,29 +201,45 @@ class Fuse1x1Chain(PatternPass[Chain]):
         w1 = const_value(match.first.inputs[1])
         w2 = const_value(match.second.inputs[1])
         assert w1 is not None and w2 is not None
-        return f"fuse 1x1 chain {match.first.name} ({w1.shape[1]}->{w1.shape[0]}) + {match.second.name} ({w2.shape[1]}->{w2.shape[0]})"
+        between = "".join(f" + {n.op} {n.name}" for n, _ in match.middle)
+        return (
+            f"fuse 1x1 chain {match.first.name} ({w1.shape[1] * int(match.first.attrs.get('group', 1))}->{w1.shape[0]})"
+            f"{between} + {match.second.name} ({w1.shape[0]}->{w2.shape[0]})"
+        )
 
-    def cost(self, model: Model, match: Chain) -> Cost:
-        a, b = node_cost(model, match.first), node_cost(model, match.second)
-        w1 = const_value(match.first.inputs[1])
-        w2 = const_value(match.second.inputs[1])
-        assert w1 is not None and w2 is not None
-        out = model.static_shape(match.second.outputs[0])
-        if out is None or a.macs == 0 or b.macs == 0:
-            return Cost(0, 0, a.params + b.params, 0)
-        c_in, c_out = w1.shape[1], w2.shape[0]
-        macs_after = int(np.prod(out)) * c_in
-        params_after = c_out * c_in + (c_out if len(match.first.inputs) > 2 or len(match.second.inputs) > 2 else 0)
-        return Cost(a.macs + b.macs, macs_after, a.params + b.params, params_after)
+    def _fused(self, match: Chain) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The fused ``[O, C/g]`` weight, bias and group count ``g``."""
+        from passes.fold_batchnorm import affine_scale_shift
 
-    def rewrite(self, model: Model, match: Chain) -> None:
         first, second = match.first, match.second
         w1, w2 = const_value(first.inputs[1]), const_value(second.inputs[1])
         assert w1 is not None and w2 is not None
-        b1 = const_value(first.inputs[2]) if len(first.inputs) > 2 else None
-        b2 = const_value(second.inputs[2]) if len(second.inputs) > 2 else None
+        d1 = dense_weight(w1, int(first.attrs.get("group", 1))).reshape(w1.shape[0], -1)
+        d2 = dense_weight(w2, int(second.attrs.get("group", 1))).reshape(w2.shape[0], -1)
+        b1 = _bias(first)
+        for node, operand in match.middle:
+            s, t = affine_scale_shift(node, operand, d1.shape[0], w1.ndim)
+            d1, b1 = scale_rows(d1, b1, s, t)
+        w, b = compose_pointwise(d1, b1, d2, _bias(second))
+        group = block_diagonal_groups(w)
+        return grouped_weight(w, group), b, group
+
+    def cost(self, model: Model, match: Chain) -> Cost:
+        costs = [node_cost(model, n) for n in (match.first, match.second)]
+        params_before = sum(c.params for c in costs) + sum(node_params(n) for n, _ in match.middle)
+        out = model.static_shape(match.second.outputs[0])
+        if out is None or any(c.macs == 0 for c in costs):
+            return Cost(0, 0, params_before, 0)
+        w, b, _ = self._fused(match)
+        macs_after = int(np.prod(out)) * int(w.shape[1])
+        return Cost(sum(c.macs for c in costs), macs_after, params_before, int(w.size) + (0 if b is None else int(b.size)))
+
+    def rewrite(self, model: Model, match: Chain) -> None:
+        first, second = match.first, match.second
+        w1 = const_value(first.inputs[1])
+        assert w1 is not None
         spatial = w1.ndim - 2
-        w, b = compose_pointwise(w1.reshape(w1.shape[:2]), b1, w2.reshape(w2.shape[:2]), b2)
+        w, b, group = self._fused(match)
         names = NameFactory(model.graph)
         inputs = [first.inputs[0], constant(names, f"{second.name}_fused_W", w.reshape(w.shape + (1,) * spatial).astype(w1.dtype))]
         if b is not None:
@@ -139,8 +250,8 @@ class Fuse1x1Chain(PatternPass[Chain]):
             "Conv",
             name=names(f"{first.name}_{second.name}_fused"),
             attrs={"kernel_shape": [1] * spatial, "strides": [x * y for x, y in zip(s1, s2)], "pads": [0] * (2 * spatial),
-                   "dilations": [1] * spatial, "group": 1},
+                   "dilations": [1] * spatial, "group": group},
             inputs=inputs,
             outputs=list(second.outputs),
         )
-        replace_nodes(model.graph, [first, second], [fused])
+        replace_nodes(model.graph, self.nodes(match), [fused])

@@ -30,24 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.fuse_1x1_chain import compose_pointwise, conv_padding_free, is_pointwise_conv
+from passes.fuse_1x1_chain import compose_pointwise, conv_padding_free, dense_weight, is_pointwise_conv
 from rewriter.analysis import node_cost
 from rewriter.contract import Cost, PatternPass
 from rewriter.graph import NameFactory, constant, const_value, is_graph_input, is_graph_output, replace_nodes
 from rewriter.model import Model
-
-
-def dense_weight(w: np.ndarray, group: int) -> np.ndarray:
-    """The group-1 equivalent ``[O, C, *k]`` of a grouped conv weight ``[O, C/group, *k]`` (block-diagonal)."""
-    if group == 1:
-        return w
-    out_ch, in_per_group = w.shape[0], w.shape[1]
-    out_per_group = out_ch // group
-    dense = np.zeros((out_ch, in_per_group * group) + w.shape[2:], dtype=w.dtype)
-    for g in range(group):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        dense[rows, g * in_per_group : (g + 1) * in_per_group] = w[rows]
-    return dense
 
 
 def compose_kxk_then_1x1(

@@ -102,7 +102,6 @@ def test_chain_of_three_reaches_fixed_point() -> None:
     [
         ({"act": "Relu"}, None),  # not a chain at all: nothing matched
         ({"pads1": 1}, "padding"),
-        ({"group2": 2}, "grouped"),
         ({"middle_is_output": True}, "graph output"),
     ],
 )
@@ -163,3 +162,74 @@ def test_source_model_is_not_modified() -> None:
     before = model.SerializeToString()
     apply_pass(model, Fuse1x1Chain())
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("g1,g2,c,m,o", [(1, 2, 8, 32, 4), (2, 1, 8, 32, 4), (4, 4, 8, 32, 8), (2, 2, 8, 64, 4)])
+def test_grouped_chains_fuse_exactly(g1: int, g2: int, c: int, m: int, o: int) -> None:
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, {c}, 6, 6] X) => (float[1, {o}, 6, 6] Y)
+        <float[{m}, {c // g1}, 1, 1] W1, float[{m}] B1, float[{o}, {m // g2}, 1, 1] W2, float[{o}] B2> {{
+            A = Conv <kernel_shape = [1, 1], group = {g1}> (X, W1, B1)
+            Y = Conv <kernel_shape = [1, 1], group = {g2}> (A, W2, B2)
+        }}
+    """
+    model = parse(text)
+    result = apply_pass(model, Fuse1x1Chain())
+    assert ops(result.model) == {"Conv": 1}
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_outputs(model, result.model)
+    group = next(a.i for a in result.model.graph.node[0].attribute if a.name == "group")
+    # Aligned blocks (same group count on both sides) stay grouped; otherwise the product is dense.
+    assert group == (g1 if g1 == g2 else 1)
+
+
+def test_block_diagonal_groups_and_back() -> None:
+    from passes.fuse_1x1_chain import block_diagonal_groups, dense_weight, grouped_weight
+
+    w = np.random.default_rng(0).standard_normal((8, 2, 1, 1))  # group 4: 8 outputs, 8 inputs
+    dense = dense_weight(w, 4)
+    assert dense.shape == (8, 8, 1, 1)
+    assert block_diagonal_groups(dense) == 4
+    np.testing.assert_array_equal(grouped_weight(dense, 4), w)
+    dense[0, 7] = 1.0  # one entry off the blocks
+    assert block_diagonal_groups(dense) == 1
+
+
+@pytest.mark.parametrize("middle", [
+    "M = BatchNormalization <epsilon = 0.001> (A, S, T, MEAN, VAR)",
+    "M = Mul (A, K)",
+    "M = Add (K, A)",
+    "P = Mul (A, K)\n            M = Add (P, K2)",
+])
+def test_affine_between_is_folded(middle: str) -> None:
+    model = parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 8, 6, 6] X) => (float[1, 4, 3, 3] Y)
+        <float[32, 8, 1, 1] W1, float[32] B1, float[4, 32, 1, 1] W2, float[32] S, float[32] T, float[32] MEAN,
+         float[32] VAR, float[32, 1, 1] K, float[1, 32, 1, 1] K2> {{
+            A = Conv <kernel_shape = [1, 1], strides = [2, 2]> (X, W1, B1)
+            {middle}
+            Y = Conv <kernel_shape = [1, 1]> (M, W2)
+        }}
+    """)
+    result = apply_pass(model, Fuse1x1Chain())
+    assert ops(result.model) == {"Conv": 1}
+    assert len(result.applied[0].nodes) == 2 + middle.count("=") - middle.count("epsilon")
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_outputs(model, result.model)
+
+
+def test_affine_that_is_not_per_channel_is_skipped() -> None:
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 8, 6, 6] X) => (float[1, 4, 6, 6] Y)
+        <float[32, 8, 1, 1] W1, float[4, 32, 1, 1] W2, float[1, 1, 6, 6] K> {
+            A = Conv <kernel_shape = [1, 1]> (X, W1)
+            M = Mul (A, K)
+            Y = Conv <kernel_shape = [1, 1]> (M, W2)
+        }
+    """)
+    result = apply_pass(model, Fuse1x1Chain())
+    assert not result.modified
+    assert any("does not broadcast per channel" in s.reason for s in result.skipped)

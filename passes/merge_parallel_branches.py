@@ -1,0 +1,670 @@
+"""merge_parallel_branches: parallel convolutions that read the same tensor -> one convolution.
+
+Three kinds of candidate, all exact up to float rounding.
+
+**sum** (RepVGG, ACNet, Diverse Branch Block). An ``Add``, or a tree of ``Add`` nodes, whose leaves are
+branches on one tensor ``X``: ``Conv(X, W_i, b_i)`` with the same stride and group and dilation 1, the
+identity ``X`` itself, or an inference ``BatchNormalization(X)`` (the identity scaled per channel).
+Per spatial axis, the merged kernel has size ``K = max_i k_i`` and the begin/end pads ``P_b, P_e`` of
+the branch with the largest kernel on that axis. Branch ``i`` (kernel ``k``, pads ``p_b, p_e``) reads,
+for output ``y`` and tap ``u``, the input row ``s*y - p_b + u``; in the merged kernel that row is tap
+``u + d`` with ``d = P_b - p_b``. So the branch kernel is zero-padded into ``K`` at offset ``d``::
+
+    W = sum_i pad(W_i, K, d_i)          b = sum_i b_i   (a missing bias is 0)
+
+valid when ``0 <= d <= K - k`` on every axis and every branch has the same output size for every input
+size, ``p_b + p_e - k = P_b + P_e - K`` (strides being equal). RepVGG: 3x3 pads 1 + 1x1 pads 0 (+
+identity) put the small kernels at the centre; ACNet: 3x3 pads (1,1) + 1x3 pads (0,1) + 3x1 pads (1,0).
+The identity is a 1x1 kernel with pads 0, so it needs stride 1 and ``C_in == C_out``. In a conv with
+``group`` groups of ``C/group`` channels, output channel ``o`` reads input channel ``o`` as index
+``o mod (C/group)`` of its group::
+
+    I[o, o mod (C/group), d] = 1        BN(X) = s*X + t:  s[o] in place of the 1, bias t
+    with s = gamma / sqrt(var + eps), t = beta - mean * s
+
+Merged MACs are those of the largest kernel alone, so they fall (or stay level when only identities are
+merged in); they must not rise (1x3 + 3x1 alone would become a 3x3). A ``BatchNormalization`` *after* a
+conv branch must be folded into the conv first: the default pipeline runs ``fold_batchnorm`` before this
+pass.
+
+**concat** (sibling convs concatenated). A run of two or more consecutive ``Concat`` inputs (axis 1)
+produced by convs on the same ``X`` with identical kernel, strides, pads, dilations and group 1::
+
+    W = concat_o(W_i)                   b = concat(b_i)  (a missing bias is zeros)
+
+**split** (Inception-style sibling convs feeding different consumers). The same merged conv followed by
+a ``Split`` along channels that hands each original output tensor to its consumers. MACs do not change;
+it saves reading ``X`` once per sibling and launching several small convs, which the latency gate judges.
+
+All merged weights are computed in float64 and stored in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from rewriter.analysis import node_cost, node_params
+from rewriter.contract import Candidate, Cost, PatternPass
+from rewriter.graph import (
+    NameFactory,
+    const_value,
+    constant,
+    is_graph_input,
+    is_graph_output,
+    producer,
+    replace_nodes,
+    single_consumer,
+)
+from rewriter.model import Model
+
+# -- weight math (pure numpy) -----------------------------------------------------------------------
+
+
+def pad_kernel_to(w: np.ndarray, kernel_shape: Sequence[int], offsets: Sequence[int] | None = None) -> np.ndarray:
+    """``w`` ``[O, I, k...]`` zero-padded to ``[O, I, K...]`` with its taps starting at ``offsets``.
+
+    ``offsets`` default to the centre, ``(K - k) // 2`` per axis. A new array; ``w`` is not modified.
+    """
+    kernel = tuple(int(k) for k in w.shape[2:])
+    target = tuple(int(k) for k in kernel_shape)
+    if len(target) != len(kernel):
+        raise ValueError(f"kernel {kernel} and target {target} have different ranks")
+    offs = tuple((big - small) // 2 for big, small in zip(target, kernel)) if offsets is None else tuple(offsets)
+    if len(offs) != len(kernel) or any(o < 0 or o + k > big for o, k, big in zip(offs, kernel, target)):
+        raise ValueError(f"kernel {kernel} at offsets {offs} does not fit in {target}")
+    out = np.zeros(tuple(w.shape[:2]) + target, dtype=w.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offs, kernel))] = w
+    return out
+
+
+def identity_kernel(
+    channels: int,
+    group: int,
+    kernel_shape: Sequence[int],
+    offsets: Sequence[int] | None = None,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ``[C, C/group, K...]`` kernel of ``y = X`` (or ``y[o] = scale[o] * X[o]``), float64.
+
+    ``I[o, o mod (C/group), d] = 1`` with ``d`` the offsets (default: the centre).
+    """
+    if group < 1 or channels % group:
+        raise ValueError(f"{channels} channels do not split into {group} groups")
+    per_group = channels // group
+    ndim = len(kernel_shape)
+    w = np.zeros((channels, per_group) + (1,) * ndim, dtype=np.float64)
+    o = np.arange(channels)
+    w[(o, o % per_group) + (0,) * ndim] = 1.0 if scale is None else np.asarray(scale, dtype=np.float64).reshape(channels)
+    return pad_kernel_to(w, kernel_shape, offsets)
+
+
+def merge_branches(
+    branches: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    kernel_shape: Sequence[int],
+    offsets: Sequence[Sequence[int] | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(sum_i pad(W_i, K, d_i), sum_i b_i)`` in float64; the bias is ``None`` when no branch has one."""
+    if not branches:
+        raise ValueError("no branches to merge")
+    offs = list(offsets) if offsets is not None else [None] * len(branches)
+    if len(offs) != len(branches):
+        raise ValueError("one offset per branch")
+    shapes = {tuple(w.shape[:2]) for w, _ in branches}
+    if len(shapes) != 1:
+        raise ValueError(f"branches disagree on [C_out, C_in/group]: {sorted(shapes)}")
+    w = sum(pad_kernel_to(wi.astype(np.float64), kernel_shape, off) for (wi, _), off in zip(branches, offs))
+    biases = [bi.astype(np.float64).reshape(-1) for _, bi in branches if bi is not None]
+    b = sum(biases[1:], biases[0].copy()) if biases else None
+    return np.asarray(w), b
+
+
+def concat_branches(
+    branches: Sequence[tuple[np.ndarray, np.ndarray | None]],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(concat_o W_i, concat b_i)`` in float64; a missing bias is zeros, ``None`` when no branch has one."""
+    if not branches:
+        raise ValueError("no branches to concatenate")
+    w = np.concatenate([wi.astype(np.float64) for wi, _ in branches], axis=0)
+    if all(bi is None for _, bi in branches):
+        return w, None
+    b = np.concatenate(
+        [np.zeros(wi.shape[0]) if bi is None else bi.astype(np.float64).reshape(-1) for wi, bi in branches]
+    )
+    return w, b
+
+
+def batchnorm_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) with ``BN(x) = s*x + t``: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (float64)."""
+    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(eps))
+    return s, beta.astype(np.float64) - mean.astype(np.float64) * s
+
+
+def align_branches(
+    kernels: Sequence[Sequence[int]], pads: Sequence[Sequence[int]]
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """The merged kernel, its pads (ONNX order: begins then ends) and each branch's offset in it.
+
+    Raises ``ValueError`` (with the reason) when a branch's taps do not line up with the merged kernel.
+    """
+    n = len(kernels[0])
+    if any(len(k) != n for k in kernels) or any(len(p) != 2 * n for p in pads):
+        raise ValueError("branches have different spatial ranks")
+    big = tuple(max(int(k[a]) for k in kernels) for a in range(n))
+    begin, end = [], []
+    for a in range(n):
+        ref = next(i for i, k in enumerate(kernels) if k[a] == big[a])
+        begin.append(int(pads[ref][a]))
+        end.append(int(pads[ref][n + a]))
+    offsets = []
+    for i, (k, p) in enumerate(zip(kernels, pads)):
+        off = []
+        for a in range(n):
+            if p[a] + p[n + a] - k[a] != begin[a] + end[a] - big[a]:
+                raise ValueError(
+                    f"branch {i} (kernel {tuple(k)}, pads {list(p)}) has another output size than the "
+                    f"{big} kernel with pads {begin + end} along spatial axis {a}"
+                )
+            d = begin[a] - int(p[a])
+            if not 0 <= d <= big[a] - k[a]:
+                raise ValueError(
+                    f"branch {i} (kernel {tuple(k)}, pads {list(p)}) is shifted by {d} against the "
+                    f"{big} kernel with pads {begin + end} along spatial axis {a}"
+                )
+            off.append(d)
+        offsets.append(tuple(off))
+    return big, tuple(begin + end), tuple(offsets)
+
+
+# -- pattern / check / rewrite ----------------------------------------------------------------------
+
+SUM, CONCAT, SPLIT = "sum", "concat", "split"
+CONV, IDENTITY, BN = "conv", "identity", "batchnorm"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+
+
+def conv_geometry(node: gs.Node) -> Geometry | str:
+    """Kernel, strides, explicit pads, dilations and group of a Conv, or why they are not known."""
+    kernel = node.attrs.get("kernel_shape")
+    if kernel is None:
+        w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if w is None or w.ndim < 3:
+            return f"{node.name}: kernel shape unknown"
+        kernel = w.shape[2:]
+    n = len(kernel)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"{node.name}: auto_pad {auto_pad} is not handled"
+    pads = [0] * (2 * n) if auto_pad == "VALID" else list(node.attrs.get("pads", [0] * (2 * n)))
+    return Geometry(
+        tuple(int(k) for k in kernel),
+        tuple(int(s) for s in node.attrs.get("strides", [1] * n)),
+        tuple(int(p) for p in pads),
+        tuple(int(d) for d in node.attrs.get("dilations", [1] * n)),
+        int(node.attrs.get("group", 1)),
+    )
+
+
+@dataclass(frozen=True)
+class Branches:
+    """One place to merge: the shared input ``x``, the branches and the node(s) joining them."""
+
+    kind: str  # SUM | CONCAT | SPLIT
+    x: gs.Tensor
+    #: (CONV | IDENTITY | BN, node); the node is None for a bare identity. CONCAT / SPLIT: convs only.
+    leaves: tuple[tuple[str, gs.Node | None], ...]
+    #: SUM: the Add nodes, root first; CONCAT: the Concat; SPLIT: none.
+    joins: tuple[gs.Node, ...]
+    #: Every replaced node, in graph order.
+    order: tuple[gs.Node, ...]
+    #: CONCAT: the merged run of Concat inputs, [start, stop).
+    span: tuple[int, int] = (0, 0)
+
+    @property
+    def convs(self) -> list[gs.Node]:
+        return [n for kind, n in self.leaves if kind == CONV and n is not None]
+
+
+def _graph_order(model: Model, nodes: Sequence[gs.Node]) -> tuple[gs.Node, ...]:
+    pos = {id(n): i for i, n in enumerate(model.graph.nodes)}
+    unique = list({id(n): n for n in nodes}.values())
+    return tuple(sorted(unique, key=lambda n: pos.get(id(n), -1)))
+
+
+def _single_output_of(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The ``op`` node producing ``tensor`` as its only output, with at least one input."""
+    p = producer(tensor)
+    if p is None or p.op != op or len(p.outputs) != 1 or p.outputs[0] is not tensor or not p.inputs:
+        return None
+    return p
+
+
+def _is_add(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "Add" and len(node.inputs) == 2 and len(node.outputs) == 1
+
+
+def _weight(node: gs.Node) -> np.ndarray | None:
+    return const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+
+
+def _bias(node: gs.Node) -> np.ndarray | None:
+    return const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+
+
+def _signature(node: gs.Node) -> Geometry | None:
+    g = conv_geometry(node)
+    return g if isinstance(g, Geometry) else None
+
+
+def _opset(model: Model) -> int:
+    for o in model.proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+class MergeParallelBranches(PatternPass[Branches]):
+    name = "merge_parallel_branches"
+    summary = (
+        "Merge parallel convs on one input: summed branches (RepVGG/ACNet, identity included) into one KxK "
+        "conv; concatenated or sibling convs into one conv (+ Split)."
+    )
+    exact = True
+
+    def anchor(self, candidate: Candidate) -> str:
+        # The root Add, the Concat, or the last sibling conv: each is last in graph order.
+        return candidate.nodes[-1]
+
+    # -- pattern -----------------------------------------------------------------------------------
+    def match(self, model: Model, node: gs.Node) -> Branches | None:
+        if node.op == "Add":
+            return self._match_sum(model, node)
+        if node.op == "Concat":
+            return self._match_concat(model, node)
+        if node.op == "Conv":
+            return self._match_split(model, node)
+        return None
+
+    def _sum_tree(self, model: Model, root: gs.Node) -> Branches | None:
+        """The Add tree under ``root`` (through Adds read only by their parent) if all leaves are branches on one X."""
+        if not _is_add(root):
+            return None
+        graph = model.graph
+        adds: list[gs.Node] = []
+        leaves: list[gs.Tensor] = []
+        stack = [root]
+        while stack:
+            add = stack.pop()
+            adds.append(add)
+            for t in add.inputs:
+                p = producer(t)
+                if _is_add(p) and p.outputs[0] is t and single_consumer(graph, t):  # type: ignore[union-attr]
+                    stack.append(p)  # type: ignore[arg-type]
+                else:
+                    leaves.append(t)
+        # The shared input: the input of a conv leaf, or a leaf itself (an identity branch).
+        options: list[gs.Tensor] = []
+        for t in leaves:
+            p = producer(t)
+            if p is not None and p.op in ("Conv", "BatchNormalization") and p.inputs:
+                options.append(p.inputs[0])
+            options.append(t)
+        for x in {id(t): t for t in options}.values():
+            if not isinstance(x, gs.Variable):
+                continue
+            kinds = []
+            for t in leaves:
+                if t is x:
+                    kinds.append((IDENTITY, None))
+                elif (conv := _single_output_of(t, "Conv")) is not None and len(conv.inputs) >= 2 and conv.inputs[0] is x:
+                    kinds.append((CONV, conv))
+                elif (bn := _single_output_of(t, "BatchNormalization")) is not None and bn.inputs[0] is x:
+                    kinds.append((BN, bn))
+                else:
+                    break
+            else:
+                if any(kind == CONV for kind, _ in kinds):
+                    order = _graph_order(model, [n for _, n in kinds if n is not None] + adds)
+                    return Branches(SUM, x, tuple(kinds), tuple(adds), order)
+        return None
+
+    def _match_sum(self, model: Model, add: gs.Node) -> Branches | None:
+        m = self._sum_tree(model, add)
+        if m is None:
+            return None
+        out = add.outputs[0]
+        if single_consumer(model.graph, out):
+            parent = out.outputs[0]
+            if parent is not add and self._sum_tree(model, parent) is not None:
+                return None  # part of a larger tree: matched at its root
+        return m
+
+    def _match_concat(self, model: Model, concat: gs.Node) -> Branches | None:
+        if len(concat.outputs) != 1:
+            return None
+        keys: list[tuple[int, Geometry, gs.Node] | None] = []
+        for t in concat.inputs:
+            conv = _single_output_of(t, "Conv")
+            sig = _signature(conv) if conv is not None and len(conv.inputs) >= 2 else None
+            keys.append(None if sig is None else (id(conv.inputs[0]), sig, conv))  # type: ignore[union-attr]
+        start = 0
+        while start < len(keys):
+            stop = start + 1
+            if keys[start] is not None:
+                while stop < len(keys) and keys[stop] is not None and keys[stop][:2] == keys[start][:2]:  # type: ignore[index]
+                    stop += 1
+                if stop - start >= 2:
+                    convs = [k[2] for k in keys[start:stop]]  # type: ignore[index]
+                    x = convs[0].inputs[0]
+                    order = _graph_order(model, convs + [concat])
+                    return Branches(CONCAT, x, tuple((CONV, c) for c in convs), (concat,), order, (start, stop))
+            start = stop
+        return None
+
+    def _match_split(self, model: Model, conv: gs.Node) -> Branches | None:
+        if len(conv.inputs) < 2 or len(conv.outputs) != 1 or not isinstance(conv.inputs[0], gs.Variable):
+            return None
+        x = conv.inputs[0]
+        sig = _signature(conv)
+        if sig is None:
+            return None
+        siblings = [
+            n for n in {id(n): n for n in x.outputs}.values()
+            if n.op == "Conv" and len(n.inputs) >= 2 and n.inputs[0] is x and len(n.outputs) == 1 and _signature(n) == sig
+        ]
+        if len(siblings) < 2:
+            return None
+        # Only siblings that feed different consumers; those joined by one Add or Concat are the other kinds.
+        users = {id(n): {id(u) for u in n.outputs[0].outputs} for n in siblings}
+        keep = [n for n in siblings if all(not (users[id(n)] & users[id(m)]) for m in siblings if m is not n)]
+        if len(keep) < 2 or not any(n is conv for n in keep):
+            return None
+        order = _graph_order(model, keep)
+        if order[-1] is not conv:
+            return None  # matched at the last sibling
+        return Branches(SPLIT, x, tuple((CONV, n) for n in order), (), order)
+
+    def nodes(self, match: Branches) -> tuple[gs.Node, ...]:
+        return match.order
+
+    # -- check -------------------------------------------------------------------------------------
+    def check(self, model: Model, match: Branches) -> str | None:
+        graph = model.graph
+        dtypes = set()
+        for conv in match.convs:
+            for t in conv.inputs[1:]:
+                if not t.name:
+                    continue
+                if is_graph_input(graph, t):
+                    return f"{conv.name}: weight or bias {t.name!r} is a graph input, not a constant"
+                if const_value(t) is None:
+                    return f"{conv.name}: weight or bias {t.name!r} is not constant"
+            w = _weight(conv)
+            assert w is not None
+            if w.dtype.kind != "f":
+                return f"{conv.name}: weights are {w.dtype}, not floating point"
+            if w.ndim < 3:
+                return f"{conv.name}: weight of rank {w.ndim}"
+            dtypes.add(w.dtype)
+            if match.kind != SPLIT:
+                out = conv.outputs[0]
+                if is_graph_output(graph, out):
+                    return f"branch output {out.name!r} is a graph output"
+                if len(out.outputs) != 1:
+                    return f"branch output {out.name!r} is used elsewhere ({len(out.outputs)} consumers)"
+        if len(dtypes) > 1:
+            return f"branch weights have different dtypes: {sorted(str(d) for d in dtypes)}"
+        if match.kind == SUM:
+            return self._check_sum(model, match)
+        return self._check_stacked(model, match)
+
+    def _check_sum(self, model: Model, match: Branches) -> str | None:
+        graph = model.graph
+        geoms = []
+        for conv in match.convs:
+            g = conv_geometry(conv)
+            if isinstance(g, str):
+                return g
+            if any(d != 1 for d in g.dilations):
+                return f"{conv.name}: dilations {list(g.dilations)} are not handled"
+            w = _weight(conv)
+            assert w is not None
+            if tuple(w.shape[2:]) != g.kernel:
+                return f"{conv.name}: kernel_shape {list(g.kernel)} disagrees with weight {tuple(w.shape)}"
+            geoms.append((conv, g, w))
+        first, g0, w0 = geoms[0]
+        for conv, g, w in geoms[1:]:
+            if g.strides != g0.strides:
+                return f"branches have different strides: {first.name} {list(g0.strides)}, {conv.name} {list(g.strides)}"
+            if g.group != g0.group:
+                return f"branches have different groups: {first.name} {g0.group}, {conv.name} {g.group}"
+            if tuple(w.shape[:2]) != tuple(w0.shape[:2]):
+                return f"branches have different channels: {first.name} {tuple(w0.shape[:2])}, {conv.name} {tuple(w.shape[:2])}"
+        c_out, c_in = int(w0.shape[0]), int(w0.shape[1]) * g0.group
+        for kind, node in match.leaves:
+            if kind == CONV:
+                continue
+            what = "identity branch" if node is None else f"{node.name} (BatchNormalization of the input)"
+            if any(s != 1 for s in g0.strides):
+                return f"{what} needs stride 1, the convs have strides {list(g0.strides)}"
+            if c_in != c_out:
+                return f"{what} needs C_in == C_out, the convs map {c_in} -> {c_out} channels"
+            if node is not None:
+                reason = self._check_bn(graph, node, c_out)
+                if reason is not None:
+                    return reason
+        kernels, pads = self._branch_geometry(match, g0)
+        try:
+            align_branches(kernels, pads)
+        except ValueError as exc:
+            return f"padding misaligned: {exc}"
+        per_pixel_before = sum(c_out * (c_in // g0.group) * prod(k) for (kind, _), k in zip(match.leaves, kernels) if kind == CONV)
+        per_pixel_after = c_out * (c_in // g0.group) * prod(max(k[a] for k in kernels) for a in range(len(kernels[0])))
+        if per_pixel_after > per_pixel_before:
+            return f"merging would raise MACs per output pixel from {per_pixel_before} to {per_pixel_after}"
+        return None
+
+    @staticmethod
+    def _check_bn(graph: gs.Graph, bn: gs.Node, channels: int) -> str | None:
+        if len(bn.inputs) != 5:
+            return f"{bn.name}: {len(bn.inputs)} inputs, expected 5"
+        if int(bn.attrs.get("training_mode", 0)) != 0:
+            return f"{bn.name}: training_mode is set"
+        if int(bn.attrs.get("spatial", 1)) == 0:
+            return f"{bn.name}: spatial=0 (per-element statistics) is not handled"
+        out = bn.outputs[0]
+        if is_graph_output(graph, out):
+            return f"branch output {out.name!r} is a graph output"
+        if len(out.outputs) != 1:
+            return f"branch output {out.name!r} is used elsewhere ({len(out.outputs)} consumers)"
+        values = []
+        for t in bn.inputs[1:5]:
+            if is_graph_input(graph, t):
+                return f"{bn.name}: parameter {t.name!r} is a graph input, not a constant"
+            v = const_value(t)
+            if v is None or v.dtype.kind != "f":
+                return f"{bn.name}: parameter {t.name!r} is not a floating-point constant"
+            if v.size != channels:
+                return f"{bn.name}: parameter {t.name!r} has {v.size} values, expected {channels}"
+            values.append(v)
+        if not np.all(values[3].astype(np.float64) + float(bn.attrs.get("epsilon", 1e-5)) > 0):
+            return f"{bn.name}: var + epsilon is not positive everywhere"
+        return None
+
+    @staticmethod
+    def _branch_geometry(match: Branches, g0: Geometry) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """Kernel and pads of every leaf; an identity is a 1x1 kernel with no padding."""
+        n = len(g0.kernel)
+        kernels, pads = [], []
+        for kind, node in match.leaves:
+            if kind == CONV:
+                g = conv_geometry(node)  # type: ignore[arg-type]
+                assert isinstance(g, Geometry)
+                kernels.append(g.kernel)
+                pads.append(g.pads)
+            else:
+                kernels.append((1,) * n)
+                pads.append((0,) * (2 * n))
+        return kernels, pads
+
+    def _check_stacked(self, model: Model, match: Branches) -> str | None:
+        convs = match.convs
+        g = conv_geometry(convs[0])
+        if isinstance(g, str):
+            return g
+        if g.group != 1:
+            return f"{convs[0].name}: grouped conv (group {g.group})"
+        for conv in convs:
+            w = _weight(conv)
+            assert w is not None
+            if tuple(w.shape[2:]) != g.kernel or w.shape[1] != _weight(convs[0]).shape[1]:  # type: ignore[union-attr]
+                return f"{conv.name}: weight {tuple(w.shape)} disagrees with its siblings"
+        if match.kind == CONCAT:
+            concat = match.joins[0]
+            rank = len(g.kernel) + 2
+            axis = int(concat.attrs.get("axis", 1))
+            if axis < 0:
+                axis += rank
+            if axis != 1:
+                return f"{concat.name}: concatenates along axis {concat.attrs.get('axis')}, not channels"
+        return None
+
+    # -- cost and description ----------------------------------------------------------------------
+    def describe(self, model: Model, match: Branches) -> str:
+        if match.kind == SUM:
+            parts = []
+            for kind, node in match.leaves:
+                if kind == CONV:
+                    w = _weight(node)  # type: ignore[arg-type]
+                    parts.append("x".join(str(k) for k in w.shape[2:]) if w is not None else "conv")
+                else:
+                    parts.append("identity" if kind == IDENTITY else "bn(identity)")
+            return f"merge {len(parts)} summed branches ({' + '.join(parts)}) at {match.joins[0].name} into one conv"
+        names = ", ".join(c.name for c in match.convs)
+        if match.kind == CONCAT:
+            return f"merge concatenated convs {names} into one conv at {match.joins[0].name}"
+        return f"merge sibling convs {names} on {match.x.name!r} into one conv + Split"
+
+    def cost(self, model: Model, match: Branches) -> Cost:
+        costs = [node_cost(model, n) for _, n in match.leaves if n is not None]
+        macs_before = sum(c.macs for c in costs)
+        params_before = sum(c.params for c in costs)
+        convs = match.convs
+        w0 = _weight(convs[0])
+        assert w0 is not None
+        if match.kind == SUM:
+            g0 = conv_geometry(convs[0])
+            assert isinstance(g0, Geometry)
+            kernels, _ = self._branch_geometry(match, g0)
+            big = tuple(max(k[a] for k in kernels) for a in range(len(kernels[0])))
+            params_after = int(w0.shape[0] * w0.shape[1] * prod(big)) + int(w0.shape[0])
+            out = model.static_shape(match.joins[0].outputs[0])
+            macs_after = prod(out) * int(w0.shape[1]) * prod(big) if out is not None else 0
+            if out is None or any(c.macs == 0 for c in costs if c.op == "Conv"):
+                return Cost(0, 0, params_before, params_after)
+            return Cost(macs_before, macs_after, params_before, params_after)
+        has_bias = any(_bias(c) is not None for c in convs)
+        params_after = sum(int(_weight(c).size) + (int(_weight(c).shape[0]) if has_bias else 0) for c in convs)  # type: ignore[union-attr]
+        return Cost(macs_before, macs_before, params_before, params_after)
+
+    # -- rewrite -----------------------------------------------------------------------------------
+    def rewrite(self, model: Model, match: Branches) -> None:
+        if match.kind == SUM:
+            self._rewrite_sum(model, match)
+        else:
+            self._rewrite_stacked(model, match)
+
+    def _rewrite_sum(self, model: Model, match: Branches) -> None:
+        convs = match.convs
+        g0 = conv_geometry(convs[0])
+        assert isinstance(g0, Geometry)
+        w0 = _weight(convs[0])
+        assert w0 is not None
+        channels = int(w0.shape[0])
+        kernels, pads = self._branch_geometry(match, g0)
+        big, merged_pads, offsets = align_branches(kernels, pads)
+        ones = (1,) * len(big)
+        branches: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for kind, node in match.leaves:
+            if kind == CONV:
+                w = _weight(node)  # type: ignore[arg-type]
+                assert w is not None
+                branches.append((w, _bias(node)))  # type: ignore[arg-type]
+            elif kind == IDENTITY:
+                branches.append((identity_kernel(channels, g0.group, ones), None))
+            else:
+                gamma, beta, mean, var = (const_value(t) for t in node.inputs[1:5])  # type: ignore[union-attr]
+                assert gamma is not None and beta is not None and mean is not None and var is not None
+                s, t = batchnorm_affine(gamma.reshape(-1), beta.reshape(-1), mean.reshape(-1), var.reshape(-1),
+                                        float(node.attrs.get("epsilon", 1e-5)))  # type: ignore[union-attr]
+                branches.append((identity_kernel(channels, g0.group, ones, scale=s), t))
+        w, b = merge_branches(branches, big, offsets)
+        root = match.joins[0]
+        names = NameFactory(model.graph)
+        inputs = [match.x, constant(names, f"{root.name}_merged_W", w.astype(w0.dtype))]
+        if b is not None:
+            inputs.append(constant(names, f"{root.name}_merged_B", b.astype(w0.dtype)))
+        merged = gs.Node(
+            "Conv",
+            name=names(f"{root.name}_merged"),
+            attrs={"kernel_shape": list(big), "strides": list(g0.strides), "pads": list(merged_pads),
+                   "dilations": [1] * len(big), "group": g0.group},
+            inputs=inputs,
+            outputs=list(root.outputs),
+        )
+        replace_nodes(model.graph, list(match.order), [merged])
+
+    def _rewrite_stacked(self, model: Model, match: Branches) -> None:
+        convs = match.convs
+        weights = [_weight(c) for c in convs]
+        w, b = concat_branches([(wi, _bias(c)) for wi, c in zip(weights, convs)])  # type: ignore[misc]
+        dtype = weights[0].dtype  # type: ignore[union-attr]
+        names = NameFactory(model.graph)
+        first = convs[0]
+        base = match.joins[0].name if match.kind == CONCAT else first.name
+        inputs = [match.x, constant(names, f"{base}_merged_W", w.astype(dtype))]
+        if b is not None:
+            inputs.append(constant(names, f"{base}_merged_B", b.astype(dtype)))
+        attrs = {k: v for k, v in first.attrs.items() if k != "kernel_shape"}
+        attrs["kernel_shape"] = list(w.shape[2:])
+        new: list[gs.Node] = []
+        if match.kind == CONCAT:
+            concat = match.joins[0]
+            start, stop = match.span
+            ins = list(concat.inputs)
+            if start == 0 and stop == len(ins):
+                out = list(concat.outputs)
+            else:
+                merged_out = gs.Variable(names(f"{concat.name}_merged_out"), dtype=dtype)
+                out = [merged_out]
+                new.append(gs.Node("Concat", name=names(f"{concat.name}_rest"), attrs=dict(concat.attrs),
+                                   inputs=ins[:start] + [merged_out] + ins[stop:], outputs=list(concat.outputs)))
+            new.insert(0, gs.Node("Conv", name=names(f"{base}_merged"), attrs=attrs, inputs=inputs, outputs=out))
+        else:
+            merged_out = gs.Variable(names(f"{first.name}_merged_out"), dtype=dtype)
+            new.append(gs.Node("Conv", name=names(f"{base}_merged"), attrs=attrs, inputs=inputs, outputs=[merged_out]))
+            sizes = [int(wi.shape[0]) for wi in weights]  # type: ignore[union-attr]
+            outputs = [c.outputs[0] for c in convs]
+            if _opset(model) >= 13:
+                split_inputs = [merged_out, constant(names, f"{base}_split_sizes", np.asarray(sizes, dtype=np.int64))]
+                split_attrs: dict = {"axis": 1}
+            else:
+                split_inputs, split_attrs = [merged_out], {"axis": 1, "split": sizes}
+            new.append(gs.Node("Split", name=names(f"{base}_split"), attrs=split_attrs, inputs=split_inputs, outputs=outputs))
+        replace_nodes(model.graph, list(match.order), new)
