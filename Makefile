@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 CORPUS_DIR ?= .cache/corpus
 
-.PHONY: demo test test-corpus bench bench-tool venv clean
+.PHONY: demo test test-corpus fuzz bench-tool venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 ## make test: the default test suite (no network, no corpus models).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## make fuzz: the exact-pass property test with >= 10,000 generated graphs (hypothesis "fuzz" profile).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_property_exact.py --hypothesis-show-statistics
 
 ## make test-corpus: fetch the real models of the corpus and run the tests that need them.
 test-corpus: $(STAMP)

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import onnx
 import pytest
+from hypothesis import settings
+
+# Property tests: a few hundred examples by default; `make fuzz` selects the "fuzz" profile.
+settings.register_profile("default", max_examples=200, deadline=None)
+settings.register_profile("fuzz", max_examples=10_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 from models.sample import build_sample
 
