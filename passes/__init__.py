@@ -3,11 +3,12 @@ pipeline runs them (BN folding first, so that the fusions after it see plain con
 pass; the module, the class's ``name`` and the CLI name match.
 """
 
+from passes.conv1x1_to_gemm import Conv1x1ToGemm
 from passes.fold_batchnorm import FoldBatchNorm
 from passes.fuse_1x1_chain import Fuse1x1Chain
 from passes.fuse_1x1_kxk import Fuse1x1Kxk
 from passes.fuse_kxk_1x1 import FuseKxk1x1
 
-ALL_PASSES = (FoldBatchNorm, Fuse1x1Chain, FuseKxk1x1, Fuse1x1Kxk)
+ALL_PASSES = (FoldBatchNorm, Fuse1x1Chain, FuseKxk1x1, Fuse1x1Kxk, Conv1x1ToGemm)
 
-__all__ = ["ALL_PASSES", "FoldBatchNorm", "Fuse1x1Chain", "Fuse1x1Kxk", "FuseKxk1x1"]
+__all__ = ["ALL_PASSES", "Conv1x1ToGemm", "FoldBatchNorm", "Fuse1x1Chain", "Fuse1x1Kxk", "FuseKxk1x1"]

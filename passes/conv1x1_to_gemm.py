@@ -28,6 +28,12 @@ preconditions hold):
    ``K*N``; fused only when that is lower.
 
 MACs (one row of the activation, times the ``M`` rows): Conv on 1x1 = ``C*O``, Gemm/MatMul = ``K*N``.
+
+Any conv stride is exact on a 1x1 input (``floor((1 - 1) / s) + 1 = 1``); the check still confirms the
+inferred output is ``[N, O, 1, ..]``. Declined with a reason: unknown or non-1x1 spatial size, padding,
+group > 1, Gemm ``transA=1``, a per-row C (``[M, N]``, M > 1), right operands that are not 2-D constants,
+intermediates read elsewhere or exported, and a Reshape whose target shape is computed at run time.
+MatMul -> MatMul chains also fuse on rank > 2 activations (the batch dims pass through unchanged).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.fuse_1x1_chain import compose_pointwise, conv_padding_free, is_pointwise_conv
+from passes.fuse_kxk_1x1 import conv_operands_reason, intermediate_reason
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
-from rewriter.graph import NameFactory, constant, const_value, is_graph_input, is_graph_output, replace_nodes
+from rewriter.graph import NameFactory, constant, const_value, is_graph_output, replace_nodes
 from rewriter.model import Model
 
 # -- weight math (pure numpy) ---------------------------------------------------------------------------
@@ -104,29 +111,6 @@ def _optional_input(node: gs.Node, i: int) -> gs.Tensor | None:
     return node.inputs[i] if len(node.inputs) > i and node.inputs[i].name else None
 
 
-def _operands_reason(graph: gs.Graph, node: gs.Node, first: int = 1) -> str | None:
-    """Why the constant operands of ``node`` (inputs from ``first`` on) cannot be folded, or None."""
-    for t in node.inputs[first:]:
-        if not t.name:  # omitted optional input
-            continue
-        if is_graph_input(graph, t):
-            return f"{node.name}: operand {t.name!r} is a graph input, not a constant"
-        value = const_value(t)
-        if value is None:
-            return f"{node.name}: operand {t.name!r} is not constant"
-        if value.dtype.kind != "f":
-            return f"{node.name}: operand {t.name!r} is {value.dtype}, not floating point"
-    return None
-
-
-def _intermediate_reason(graph: gs.Graph, tensor: gs.Tensor) -> str | None:
-    if is_graph_output(graph, tensor):
-        return f"intermediate tensor {tensor.name!r} is a graph output"
-    if len(tensor.outputs) != 1:
-        return f"intermediate tensor {tensor.name!r} has {len(tensor.outputs)} consumers"
-    return None
-
-
 def _activation_dtype_reason(model: Model, tensor: gs.Tensor) -> str | None:
     dtype = model.dtype(tensor)
     if dtype is not None and np.dtype(dtype).kind != "f":
@@ -140,7 +124,7 @@ def _conv_reason(model: Model, conv: gs.Node) -> str | None:
         return f"{conv.name}: grouped 1x1 conv (group {conv.attrs['group']})"
     if not conv_padding_free(conv):
         return f"{conv.name}: padding on a 1x1 conv would add a border of bias values"
-    reason = _operands_reason(model.graph, conv) or _activation_dtype_reason(model, conv.inputs[0])
+    reason = conv_operands_reason(model.graph, conv) or _activation_dtype_reason(model, conv.inputs[0])
     if reason is not None:
         return reason
     x, y = model.static_shape(conv.inputs[0]), model.static_shape(conv.outputs[0])
@@ -179,7 +163,7 @@ def _linear_reason(node: gs.Node) -> str | None:
     """Why a Gemm/MatMul is not ``A @ W^T + b`` with a constant 2-D right operand, or None (operands aside)."""
     b = const_value(node.inputs[1])
     if b is None:
-        return None  # reported by _operands_reason
+        return None  # reported by conv_operands_reason, which reads any node's constant operands
     if b.ndim != 2:
         return f"{node.name}: right operand has rank {b.ndim}, not 2"
     if node.op == "Gemm":
@@ -292,9 +276,9 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
         conv, rows, linear = match.conv, match.rows, match.linear
         reason = (
             _conv_reason(model, conv)
-            or _intermediate_reason(graph, conv.outputs[0])
-            or _intermediate_reason(graph, rows.outputs[0])
-            or _operands_reason(graph, linear)
+            or intermediate_reason(graph, conv.outputs[0])
+            or intermediate_reason(graph, rows.outputs[0])
+            or conv_operands_reason(graph, linear)
             or _linear_reason(linear)
         )
         if reason is not None:
@@ -445,11 +429,11 @@ class GemmChainRule(Rule[GemmChain]):
         graph = model.graph
         first, second = match.first, match.second
         reason = (
-            _operands_reason(graph, first)
-            or _operands_reason(graph, second)
+            conv_operands_reason(graph, first)
+            or conv_operands_reason(graph, second)
             or _linear_reason(first)
             or _linear_reason(second)
-            or _intermediate_reason(graph, first.outputs[0])
+            or intermediate_reason(graph, first.outputs[0])
             or _activation_dtype_reason(model, first.inputs[0])
         )
         if reason is not None:

@@ -341,6 +341,9 @@ class MergeParallelBranches(PatternPass[Branches]):
             else:
                 if any(kind == CONV for kind, _ in kinds):
                     order = _graph_order(model, [n for _, n in kinds if n is not None] + adds)
+                    pos = {id(n): i for i, n in enumerate(order)}
+                    # convs in graph order, then BN identities, then bare identities
+                    kinds.sort(key=lambda kn: ((CONV, BN, IDENTITY).index(kn[0]), pos.get(id(kn[1]), 0)))
                     return Branches(SUM, x, tuple(kinds), tuple(adds), order)
         return None
 

@@ -26,6 +26,8 @@ TIMING = TimingOptions(warmup=2, min_pairs=10, max_pairs=30, time_budget_s=2.0)
 NO_LATENCY = ValidationConfig(latency=False)
 #: A candidate for judge() calls where the rewrite is not a real pass's (latency is then timed end to end).
 SOME_CANDIDATE = Candidate("test", ("no_such_node",), "a hand-made rewrite", Cost(0, 0, 0, 0))
+#: Claims to lower MACs, so an exact verdict uses the "not shown slower" rule.
+CHEAPER_CANDIDATE = Candidate("test", ("no_such_node",), "a hand-made rewrite", Cost(2, 1, 0, 0))
 
 
 def output_name(model: onnx.ModelProto) -> str:
@@ -183,10 +185,13 @@ def test_judge_rejects_a_slower_exact_rewrite_timed_end_to_end(accepted: Model, 
     j = Judge(accepted, config=ValidationConfig(timing=TIMING))
     slow = Model.from_source(with_dead_branch(sample_model))
     # The candidate names no node of the model: the region cannot be extracted, so the whole model is timed.
-    v = j.judge(accepted, slow, SOME_CANDIDATE, exact=True)
+    v = j.judge(accepted, slow, CHEAPER_CANDIDATE, exact=True)
     assert not v.keep
     assert v.latency_scope == "model"
     assert v.reason.startswith("slower: model speedup")
+    # Lowering neither MACs nor node count: an exact rewrite must show a speedup to be kept.
+    speculative = j.judge(accepted, slow, SOME_CANDIDATE, exact=True)
+    assert not speculative.keep and speculative.reason.startswith("lowers neither MACs nor node count")
     lossy = j.judge(accepted, slow, SOME_CANDIDATE, exact=False)
     assert not lossy.keep and lossy.reason.startswith("no speedup shown")
 

@@ -9,6 +9,8 @@ Decision rules (thresholds are options):
 
 * exact rewrite: kept when numerics hold at ``rtol``/``atol`` and the speedup CI does not lie wholly below
   ``exact_min_speedup`` (0.99 by default: not shown slower, with a 1% margin for timer noise);
+* an exact rewrite that lowers neither MACs nor the node count (see :func:`speculative`) is judged on
+  latency like a lossy one;
 * lossy rewrite: kept when the budget holds, the task metric (if any) has not dropped more than allowed,
   and the speedup CI lies wholly above ``lossy_min_speedup`` (a speedup shown with 95% confidence).
 """
@@ -107,6 +109,22 @@ class Verdict:
         }
 
 
+def _compute_nodes(model: Model) -> int:
+    return sum(1 for n in model.proto.graph.node if n.op_type != "Constant")
+
+
+def speculative(accepted: Model, trial: Model, candidate: Candidate) -> bool:
+    """An exact rewrite that lowers neither estimated MACs nor the number of compute nodes.
+
+    Nothing but a measurement can say it pays, so it is judged like a lossy one: kept only when shown
+    faster. (Folding a BN lowers the node count; fusing two convs lowers MACs; turning a conv into
+    Flatten + Gemm + Reshape lowers neither.)
+    """
+    if candidate.cost.macs_after < candidate.cost.macs_before:
+        return False
+    return _compute_nodes(trial) >= _compute_nodes(accepted)
+
+
 class Judge:
     """Holds the original model's reference outputs and judges rewrites against them."""
 
@@ -189,9 +207,16 @@ class Judge:
             scope = "model"
             lat = self.model_latency(accepted.proto, trial.proto)
         ci = lat.ci
-        if exact:
+        if exact and not speculative(accepted, trial, candidate):
             if ci.slower(cfg.exact_min_speedup):
                 return Verdict(False, f"slower: {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+            return Verdict(True, f"exact, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+        if exact and not ci.faster(cfg.lossy_min_speedup):
+            return Verdict(
+                False, f"lowers neither MACs nor node count, and no speedup shown: {scope} speedup {ci}",
+                stats, lat, scope, metric, time.perf_counter() - start,
+            )
+        if exact:
             return Verdict(True, f"exact, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
         if not ci.faster(cfg.lossy_min_speedup):
             return Verdict(
