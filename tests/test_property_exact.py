@@ -1,8 +1,9 @@
 """Property: every exact pass, applied unguarded, keeps a random small conv graph's outputs equal.
 
 Hypothesis draws graphs of 2-7 layers: convs (kernel 1/3/5, stride 1/2, padding 0 or "same", groups,
-bias or not), BatchNormalization, ReLU, per-channel Mul/Add, and parallel branches (KxK + 1x1
-[+ identity]) joined by Add or Concat. All built-in exact passes then run in registry order straight
+bias or not), 1x1 expansions into KxK convs and back, BatchNormalization, ReLU, per-channel Mul/Add,
+parallel branches (KxK + 1x1 [+ identity]) joined by Add or Concat, and sometimes a classifier head
+(GlobalAveragePool, 1x1 conv, Flatten, one or two Gemms). All built-in exact passes then run in registry order straight
 through ``apply_pass`` -- no validation, which would hide a wrong rewrite by rolling it back -- and the
 result must match the original at rtol 1e-4 / atol 1e-5 under onnxruntime with optimizations disabled.
 Weights are He-scaled so activations stay O(1) and float32 rounding stays far below the tolerance.
@@ -130,10 +131,29 @@ def conv_graphs(draw: st.DrawFn) -> onnx.ModelProto:
             y = net.name("cat")
             net.nodes.append(helper.make_node("Concat", outs, [y], name=y, axis=1))
             net.x, net.c = y, int(sum(widths))
+    out_shape = [1, net.c, net.h, net.w]
+    if draw(st.booleans()):  # a classifier head: GAP -> [1x1 conv] -> Flatten -> Gemm [-> Gemm]
+        y = net.name("gap")
+        net.nodes.append(helper.make_node("GlobalAveragePool", [net.x], [y], name=y))
+        net.x = y
+        if draw(st.booleans()):
+            width = draw(st.integers(1, 16))
+            net.x, net.c = net.conv(net.x, net.c, width, 1, 1, 0, 1, draw(st.booleans())), width
+        y = net.name("flat")
+        net.nodes.append(helper.make_node("Flatten", [net.x], [y], name=y, axis=1))
+        net.x = y
+        for _ in range(draw(st.integers(1, 2))):
+            width = draw(st.integers(1, 16))
+            w = net.const("fc", net.rng.standard_normal((width, net.c)) / np.sqrt(net.c))
+            ins = [net.x, w] + ([net.const("fcb", 0.1 * net.rng.standard_normal(width))] if draw(st.booleans()) else [])
+            y = net.name("gemm")
+            net.nodes.append(helper.make_node("Gemm", ins, [y], name=y, transB=1))
+            net.x, net.c = y, width
+        out_shape = [1, net.c]
     graph = helper.make_graph(
         net.nodes, "random_net",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, net.in_channels, net.in_size, net.in_size])],
-        [helper.make_tensor_value_info(net.x, TensorProto.FLOAT, [1, net.c, net.h, net.w])],
+        [helper.make_tensor_value_info(net.x, TensorProto.FLOAT, out_shape)],
         net.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", draw(st.sampled_from([13, 17])))])
