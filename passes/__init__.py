@@ -8,7 +8,8 @@ from passes.fold_batchnorm import FoldBatchNorm
 from passes.fuse_1x1_chain import Fuse1x1Chain
 from passes.fuse_1x1_kxk import Fuse1x1Kxk
 from passes.fuse_kxk_1x1 import FuseKxk1x1
+from passes.merge_parallel_branches import MergeParallelBranches
 
-ALL_PASSES = (FoldBatchNorm, Fuse1x1Chain, FuseKxk1x1, Fuse1x1Kxk, Conv1x1ToGemm)
+ALL_PASSES = (FoldBatchNorm, MergeParallelBranches, Fuse1x1Chain, FuseKxk1x1, Fuse1x1Kxk, Conv1x1ToGemm)
 
-__all__ = ["ALL_PASSES", "Conv1x1ToGemm", "FoldBatchNorm", "Fuse1x1Chain", "Fuse1x1Kxk", "FuseKxk1x1"]
+__all__ = ["ALL_PASSES", "Conv1x1ToGemm", "FoldBatchNorm", "Fuse1x1Chain", "Fuse1x1Kxk", "FuseKxk1x1", "MergeParallelBranches"]

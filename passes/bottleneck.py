@@ -1,0 +1,434 @@
+"""bottleneck: replace a dense KxK convolution by cheaper convolutions through a narrow channel dimension.
+
+A conv ``y = W * x + b`` with ``W`` of shape ``[O, C, kh, kw]`` (group 1) is rewritten, at rank ``r``, as
+
+* **output side** -- KxK ``C -> r`` then 1x1 ``r -> O``. With ``U`` ``[O, r]`` the top-``r`` principal
+  directions of the conv's outputs and ``mu`` their mean, ``y ~ U U^T (y - mu) + mu``, so
+  ``W1 = U^T W``, ``b1 = U^T (b - mu)``, ``W2 = U``, ``b2 = mu``. With stride > 1 the 1x1 runs at the
+  reduced resolution.
+* **input side** -- 1x1 ``C -> r`` then KxK ``r -> O``. With ``V`` ``[C, r]`` the top-``r`` eigenvectors of
+  the inputs' *uncentred* second moment ``E[x x^T]``, ``x ~ V V^T x``, so ``W1 = V^T`` (no bias) and
+  ``W2[o, j] = sum_c W[o, c] V[c, j]``, ``b2 = b``. Uncentred, so the KxK conv's zero padding still sees
+  zeros: borders stay exact at full rank.
+* **Tucker-2** -- 1x1 ``C -> r1``, KxK ``r1 -> r2``, 1x1 ``r2 -> O``: both of the above, the core
+  ``U^T (W x_c V)``.
+
+Data-aware (the default when real calibration data is given): ``U`` comes from PCA of the conv's outputs
+in the *original* model, ``V`` from the inputs the *already rewritten* model feeds it; then the factor
+that touches the data is re-fitted in closed form by ridge least squares so that, given the rewritten
+model's inputs, the new layers reproduce the original model's activations (layer by layer, so errors do
+not compound). Without calibration data the bases come from the weights alone (SVD of ``W`` unfolded
+along the output or input channels) -- a fallback that loses far more accuracy on trained networks.
+
+Ranks come from a grid of fractions of the full rank, rounded up to a hardware-friendly multiple (16 by
+default): odd channel counts can make onnxruntime's CPU kernels slower than the original conv. Strides,
+pads, dilations and bias are carried over exactly; at full rank every factorization is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from rewriter.analysis import node_cost
+from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
+from rewriter.graph import NameFactory, constant, const_value, is_graph_input, replace_nodes
+from rewriter.model import Model
+
+log = logging.getLogger(__name__)
+
+MODES = ("output", "input", "tucker")
+#: Suffix of the nodes this pass creates; they are never factorized again.
+MARK = "_bneck"
+
+
+# -- weight math (pure numpy) -----------------------------------------------------------------------
+
+
+def round_rank(value: float, multiple: int, full: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple`` (at least ``multiple``), capped at ``full``."""
+    multiple = max(1, multiple)
+    return min(full, max(multiple, int(math.ceil(value / multiple)) * multiple))
+
+
+def rank_grid(full: int, fractions: tuple[float, ...], multiple: int) -> list[int]:
+    """Distinct ranks below ``full`` from fractions of it, rounded to ``multiple``."""
+    return sorted({r for f in fractions if (r := round_rank(f * full, multiple, full)) < full})
+
+
+def top_eigvecs(moment: np.ndarray, rank: int) -> np.ndarray:
+    """The ``rank`` leading eigenvectors (columns) of a symmetric matrix, largest eigenvalue first."""
+    values, vectors = np.linalg.eigh(moment)
+    order = np.argsort(values)[::-1][:rank]
+    return vectors[:, order]
+
+
+def output_basis(y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(U [O, r], mu [O])``: principal directions and mean of output samples ``y`` ``[n, O]``."""
+    mu = y.mean(axis=0)
+    centred = y - mu
+    return top_eigvecs(centred.T @ centred / max(1, len(y)), rank), mu
+
+
+def input_basis(x: np.ndarray, rank: int) -> np.ndarray:
+    """``V [C, r]``: leading eigenvectors of the uncentred second moment of input samples ``x`` ``[n, C]``."""
+    return top_eigvecs(x.T @ x / max(1, len(x)), rank)
+
+
+def weight_output_basis(w: np.ndarray, rank: int) -> np.ndarray:
+    """Weight-only ``U``: left singular vectors of ``W`` unfolded as ``[O, C*kh*kw]``."""
+    u, _, _ = np.linalg.svd(w.reshape(w.shape[0], -1).astype(np.float64), full_matrices=False)
+    return u[:, :rank]
+
+
+def weight_input_basis(w: np.ndarray, rank: int) -> np.ndarray:
+    """Weight-only ``V``: left singular vectors of ``W`` unfolded along the input channels ``[C, O*kh*kw]``."""
+    unfolded = np.moveaxis(w.astype(np.float64), 1, 0).reshape(w.shape[1], -1)
+    u, _, _ = np.linalg.svd(unfolded, full_matrices=False)
+    return u[:, :rank]
+
+
+def factor_output(w: np.ndarray, b: np.ndarray | None, u: np.ndarray, mu: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Output side: ``W1 = U^T W`` ``[r, C, kh, kw]``, ``b1 = U^T (b - mu)``, ``W2 = U`` ``[O, r]``, ``b2 = mu``."""
+    o = w.shape[0]
+    bias = np.zeros(o) if b is None else b.astype(np.float64)
+    mean = np.zeros(o) if mu is None else mu.astype(np.float64)
+    w1 = (u.T @ w.reshape(o, -1).astype(np.float64)).reshape((u.shape[1],) + w.shape[1:])
+    return w1, u.T @ (bias - mean), u.astype(np.float64), mean
+
+
+def factor_input(w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Input side: ``W1 = V^T`` ``[r, C]`` and ``W2 = W x_c V`` ``[O, r, kh, kw]``."""
+    w2 = np.einsum("ochw,cr->orhw", w.astype(np.float64), v)
+    return v.T.astype(np.float64), w2
+
+
+def factor_tucker(w: np.ndarray, b: np.ndarray | None, v: np.ndarray, u: np.ndarray, mu: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tucker-2: ``W1 = V^T``, core ``U^T (W x_c V)`` with bias ``U^T (b - mu)``, ``W3 = U``, ``b3 = mu``."""
+    w_first, w_in = factor_input(w, v)
+    core, b_core, w_last, b_last = factor_output(w_in, b, u, mu)
+    return w_first, core, b_core, w_last, b_last
+
+
+def ridge_fit(p: np.ndarray, z: np.ndarray, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, c)`` minimising ``|p A^T + c - z|^2 + ridge * tr(P^T P)/d * |A|^2`` (closed form).
+
+    ``p`` ``[n, d]`` inputs, ``z`` ``[n, r]`` targets; ``A`` is ``[r, d]``, ``c`` ``[r]``.
+    """
+    p = p.astype(np.float64)
+    z = z.astype(np.float64)
+    p_mean, z_mean = p.mean(axis=0), z.mean(axis=0)
+    pc, zc = p - p_mean, z - z_mean
+    gram = pc.T @ pc
+    lam = ridge * max(np.trace(gram) / max(1, gram.shape[0]), 1e-12)
+    a = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), pc.T @ zc).T
+    return a, z_mean - a @ p_mean
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    dilations: tuple[int, int]
+
+
+def sample_positions(n: int, h: int, w: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` distinct random output positions (batch, row, col), or all of them when fewer exist."""
+    total = n * h * w
+    flat = np.arange(total) if total <= count else rng.choice(total, size=count, replace=False)
+    return flat // (h * w), (flat // w) % h, flat % w
+
+
+def extract_patches(x: np.ndarray, geo: ConvGeometry, pos: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """im2col at given output positions: ``[m, C*kh*kw]`` patches of ``x`` ``[N, C, H, W]`` (zero padding)."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geo.kernel, geo.strides, geo.pads, geo.dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    n, i, j = pos
+    c = np.arange(x.shape[1])
+    rows = (i * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
+    cols = (j * sw)[:, None, None, None] + (np.arange(kw) * dw)[None, None, None, :]
+    patches = xp[n[:, None, None, None], c[None, :, None, None], rows, cols]
+    return patches.reshape(len(n), -1)
+
+
+def channels_last(t: np.ndarray, pos: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``[N, C, H, W]`` -> ``[m, C]`` samples (all positions, or the given ones)."""
+    if pos is None:
+        return np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])
+    n, i, j = pos
+    return t[n, :, i, j]
+
+
+# -- the pass ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BottleneckOptions:
+    modes: tuple[str, ...] = ("output", "input")
+    rank_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    rank_multiple: int = 16
+    min_kernel: int = 3
+    #: Also factorize dense 1x1 convs (C -> r -> O), which only pays when r < C*O/(C+O).
+    include_pointwise: bool = False
+    #: Re-fit the data-facing factor by least squares on calibration data.
+    refit: bool = True
+    max_samples: int = 12000
+    ridge: float = 1e-4
+    seed: int = 0
+    #: Node names to consider (empty: every eligible conv).
+    only: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class _Site:
+    conv: gs.Node
+    w: np.ndarray
+    b: np.ndarray | None
+    geo: ConvGeometry
+
+
+def _geometry(node: gs.Node, w: np.ndarray) -> ConvGeometry | str:
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return "auto_pad SAME_* is not handled; export with explicit pads"
+    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", w.shape[2:]))
+    strides = tuple(int(s) for s in node.attrs.get("strides", [1, 1]))
+    pads = tuple(int(p) for p in node.attrs.get("pads", [0, 0, 0, 0]))
+    dil = tuple(int(d) for d in node.attrs.get("dilations", [1, 1]))
+    if len(kernel) != 2 or len(strides) != 2 or len(pads) != 4 or len(dil) != 2:
+        return "only 2-D convolutions are handled"
+    return ConvGeometry(kernel, strides, (pads[0], pads[1], pads[2], pads[3]), dil)  # type: ignore[arg-type]
+
+
+class Bottleneck(Pass):
+    """Insert 1x1 low-rank reductions into expensive dense convs (lossy; see the module docstring)."""
+
+    name = "bottleneck"
+    summary = "Factorize dense KxK convs through a narrow 1x1 bottleneck (output/input side, Tucker-2); lossy."
+    exact = False
+
+    def __init__(self, **options: object) -> None:
+        known = BottleneckOptions.__dataclass_fields__
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"bottleneck: unknown option(s) {unknown}; known: {sorted(known)}")
+        for key in ("modes", "rank_fractions", "only"):
+            if key in options and not isinstance(options[key], tuple):
+                options[key] = tuple(options[key])  # type: ignore[arg-type]
+        self.options = BottleneckOptions(**options)  # type: ignore[arg-type]
+        bad = [m for m in self.options.modes if m not in MODES]
+        if bad:
+            raise TypeError(f"bottleneck: unknown mode(s) {bad}; known: {MODES}")
+        self._warned = False
+
+    # -- match / check ------------------------------------------------------------------------------
+    def _site(self, model: Model, node: gs.Node) -> _Site | str | None:
+        if node.op != "Conv" or len(node.inputs) < 2 or len(node.outputs) != 1:
+            return None
+        if self.options.only and node.name not in self.options.only:
+            return None
+        if MARK in node.name:
+            return None  # made by this pass
+        w = const_value(node.inputs[1])
+        if w is None or is_graph_input(model.graph, node.inputs[1]):
+            return "weight is not a constant initializer"
+        if w.ndim != 4:
+            return "only 2-D convolutions are handled"
+        pointwise = w.shape[2] == 1 and w.shape[3] == 1
+        if int(node.attrs.get("group", 1)) != 1:
+            return None if pointwise else "grouped conv: no dense channel dimension to reduce"
+        if pointwise and not self.options.include_pointwise:
+            return None
+        if not pointwise and max(w.shape[2:]) < self.options.min_kernel:
+            return None
+        if w.dtype.kind != "f":
+            return "weights are not floating point"
+        b = None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            b = const_value(node.inputs[2])
+            if b is None:
+                return "bias is not constant"
+        geo = _geometry(node, w)
+        if isinstance(geo, str):
+            return geo
+        if model.static_shape(node.outputs[0]) is None or model.static_shape(node.inputs[0]) is None:
+            return "input or output shape unknown"
+        return _Site(node, w, b, geo)
+
+    def _macs(self, model: Model, site: _Site, mode: str, rank: int) -> int:
+        out = model.static_shape(site.conv.outputs[0])
+        inp = model.static_shape(site.conv.inputs[0])
+        assert out is not None and inp is not None
+        o, c, kh, kw = site.w.shape
+        n, _, ho, wo = out
+        hi, wi = inp[2], inp[3]
+        if mode == "output":
+            return n * ho * wo * (rank * c * kh * kw + o * rank)
+        if mode == "input":
+            return n * hi * wi * c * rank + n * ho * wo * o * rank * kh * kw
+        r1, r2 = rank
+        return n * hi * wi * c * r1 + n * ho * wo * (r2 * r1 * kh * kw + o * r2)  # type: ignore[misc]
+
+    def find(self, model: Model) -> Iterator[Candidate | Skip]:
+        opts = self.options
+        for node in list(model.graph.nodes):
+            site = self._site(model, node)
+            if site is None:
+                continue
+            if isinstance(site, str):
+                yield Skip(self.name, (node.name,), site)
+                continue
+            before = node_cost(model, node)
+            o, c = site.w.shape[:2]
+            errors = self._error_proxy(model, site)
+            found = False
+            for mode in opts.modes:
+                full = {"output": o, "input": c, "tucker": min(o, c)}[mode]
+                for rank in rank_grid(full, opts.rank_fractions, opts.rank_multiple):
+                    knob = (rank, rank) if mode == "tucker" else rank
+                    macs = self._macs(model, site, mode, knob)  # type: ignore[arg-type]
+                    if macs >= before.macs:
+                        continue
+                    params = self._params(site, mode, knob)  # type: ignore[arg-type]
+                    err = errors(mode, rank)
+                    found = True
+                    yield Candidate(
+                        self.name,
+                        (node.name,),
+                        f"{mode}-side bottleneck of {node.name} ({c}->{o}, {site.geo.kernel[0]}x{site.geo.kernel[1]}) at rank {rank}"
+                        f" (est. rel. error {err:.3g})",
+                        Cost(before.macs, macs, before.params, params),
+                        {"mode": mode, "rank": rank},
+                        priority=(before.macs - macs) / before.macs / max(err, 1e-4),
+                    )
+            if not found:
+                yield Skip(self.name, (node.name,), "no rank in the grid lowers MACs")
+
+    def _params(self, site: _Site, mode: str, rank: int | tuple[int, int]) -> int:
+        o, c, kh, kw = site.w.shape
+        if mode == "output":
+            return rank * c * kh * kw + rank + o * rank + o  # type: ignore[operator]
+        if mode == "input":
+            return c * rank + o * rank * kh * kw + o  # type: ignore[operator]
+        r1, r2 = rank  # type: ignore[misc]
+        return c * r1 + r2 * r1 * kh * kw + r2 + o * r2 + o
+
+    # -- estimates -----------------------------------------------------------------------------------
+    def _error_proxy(self, model: Model, site: _Site):  # type: ignore[no-untyped-def]
+        """A function (mode, rank) -> estimated relative error of the conv's output (no refit)."""
+        if model.calibration is None:
+            o, c = site.w.shape[:2]
+            s_out = np.linalg.svd(site.w.reshape(o, -1).astype(np.float64), compute_uv=False) ** 2
+            s_in = np.linalg.svd(np.moveaxis(site.w.astype(np.float64), 1, 0).reshape(c, -1), compute_uv=False) ** 2
+
+            def weight_error(mode: str, rank: int) -> float:
+                spec = s_out if mode in ("output", "tucker") else s_in
+                return float(np.sqrt(spec[rank:].sum() / spec.sum()))
+
+            return weight_error
+        y = model.calibration.reference([site.conv.outputs[0].name])[site.conv.outputs[0].name]
+        samples = channels_last(y)
+        centred = samples - samples.mean(axis=0)
+        spec = np.sort(np.linalg.eigvalsh(centred.T @ centred))[::-1]
+        total = max(float((samples**2).sum()), 1e-12) / len(samples)
+        x = model.calibration.of(model, [site.conv.inputs[0].name])[site.conv.inputs[0].name]
+        xs = channels_last(x)
+        spec_in = np.sort(np.linalg.eigvalsh(xs.T @ xs))[::-1]
+
+        def data_error(mode: str, rank: int) -> float:
+            if mode == "input":
+                return float(np.sqrt(max(spec_in[rank:].sum(), 0.0) / max(spec_in.sum(), 1e-12)))
+            return float(np.sqrt(max(spec[rank:].sum(), 0.0) / len(samples) / total))
+
+        return data_error
+
+    # -- apply ---------------------------------------------------------------------------------------
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        node = model.node(candidate.nodes[0])
+        site = self._site(model, node) if node is not None else None
+        if not isinstance(site, _Site):
+            raise RewriteError(f"bottleneck: {candidate.nodes[0]} is no longer a dense conv to factorize")
+        mode, rank = str(candidate.options["mode"]), int(candidate.options["rank"])
+        if model.calibration is None and not self._warned:
+            log.warning("bottleneck: no calibration data; using weight-only SVD, which loses much more accuracy on trained networks")
+            self._warned = True
+        layers = self._factorize(model, site, mode, rank)
+        self._rewrite(model, site, layers)
+
+    def _data(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray]:
+        xname, yname = site.conv.inputs[0].name, site.conv.outputs[0].name
+        x = model.calibration.of(model, [xname])[xname]
+        y = model.calibration.reference([yname])[yname]
+        return x, y
+
+    def _factorize(self, model: Model, site: _Site, mode: str, rank: int) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
+        """The new layers as (weight [o, i, kh, kw], bias, is_kxk), first to last."""
+        w, b, opts = site.w, site.b, self.options
+        o, c, kh, kw = w.shape
+        data = model.calibration is not None
+        rng = np.random.default_rng(opts.seed)
+        if data:
+            x, y = self._data(model, site)
+            pos = sample_positions(y.shape[0], y.shape[2], y.shape[3], opts.max_samples, rng)
+            y_s = channels_last(y, pos)
+        if mode == "output":
+            if data:
+                u, mu = output_basis(channels_last(y), rank)
+            else:
+                u, mu = weight_output_basis(w, rank), None
+            w1, b1, w2, b2 = factor_output(w, b, u, mu)
+            if data and opts.refit:
+                p = extract_patches(x, site.geo, pos)
+                a, b1 = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
+                w1 = a.reshape((rank, c, kh, kw))
+            return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
+        if mode == "input":
+            v = input_basis(channels_last(x), rank) if data else weight_input_basis(w, rank)
+            w1, w2 = factor_input(w, v)
+            b2 = None if b is None else b.astype(np.float64)
+            if data and opts.refit:
+                z = np.einsum("nchw,cr->nrhw", x, v)
+                p = extract_patches(z, site.geo, pos)
+                a, b2 = ridge_fit(p, y_s, opts.ridge)
+                w2 = a.reshape((o, rank, kh, kw))
+            return [(w1.reshape(rank, c, 1, 1), None, False), (w2, b2, True)]
+        # tucker
+        v = input_basis(channels_last(x), rank) if data else weight_input_basis(w, rank)
+        if data:
+            u, mu = output_basis(channels_last(y), rank)
+        else:
+            u, mu = weight_output_basis(w, rank), None
+        w1, core, b_core, w3, b3 = factor_tucker(w, b, v, u, mu)
+        if data and opts.refit:
+            z = np.einsum("nchw,cr->nrhw", x, v)
+            p = extract_patches(z, site.geo, pos)
+            a, b_core = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
+            core = a.reshape((rank, rank, kh, kw))
+        return [(w1.reshape(rank, c, 1, 1), None, False), (core, b_core, True), (w3.reshape(o, rank, 1, 1), b3, False)]
+
+    def _rewrite(self, model: Model, site: _Site, layers: list[tuple[np.ndarray, np.ndarray | None, bool]]) -> None:
+        names = NameFactory(model.graph)
+        conv = site.conv
+        dtype = site.w.dtype
+        geo = site.geo
+        new_nodes = []
+        current = conv.inputs[0]
+        for i, (w, b, kxk) in enumerate(layers):
+            last = i == len(layers) - 1
+            inputs = [current, constant(names, f"{conv.name}{MARK}{i}_W", w.astype(dtype))]
+            if b is not None:
+                inputs.append(constant(names, f"{conv.name}{MARK}{i}_B", np.asarray(b).astype(dtype)))
+            if kxk:
+                attrs = {"kernel_shape": list(geo.kernel), "strides": list(geo.strides), "pads": list(geo.pads),
+                         "dilations": list(geo.dilations), "group": 1}
+            else:
+                attrs = {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1}
+            out = list(conv.outputs) if last else [gs.Variable(names(f"{conv.name}{MARK}{i}_out"), dtype=dtype)]
+            new_nodes.append(gs.Node("Conv", name=names(f"{conv.name}{MARK}{i}"), attrs=attrs, inputs=inputs, outputs=out))
+            current = out[0]
+        replace_nodes(model.graph, [conv], new_nodes)
