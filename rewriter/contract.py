@@ -57,6 +57,8 @@ class Candidate:
     cost: Cost
     #: Knobs of lossy passes (e.g. ``{"rank": 32}``); JSON-serialisable.
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Order of trial, highest first (e.g. MACs saved per unit of estimated error); default: MACs saved.
+    priority: float | None = None
 
     @property
     def key(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -51,6 +52,9 @@ class Model:
         self._info = info
         self._graph: gs.Graph | None = None
         self._nodes: dict[str, gs.Node] | None = None
+        #: Activations on calibration feeds (a ``rewriter.validation.calibration.Calibration``), set by the
+        #: pipeline for data-aware passes; ``None`` when no calibration data was given.
+        self.calibration: Any = None
 
     @classmethod
     def from_source(
@@ -121,9 +125,13 @@ class Model:
     # -- versions --------------------------------------------------------------------------------------
     def fork(self) -> Model:
         """An editable copy: a fresh graph view over the same proto (weights are loaded lazily, not copied)."""
-        return Model(self.proto, self.input_shapes, self._info)
+        child = Model(self.proto, self.input_shapes, self._info)
+        child.calibration = self.calibration
+        return child
 
     def commit(self) -> Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
         proto = to_onnx(finalize(self.graph), self.proto)
-        return Model(proto, self.input_shapes)
+        child = Model(proto, self.input_shapes)
+        child.calibration = self.calibration
+        return child

@@ -23,6 +23,7 @@ from rewriter.contract import Candidate, Pass, RewriteError, Skip
 from rewriter.model import Model
 from rewriter.registry import resolve_passes
 from rewriter.shapes import Shape
+from rewriter.validation.calibration import Calibration
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.judge import Judge, ValidationConfig, Verdict
 from rewriter.validation.latency import LatencyComparison
@@ -90,7 +91,8 @@ class OptimizeResult:
 
 
 def _rank(candidates: list[Candidate]) -> list[Candidate]:
-    return sorted(candidates, key=lambda c: (-c.cost.macs_saved, c.nodes))
+    """Trial order: the pass's priority when it gives one, else estimated MACs saved; ties by node names."""
+    return sorted(candidates, key=lambda c: (-(c.priority if c.priority is not None else c.cost.macs_saved), c.nodes))
 
 
 def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
@@ -141,6 +143,11 @@ def optimize(
     selected = resolve_passes(passes)
     original = _as_model(source, input_shapes, max_model_bytes)
     judge = Judge(original, feeds, config)
+    if any(not p.exact for p in selected):
+        if judge.feeds.synthetic or not judge.feeds.calibration:
+            log.warning("lossy passes without calibration data fall back to weight-only fits; give --feeds or --images")
+        else:
+            original.calibration = Calibration(original, judge.feeds.calibration)
     model = original
     decisions: list[Decision] = []
     runs: list[PassRun] = []

@@ -78,9 +78,9 @@ def validate_models(
     metric_base = metric_cand = None
     if config.metric is not None:
         metric_base, metric_cand = judge.metric_baseline, judge.metric_value(cand.proto)
-        drop = (metric_base or 0.0) - metric_cand
-        if drop > config.metric.max_drop:
-            failures.append(f"{config.metric.name} dropped by {drop:.4g} ({metric_base:.6g} -> {metric_cand:.6g}; allowed {config.metric.max_drop:g})")
+        why = config.metric.failure(metric_base or 0.0, metric_cand)
+        if why is not None:
+            failures.append(why)
     latency = judge.model_latency(ref.proto, cand.proto) if config.latency else None
     return ValidationReport(
         stats, failures, latency, exact, config.budget.describe(exact), metric_base, metric_cand, config.exact_min_speedup

@@ -220,6 +220,8 @@ class FeedSet:
     validation: list[Feed]
     calibration: list[Feed]
     source: str
+    #: Random feeds stand in for data: fine for proving exact rewrites, useless for fitting lossy ones.
+    synthetic: bool = False
 
     @classmethod
     def random(cls, specs: Sequence[InputSpec], count: int = 8, calibration_count: int = 8, seed: int = 0) -> FeedSet:
@@ -227,6 +229,7 @@ class FeedSet:
             random_feeds(specs, count, seed=seed),
             random_feeds(specs, calibration_count, seed=seed + 1_000_003),
             f"random (seed {seed})",
+            synthetic=True,
         )
 
     @classmethod

@@ -43,11 +43,22 @@ MetricFn = Callable[[Any], float]
 
 @dataclass(frozen=True)
 class TaskMetric:
-    """A user's task metric: ``fn(session) -> float`` (higher is better) and the drop it may suffer."""
+    """A user's task metric: ``fn(session) -> float`` (higher is better), the drop it may suffer against
+    the original model, and optionally a floor it must stay at or above."""
 
     fn: MetricFn
-    max_drop: float
+    max_drop: float = float("inf")
     name: str = "metric"
+    min_value: float | None = None
+
+    def failure(self, baseline: float, value: float) -> str | None:
+        """Why ``value`` fails this metric's gate, or ``None``."""
+        drop = baseline - value
+        if drop > self.max_drop:
+            return f"{self.name} dropped by {drop:.4g} ({baseline:.6g} -> {value:.6g}; allowed {self.max_drop:g})"
+        if self.min_value is not None and value < self.min_value:
+            return f"{self.name} = {value:.6g} is below its floor {self.min_value:g}"
+        return None
 
 
 def load_metric(spec: str) -> MetricFn:
@@ -188,12 +199,9 @@ class Judge:
         metric = None
         if cfg.metric is not None and not exact:
             metric = self.metric_value(trial.proto)
-            drop = (self.metric_baseline or 0.0) - metric
-            if drop > cfg.metric.max_drop:
-                return Verdict(
-                    False, f"{cfg.metric.name} dropped by {drop:.4g} (allowed {cfg.metric.max_drop:g})", stats,
-                    metric=metric, seconds=time.perf_counter() - start,
-                )
+            why = cfg.metric.failure(self.metric_baseline or 0.0, metric)
+            if why is not None:
+                return Verdict(False, why, stats, metric=metric, seconds=time.perf_counter() - start)
         if not cfg.latency:
             return Verdict(True, "numerics within budget (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
         scope = "subgraph"
