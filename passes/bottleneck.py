@@ -115,19 +115,67 @@ def factor_tucker(w: np.ndarray, b: np.ndarray | None, v: np.ndarray, u: np.ndar
     return w_first, core, b_core, w_last, b_last
 
 
+class RidgeSolver:
+    """Closed-form ridge regression ``z ~ p A^T + c`` for one input matrix and any number of targets.
+
+    ``p`` ``[n, d]`` is centred once and its Gram matrix factorized once (Cholesky), so re-fitting to new
+    targets costs two triangular solves. The ridge is relative: ``ridge * tr(P^T P) / d``.
+    """
+
+    def __init__(self, p: np.ndarray, ridge: float = 1e-4) -> None:
+        p32 = np.asarray(p, np.float32)
+        self.p_mean = p32.mean(axis=0, dtype=np.float64)
+        self.pc = p32 - self.p_mean.astype(np.float32)
+        gram = (self.pc.T @ self.pc).astype(np.float64)
+        lam = ridge * max(np.trace(gram) / max(1, gram.shape[0]), 1e-12)
+        self.chol = np.linalg.cholesky(gram + lam * np.eye(gram.shape[0]))
+
+    def fit(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = np.asarray(z, np.float64)
+        z_mean = z.mean(axis=0)
+        rhs = (self.pc.T @ (z - z_mean).astype(np.float32)).astype(np.float64)
+        a = np.linalg.solve(self.chol.T, np.linalg.solve(self.chol, rhs)).T
+        return a, z_mean - a @ self.p_mean
+
+
 def ridge_fit(p: np.ndarray, z: np.ndarray, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """``(A, c)`` minimising ``|p A^T + c - z|^2 + ridge * tr(P^T P)/d * |A|^2`` (closed form).
 
     ``p`` ``[n, d]`` inputs, ``z`` ``[n, r]`` targets; ``A`` is ``[r, d]``, ``c`` ``[r]``.
     """
-    p = p.astype(np.float64)
-    z = z.astype(np.float64)
-    p_mean, z_mean = p.mean(axis=0), z.mean(axis=0)
-    pc, zc = p - p_mean, z - z_mean
-    gram = pc.T @ pc
-    lam = ridge * max(np.trace(gram) / max(1, gram.shape[0]), 1e-12)
-    a = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), pc.T @ zc).T
-    return a, z_mean - a @ p_mean
+    return RidgeSolver(p, ridge).fit(z)
+
+
+def ridge_fit_through_relu(
+    p: np.ndarray,
+    y: np.ndarray,
+    basis: np.ndarray | None,
+    mu: np.ndarray | None,
+    ridge: float = 1e-4,
+    iterations: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit ``relu(U (p A^T + c) + mu) ~ relu(y)`` (``U``/``mu`` absent: ``relu(p A^T + c) ~ relu(y)``).
+
+    Where the original output ``y`` and the current prediction are both negative, the ReLU maps both to
+    zero, so the target there is released to the prediction itself; the fit is repeated a few times
+    (iteratively re-targeted least squares). Without a following ReLU, use :func:`ridge_fit` alone.
+    """
+    u = basis
+    m = np.zeros(y.shape[1]) if mu is None else mu
+    solver = RidgeSolver(p, ridge)
+
+    def to_fit(t: np.ndarray) -> np.ndarray:
+        return t - m if u is None else (t - m) @ u
+
+    a, c = solver.fit(to_fit(y))
+    for _ in range(iterations):
+        z = p @ a.T + c
+        pred = (z if u is None else z @ u.T) + m
+        target = np.where((y <= 0) & (pred <= 0), pred, y)
+        a, c = solver.fit(to_fit(target))
+    if u is None and mu is not None:
+        c = c + m
+    return a, c
 
 
 @dataclass(frozen=True)
@@ -178,11 +226,22 @@ class BottleneckOptions:
     include_pointwise: bool = False
     #: Re-fit the data-facing factor by least squares on calibration data.
     refit: bool = True
-    max_samples: int = 12000
+    #: When the conv feeds a ReLU, fit through it (errors on values the ReLU zeroes anyway are free).
+    through_relu: bool = True
+    max_samples: int = 8000
     ridge: float = 1e-4
     seed: int = 0
     #: Node names to consider (empty: every eligible conv).
     only: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _proxy(spec_out: np.ndarray, total_out: float, spec_in: np.ndarray):  # type: ignore[no-untyped-def]
+    def error(mode: str, rank: int) -> float:
+        if mode == "input":
+            return float(np.sqrt(spec_in[rank:].sum() / max(spec_in.sum(), 1e-12)))
+        return float(np.sqrt(spec_out[rank:].sum() / total_out))
+
+    return error
 
 
 @dataclass(frozen=True)
@@ -225,6 +284,7 @@ class Bottleneck(Pass):
         if bad:
             raise TypeError(f"bottleneck: unknown mode(s) {bad}; known: {MODES}")
         self._warned = False
+        self._spectra: dict[str, np.ndarray] = {}
 
     # -- match / check ------------------------------------------------------------------------------
     def _site(self, model: Model, node: gs.Node) -> _Site | str | None:
@@ -276,16 +336,19 @@ class Bottleneck(Pass):
 
     def find(self, model: Model) -> Iterator[Candidate | Skip]:
         opts = self.options
+        sites: list[_Site] = []
         for node in list(model.graph.nodes):
             site = self._site(model, node)
-            if site is None:
-                continue
             if isinstance(site, str):
                 yield Skip(self.name, (node.name,), site)
-                continue
+            elif site is not None:
+                sites.append(site)
+        proxies = self._error_proxies(model, sites)
+        for site in sites:
+            node = site.conv
             before = node_cost(model, node)
             o, c = site.w.shape[:2]
-            errors = self._error_proxy(model, site)
+            errors = proxies[node.name]
             found = False
             for mode in opts.modes:
                 full = {"output": o, "input": c, "tucker": min(o, c)}[mode]
@@ -305,6 +368,8 @@ class Bottleneck(Pass):
                         Cost(before.macs, macs, before.params, params),
                         {"mode": mode, "rank": rank},
                         priority=(before.macs - macs) / before.macs / max(err, 1e-4),
+                        family=f"{node.name}:{mode}",
+                        level=-rank,
                     )
             if not found:
                 yield Skip(self.name, (node.name,), "no rank in the grid lowers MACs")
@@ -319,33 +384,41 @@ class Bottleneck(Pass):
         return c * r1 + r2 * r1 * kh * kw + r2 + o * r2 + o
 
     # -- estimates -----------------------------------------------------------------------------------
-    def _error_proxy(self, model: Model, site: _Site):  # type: ignore[no-untyped-def]
-        """A function (mode, rank) -> estimated relative error of the conv's output (no refit)."""
-        if model.calibration is None:
-            o, c = site.w.shape[:2]
-            s_out = np.linalg.svd(site.w.reshape(o, -1).astype(np.float64), compute_uv=False) ** 2
-            s_in = np.linalg.svd(np.moveaxis(site.w.astype(np.float64), 1, 0).reshape(c, -1), compute_uv=False) ** 2
+    def _error_proxies(self, model: Model, sites: list[_Site]):  # type: ignore[no-untyped-def]
+        """Per conv, a function (mode, rank) -> estimated relative error of its output (before any refit).
 
-            def weight_error(mode: str, rank: int) -> float:
-                spec = s_out if mode in ("output", "tucker") else s_in
-                return float(np.sqrt(spec[rank:].sum() / spec.sum()))
+        Data-aware: the residual energy of the output's principal components (output side, Tucker) or of
+        the input's uncentred second moment (input side), from channel moments gathered in one run.
+        Weight-only: the residual energy of ``W``'s singular values unfolded along outputs or inputs.
+        """
+        out = {}
+        spectra = self._spectra  # convs reading one tensor share its spectrum; the original's persist
 
-            return weight_error
-        y = model.calibration.reference([site.conv.outputs[0].name])[site.conv.outputs[0].name]
-        samples = channels_last(y)
-        centred = samples - samples.mean(axis=0)
-        spec = np.sort(np.linalg.eigvalsh(centred.T @ centred))[::-1]
-        total = max(float((samples**2).sum()), 1e-12) / len(samples)
-        x = model.calibration.of(model, [site.conv.inputs[0].name])[site.conv.inputs[0].name]
-        xs = channels_last(x)
-        spec_in = np.sort(np.linalg.eigvalsh(xs.T @ xs))[::-1]
+        def spectrum(name: str, matrix: np.ndarray) -> np.ndarray:
+            if name not in spectra:
+                spectra[name] = np.sort(np.linalg.eigvalsh(matrix))[::-1]
+            return spectra[name]
 
-        def data_error(mode: str, rank: int) -> float:
-            if mode == "input":
-                return float(np.sqrt(max(spec_in[rank:].sum(), 0.0) / max(spec_in.sum(), 1e-12)))
-            return float(np.sqrt(max(spec[rank:].sum(), 0.0) / len(samples) / total))
-
-        return data_error
+        for key in [k for k in spectra if k.startswith("x:")]:
+            del spectra[key]  # inputs change with every accepted rewrite
+        if model.calibration is not None and sites:
+            ys = model.calibration.moments(model.calibration.original, [s.conv.outputs[0].name for s in sites])
+            xs = model.calibration.moments(model, [s.conv.inputs[0].name for s in sites])
+        for site in sites:
+            if model.calibration is None:
+                o, c = site.w.shape[:2]
+                w = site.w.astype(np.float64)
+                spec_out = np.linalg.svd(w.reshape(o, -1), compute_uv=False) ** 2
+                spec_in = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(c, -1), compute_uv=False) ** 2
+                total_out = spec_out.sum()
+            else:
+                yname, xname = site.conv.outputs[0].name, site.conv.inputs[0].name
+                mean, second = ys[yname]
+                spec_out = spectrum("y:" + yname, second - np.outer(mean, mean))
+                total_out = float(np.trace(second))
+                spec_in = spectrum("x:" + xname, xs[xname][1])
+            out[site.conv.name] = _proxy(np.clip(spec_out, 0, None), max(total_out, 1e-12), np.clip(spec_in, 0, None))
+        return out
 
     # -- apply ---------------------------------------------------------------------------------------
     def apply(self, model: Model, candidate: Candidate) -> None:
@@ -361,9 +434,21 @@ class Bottleneck(Pass):
         self._rewrite(model, site, layers)
 
     def _data(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray]:
+        """The conv's input in the current model and its output in the original, on calibration feeds.
+
+        The inputs of every eligible conv of this model version are captured in one run: the candidates
+        tried before the next accepted rewrite all read from it.
+        """
         xname, yname = site.conv.inputs[0].name, site.conv.outputs[0].name
-        x = model.calibration.of(model, [xname])[xname]
-        y = model.calibration.reference([yname])[yname]
+        wanted = [xname]
+        for node in model.graph.nodes:
+            other = self._site(model, node)
+            if isinstance(other, _Site) and other.conv.inputs[0].name not in wanted:
+                wanted.append(other.conv.inputs[0].name)
+        x = model.calibration.of(model, wanted)[xname]
+        outputs = [yname] + [n.outputs[0].name for n in model.calibration.original.graph.nodes
+                             if isinstance(self._site(model.calibration.original, n), _Site)]
+        y = model.calibration.reference(list(dict.fromkeys(outputs)))[yname]
         return x, y
 
     def _factorize(self, model: Model, site: _Site, mode: str, rank: int) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
@@ -372,6 +457,8 @@ class Bottleneck(Pass):
         o, c, kh, kw = w.shape
         data = model.calibration is not None
         rng = np.random.default_rng(opts.seed)
+        users = site.conv.outputs[0].outputs
+        relu = opts.through_relu and len(users) == 1 and users[0].op == "Relu"
         if data:
             x, y = self._data(model, site)
             pos = sample_positions(y.shape[0], y.shape[2], y.shape[3], opts.max_samples, rng)
@@ -384,7 +471,10 @@ class Bottleneck(Pass):
             w1, b1, w2, b2 = factor_output(w, b, u, mu)
             if data and opts.refit:
                 p = extract_patches(x, site.geo, pos)
-                a, b1 = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
+                if relu:
+                    a, b1 = ridge_fit_through_relu(p, y_s, u, mu, opts.ridge)
+                else:
+                    a, b1 = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
                 w1 = a.reshape((rank, c, kh, kw))
             return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
         if mode == "input":
@@ -394,7 +484,7 @@ class Bottleneck(Pass):
             if data and opts.refit:
                 z = np.einsum("nchw,cr->nrhw", x, v)
                 p = extract_patches(z, site.geo, pos)
-                a, b2 = ridge_fit(p, y_s, opts.ridge)
+                a, b2 = ridge_fit_through_relu(p, y_s, None, None, opts.ridge) if relu else ridge_fit(p, y_s, opts.ridge)
                 w2 = a.reshape((o, rank, kh, kw))
             return [(w1.reshape(rank, c, 1, 1), None, False), (w2, b2, True)]
         # tucker
@@ -407,7 +497,10 @@ class Bottleneck(Pass):
         if data and opts.refit:
             z = np.einsum("nchw,cr->nrhw", x, v)
             p = extract_patches(z, site.geo, pos)
-            a, b_core = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
+            if relu:
+                a, b_core = ridge_fit_through_relu(p, y_s, u, mu, opts.ridge)
+            else:
+                a, b_core = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
             core = a.reshape((rank, rank, kh, kw))
         return [(w1.reshape(rank, c, 1, 1), None, False), (core, b_core, True), (w3.reshape(o, rank, 1, 1), b3, False)]
 

@@ -59,6 +59,11 @@ class Candidate:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: Order of trial, highest first (e.g. MACs saved per unit of estimated error); default: MACs saved.
     priority: float | None = None
+    #: Candidates that are variants of one rewrite (e.g. one conv at several ranks) share a family;
+    #: ``level`` orders them by aggressiveness. Once a variant fails numerics, the pipeline skips the
+    #: family's variants at the same or a higher level: they would only lose more accuracy.
+    family: str | None = None
+    level: float = 0.0
 
     @property
     def key(self) -> str:

@@ -103,6 +103,11 @@ def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
             seen.add((s.nodes, s.reason))
 
 
+def _accuracy_failure(verdict: Verdict) -> bool:
+    """Rejected for numerics or the task metric (not for latency)."""
+    return not verdict.keep and verdict.latency is None
+
+
 def _try(p: Pass, accepted: Model, candidate: Candidate, judge: Judge) -> tuple[Model | None, Decision]:
     trial = accepted.fork()
     try:
@@ -158,6 +163,7 @@ def optimize(
         before_pass = model
         first_decision = len(decisions)
         tried: set[str] = set()
+        failed_levels: dict[str, float] = {}  # family -> lowest level that failed numerics
         for _ in range(max_rounds):
             try:
                 found = list(p.find(model))
@@ -177,8 +183,13 @@ def optimize(
                 if deadline is not None and time.perf_counter() > deadline:
                     decisions.append(Decision(cand, p.exact, False, "not tried: validation time budget exhausted"))
                     continue
+                if cand.family is not None and cand.level >= failed_levels.get(cand.family, float("inf")):
+                    decisions.append(Decision(cand, p.exact, False, "not tried: a milder variant already failed the numerics budget"))
+                    continue
                 accepted, decision = _try(p, model, cand, judge)
                 decisions.append(decision)
+                if not decision.kept and cand.family is not None and decision.verdict is not None and _accuracy_failure(decision.verdict):
+                    failed_levels[cand.family] = min(cand.level, failed_levels.get(cand.family, float("inf")))
                 log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
                 if accepted is not None:
                     model, changed = accepted, True

@@ -25,36 +25,77 @@ log = logging.getLogger(__name__)
 class Calibration:
     """Activations of the original model and of later versions, on the calibration feeds."""
 
-    def __init__(self, original: Model, feeds: Sequence[Feed]) -> None:
+    def __init__(self, original: Model, feeds: Sequence[Feed], max_capture_feeds: int = 16) -> None:
         if not feeds:
             raise ValueError("calibration needs at least one feed")
         self.original = original
         self.feeds = list(feeds)
+        #: Whole tensors are kept for at most this many feeds (moments use every feed).
+        self.max_capture_feeds = max_capture_feeds
         self._cache: dict[tuple[int, str], np.ndarray] = {}
+        self._moments: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self._keep: dict[int, Model] = {}
+
+    @staticmethod
+    def _with_outputs(model: Model, names: Sequence[str]) -> onnx.ModelProto:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        existing = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in existing:
+                dtype = model.dtype(name) or np.float32
+                proto.graph.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None))
+        return proto
 
     def _capture(self, model: Model, names: Sequence[str]) -> None:
         missing = [n for n in names if (id(model.proto), n) not in self._cache]
         if not missing:
             return
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model.proto)
-        existing = {o.name for o in proto.graph.output}
-        for name in missing:
-            if name in existing:
-                continue
-            dtype = model.dtype(name) or np.float32
-            proto.graph.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None))
-        session = reference_session(proto)
+        session = reference_session(self._with_outputs(model, missing))
         out = {n: [] for n in missing}  # type: dict[str, list[np.ndarray]]
-        for feed in self.feeds:
+        for feed in self.feeds[: self.max_capture_feeds]:
             values = session.run(missing, feed)
             for n, v in zip(missing, values):
                 out[n].append(v)
         for n in missing:
             self._cache[(id(model.proto), n)] = np.concatenate(out[n], axis=0)
         self._keep[id(model.proto)] = model  # keep the proto alive so its id is not reused
+        self._evict(id(model.proto))
         log.debug("captured %d tensors on %d calibration feeds", len(missing), len(self.feeds))
+
+    def moments(self, model: Model, names: Sequence[str], flops_per_feed: float = 2e8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per tensor ``[N, C, ...]``: channel mean ``[C]`` and uncentred second moment ``E[x x^T]`` ``[C, C]``
+        -- accumulated feed by feed in one run, without keeping the tensors. Large maps are subsampled on an
+        even spatial grid to about ``flops_per_feed / C^2`` positions per feed (at least 256; deterministic)."""
+        key = id(model.proto)
+        missing = [n for n in dict.fromkeys(names) if (key, "moments:" + n) not in self._moments]
+        if missing:
+            proto = self._with_outputs(model, missing)
+            session = reference_session(proto)
+            sums = {n: None for n in missing}  # type: dict[str, list | None]
+            for feed in self.feeds:
+                for n, v in zip(missing, session.run(missing, feed)):
+                    v = np.asarray(v, np.float32)
+                    positions = int(np.prod(v.shape)) // v.shape[1]
+                    max_positions = max(256, int(flops_per_feed / v.shape[1] ** 2))
+                    if v.ndim == 4 and positions > max_positions:  # an even spatial grid first: cheap
+                        step = int(np.ceil(np.sqrt(positions / max_positions)))
+                        v = v[:, :, ::step, ::step]
+                    flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
+                    outer = (flat.T @ flat).astype(np.float64)
+                    acc = sums[n]
+                    if acc is None:
+                        sums[n] = [flat.sum(axis=0, dtype=np.float64), outer, len(flat)]
+                    else:
+                        acc[0] += flat.sum(axis=0, dtype=np.float64)
+                        acc[1] += outer
+                        acc[2] += len(flat)
+            for n in missing:
+                total, outer, count = sums[n]  # type: ignore[misc]
+                self._moments[(key, "moments:" + n)] = (total / count, outer / count)
+            self._keep[key] = model
+            self._evict(key)
+        return {n: self._moments[(key, "moments:" + n)] for n in names}
 
     def of(self, model: Model, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Tensors of ``model`` (any version), each the calibration samples concatenated on axis 0."""
@@ -65,9 +106,18 @@ class Calibration:
         """Tensors of the original model."""
         return self.of(self.original, names)
 
+    def _evict(self, current: int) -> None:
+        """Keep the original's tensors and the current version's; a pipeline only moves forward."""
+        for key in [k for k in self._keep if k not in (current, id(self.original.proto))]:
+            self._drop(key)
+
     def forget(self, model: Model) -> None:
         """Drop the cached tensors of a model version that is no longer needed."""
-        key = id(model.proto)
+        self._drop(id(model.proto))
+
+    def _drop(self, key: int) -> None:
         for k in [k for k in self._cache if k[0] == key]:
             del self._cache[k]
+        for k in [k for k in self._moments if k[0] == key]:
+            del self._moments[k]
         self._keep.pop(key, None)
