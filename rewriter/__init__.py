@@ -13,12 +13,14 @@ from rewriter.errors import GateFailed, InputError, RewriterError
 from rewriter.io import load_model, save_model, sha256_file
 from rewriter.model import Model
 from rewriter.pipeline import Decision, OptimizeResult, PassResult, apply_pass, optimize
+from rewriter.plan import ApplyResult, Plan, apply_plan, plan_from_result
 from rewriter.registry import available_passes, default_passes, resolve_passes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "ApplyResult",
     "Candidate",
     "Cost",
     "Decision",
@@ -28,6 +30,7 @@ __all__ = [
     "OptimizeResult",
     "Pass",
     "PassResult",
+    "Plan",
     "PatternPass",
     "RewriteError",
     "RewriterError",
@@ -35,10 +38,12 @@ __all__ = [
     "__version__",
     "analyze",
     "apply_pass",
+    "apply_plan",
     "available_passes",
     "default_passes",
     "load_model",
     "optimize",
+    "plan_from_result",
     "resolve_passes",
     "save_model",
     "sha256_file",

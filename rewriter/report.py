@@ -1,26 +1,49 @@
-"""The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`.
+"""The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and the human-output helpers.
 
-Schema version 1 (top-level keys): ``schema_version``, ``tool``, ``environment`` (onnxruntime version,
+Schema version 2 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
+keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
 provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``input_shapes``, ``budget``, ``feeds``,
-``passes`` (per pass: kept, rolled back, skips with reasons, whole-model latency), ``decisions`` (per
-candidate: pass, nodes, description, MACs/params before and after, kept, reason, numerics per output,
-latency with its 95% CI and scope), ``totals`` (ops, MACs, params before/after, final numerics, final
-end-to-end speedup with CI) and ``seconds``.
+``passes`` (per pass: its options, kept, rolled back, skips with reasons, whole-model latency, whether it
+was undone), ``decisions`` (per candidate: pass, nodes, description, options, MACs/params before and
+after, ``decision`` and ``reason``, numerics per output, latency with its 95% CI and scope, and the
+end-to-end latency of its pass), ``totals`` (ops, nodes, MACs, params before/after, final numerics,
+final end-to-end speedup with CI), ``gate`` (passed, failures), ``pareto`` (speedup/error points of a
+sweep, or null) and ``seconds``.
+
+Changes from version 1: ``gate`` and ``pareto`` are part of the report; every decision has the same
+keys (``decision``, ``numerics``, ``latency``, ``end_to_end``, ``metric``, ``seconds``; empty or null
+when not measured); passes carry their ``options``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rewriter.pipeline import Decision, OptimizeResult
+from rewriter.pipeline import Decision, OptimizeResult, PassRun
+from rewriter.validation.latency import LatencyComparison
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One point of a speedup-vs-error sweep (e.g. one rank of a factorization)."""
+
+    speedup: float
+    error: float
+    label: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"speedup": self.speedup, "error": self.error, "label": self.label}
 
 
 def _cpu_name() -> str:
@@ -47,6 +70,7 @@ def environment(provider: str, threads: int) -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
         "provider": provider,
         "threads": threads,
         "cpu": _cpu_name(),
@@ -54,9 +78,17 @@ def environment(provider: str, threads: int) -> dict[str, Any]:
     }
 
 
-def decision_dict(d: Decision) -> dict[str, Any]:
+def _latency(lat: LatencyComparison | None, scope: str | None = None) -> dict[str, Any] | None:
+    if lat is None:
+        return None
+    return {"scope": scope, **lat.to_dict()}
+
+
+def decision_dict(d: Decision, run: PassRun | None = None) -> dict[str, Any]:
+    """One candidate's record; every decision has the same keys (null or empty when not measured)."""
     c = d.candidate
-    out: dict[str, Any] = {
+    v = d.verdict
+    return {
         "pass": c.pass_name,
         "exact": d.exact,
         "nodes": list(c.nodes),
@@ -64,14 +96,40 @@ def decision_dict(d: Decision) -> dict[str, Any]:
         "options": dict(c.options),
         "cost": asdict(c.cost),
         "kept": d.kept,
+        "decision": "kept" if d.kept else "rolled_back",
         "reason": d.reason,
+        "numerics": {} if v is None else {k: s.to_dict() for k, s in v.numerics.items()},
+        "latency": None if v is None else _latency(v.latency, v.latency_scope),
+        "end_to_end": None if run is None else _latency(run.model_latency, "model"),
+        "metric": None if v is None else v.metric,
+        "seconds": 0.0 if v is None else round(v.seconds, 4),
     }
-    if d.verdict is not None:
-        out.update(d.verdict.to_dict())
-        out.pop("keep", None)
-        out.pop("reason", None)
-        out["reason"] = d.reason
-    return out
+
+
+def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
+    """The run of the pass each decision belongs to: decisions are recorded pass by pass, in order, and
+    each run counts its own (kept + rolled back)."""
+    owners: list[PassRun | None] = []
+    for run in result.passes:
+        owners.extend([run] * (run.kept + run.rolled_back))
+    owners = owners[: len(result.decisions)] + [None] * (len(result.decisions) - len(owners))
+    return [r if r is not None and r.name == d.candidate.pass_name else None for r, d in zip(owners, result.decisions)]
+
+
+def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool = False) -> list[str]:
+    """The final gate before an output is written: end-to-end numerics against the budget, not slower
+    than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1."""
+    any_lossy = any(not d.exact for d in result.decisions)
+    gate = list(config.budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
+    lat = result.final_latency
+    if lat is not None and lat.ci.slower(config.exact_min_speedup):
+        gate.append(f"optimized model is slower than the input: speedup {lat.ci}")
+    if require_speedup:
+        if lat is None:
+            gate.append("no end-to-end speedup: " + ("no rewrite was kept" if not result.changed else "latency was not measured"))
+        elif not lat.ci.faster(1.0):
+            gate.append(f"no end-to-end speedup shown: {lat.ci} (the 95% CI must lie above 1)")
+    return gate
 
 
 def build_report(
@@ -83,8 +141,15 @@ def build_report(
     output_sha256: str | None,
     provider: str,
     threads: int,
+    gate: Sequence[str] | None = None,
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    pareto: Sequence[ParetoPoint] | None = None,
 ) -> dict[str, Any]:
+    """The report as a JSON-ready dict (schema version 2). ``gate``: the final gate's failures."""
     before, after = result.before, result.after
+    options = pass_options or {}
+    owners = _pass_of_each_decision(result)
+    failures = list(gate or [])
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "onnx-rewriter",
@@ -98,15 +163,16 @@ def build_report(
             {
                 "name": r.name,
                 "exact": r.exact,
+                "options": dict(options.get(r.name, {})),
                 "kept": r.kept,
                 "rolled_back": r.rolled_back,
                 "reverted": r.reverted,
-                "model_latency": None if r.model_latency is None else r.model_latency.to_dict(),
+                "model_latency": _latency(r.model_latency, "model"),
                 "skips": [{"nodes": list(s.nodes), "reason": s.reason} for s in r.skips],
             }
             for r in result.passes
         ],
-        "decisions": [decision_dict(d) for d in result.decisions],
+        "decisions": [decision_dict(d, run) for d, run in zip(result.decisions, owners)],
         "totals": {
             "ops_before": before.histogram,
             "ops_after": after.histogram,
@@ -119,25 +185,63 @@ def build_report(
             "kept": len(result.kept),
             "rolled_back": len(result.decisions) - len(result.kept),
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
-            "final_latency": None if result.final_latency is None else result.final_latency.to_dict(),
+            "final_latency": _latency(result.final_latency, "model"),
         },
+        "gate": {"passed": not failures, "failures": failures},
+        "pareto": None if pareto is None else [p.to_dict() for p in pareto],
         "seconds": round(result.seconds, 3),
     }
 
 
-def write_json(data: Any, path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
+def check_output_paths(*paths: str | os.PathLike[str] | None) -> None:
+    """Fail early (before any work) when an output file's folder is missing or the path is a folder."""
+    from rewriter.errors import InputError
+
+    for path in paths:
+        if path is None:
+            continue
+        p = Path(path)
+        folder = p.parent if str(p.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError(f"{p}: output folder {folder} does not exist")
+        if p.is_dir():
+            raise InputError(f"{p}: is a directory")
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+    check_output_paths(path)
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
-            fh.write("\n")
+            write(fh)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> None:
+    """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
+
+    def write(fh: Any) -> None:
+        json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+        fh.write("\n")
+
+    _atomic_write(path, write)
+
+
+def write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write a text file atomically."""
+    _atomic_write(path, lambda fh: fh.write(text))
 
 
 def _json_default(obj: Any) -> Any:
@@ -148,3 +252,59 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+# -- human output ------------------------------------------------------------------------------------
+class _DecisionCounter(logging.Handler):
+    """Advances a progress task on each decision the pipeline logs ("kept ..." / "rolled back ...")."""
+
+    def __init__(self, progress: Any, task: Any, width: int) -> None:
+        super().__init__(logging.INFO)
+        self.progress, self.task, self.width, self.count = progress, task, width, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage().splitlines()[0] if record.getMessage() else ""
+            if text.startswith(("kept ", "rolled back ")):
+                self.count += 1
+                line = f"{self.count} candidate(s) judged; last: {text}"
+                if len(line) > self.width:
+                    line = line[: max(self.width - 1, 0)] + "\u2026"
+                self.progress.update(self.task, advance=1, description=line)
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def decision_progress(console: Any, enabled: bool) -> Iterator[None]:
+    """A rich progress line on ``console`` (stderr) counting judged candidates, while the body runs.
+
+    Off unless ``enabled`` (the CLI enables it only when stderr is a terminal and ``--quiet`` is not
+    given), so logs and CI output stay plain. It listens to the pipeline's per-decision INFO records
+    without letting them through to the other handlers unless those were already at INFO.
+    """
+    if not enabled:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    pipeline_log = logging.getLogger("rewriter.pipeline")
+    parent = logging.getLogger("rewriter")
+    effective = parent.getEffectiveLevel()
+    saved_handlers = [(h, h.level) for h in parent.handlers]
+    saved_level = pipeline_log.level
+    progress = Progress(SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True)
+    task = progress.add_task("judging candidates", total=None)
+    counter = _DecisionCounter(progress, task, max(20, console.width - 16))
+    try:
+        for h, level in saved_handlers:
+            h.setLevel(max(level, effective))
+        pipeline_log.addHandler(counter)
+        pipeline_log.setLevel(min(logging.INFO, effective))
+        with progress:
+            yield
+    finally:
+        pipeline_log.removeHandler(counter)
+        pipeline_log.setLevel(saved_level)
+        for h, level in saved_handlers:
+            h.setLevel(level)

@@ -1,0 +1,257 @@
+"""The optimize report and the pipeline step: JSON schema, exit codes, gates, idempotence, plain output.
+
+Reports are validated against the documented schema (docs/report.schema.json). CLI runs go through
+typer's CliRunner, where stdout and stderr are not terminals (as in CI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from passes.fuse_1x1_chain import Fuse1x1Chain
+from rewriter.cli import app
+from rewriter.contract import Candidate, Cost, Pass
+from rewriter.io import sha256_file
+from rewriter.model import Model
+from rewriter.pipeline import OptimizeResult, optimize
+from rewriter.report import ParetoPoint, SCHEMA_VERSION, build_report, decision_progress, gate_failures
+from rewriter.validation.judge import ValidationConfig
+from rewriter.validation.latency import LatencyComparison
+from rewriter.validation.stats import RatioCI
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+#: Any C0 control character but newline and tab, DEL, and C1 controls (ESC starts every ANSI sequence).
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers() -> Iterator[None]:
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("rewriter", "passes", "rewriter.pipeline")}
+    yield
+    for name, (handlers, level) in saved.items():
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).setLevel(level)
+
+
+def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def report_validator():  # type: ignore[no-untyped-def]
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra: pip install -e '.[dev]'")
+    schema = json.loads((ROOT / "docs" / "report.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def assert_valid(validator, data: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
+
+
+class RaisingPass(Pass):
+    name = "raising"
+    summary = "always raises in apply"
+    exact = True
+
+    def find(self, model: Model):  # type: ignore[no-untyped-def]
+        yield Candidate(self.name, (model.graph.nodes[0].name,), "boom", Cost(1, 0, 0, 0))
+
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        raise RuntimeError("deliberate failure")
+
+
+@pytest.fixture(scope="module")
+def numerics_only_result(sample_model: onnx.ModelProto) -> OptimizeResult:
+    return optimize(sample_model, [RaisingPass(), Fuse1x1Chain()], config=ValidationConfig(latency=False))
+
+
+# -- schema --------------------------------------------------------------------------------------------
+def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path: Path, report_validator) -> None:  # type: ignore[no-untyped-def]
+    output, report = tmp_path / "opt.onnx", tmp_path / "report.json"
+    result = invoke("optimize", sample_path, "-o", output, "--report", report, "--passes", "fuse_1x1_chain", "--max-pairs", "6")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert_valid(report_validator, data)
+    assert data["schema_version"] == SCHEMA_VERSION == 2
+    env = data["environment"]
+    assert env["provider"] == "cpu" and env["threads"] == 1 and env["onnxruntime"] and env["cpu"]
+    assert data["input"]["sha256"] == sha256_file(sample_path)
+    assert data["output"] == {"path": str(output), "sha256": sha256_file(output)}
+    (kept,) = [d for d in data["decisions"] if d["kept"]]
+    assert kept["decision"] == "kept" and kept["latency"]["scope"] == "subgraph"
+    assert kept["end_to_end"]["scope"] == "model"  # the pass's whole-model confirmation
+    assert kept["cost"]["macs_after"] < kept["cost"]["macs_before"]
+    assert set(kept["numerics"]) == {o.name for o in onnx.load(str(sample_path)).graph.output}
+    final = data["totals"]["final_latency"]
+    assert final["ci_low"] <= final["speedup"] <= final["ci_high"]
+    assert data["gate"] == {"passed": True, "failures": []}
+    assert data["pareto"] is None
+
+
+def test_report_of_every_kind_of_decision_matches_the_schema(numerics_only_result: OptimizeResult, report_validator) -> None:  # type: ignore[no-untyped-def]
+    points = [ParetoPoint(1.4, 1e-3, "rank 16"), ParetoPoint(1.2, 2e-4, "rank 32")]
+    data = build_report(
+        numerics_only_result, input_path=None, input_sha256=None, output_path=None, output_sha256=None,
+        provider="cpu", threads=1, gate=["numerics: made up"], pass_options={"fuse_1x1_chain": {}}, pareto=points,
+    )
+    data = json.loads(json.dumps(data, allow_nan=False))  # what write_json writes
+    assert_valid(report_validator, data)
+    raised, fused = data["decisions"]
+    assert raised["decision"] == "rolled_back" and "deliberate failure" in raised["reason"]
+    assert raised["numerics"] == {} and raised["latency"] is None and raised["end_to_end"] is None
+    assert fused["decision"] == "kept" and fused["latency"] is None  # --no-latency
+    assert data["gate"] == {"passed": False, "failures": ["numerics: made up"]}
+    assert data["pareto"][0] == {"speedup": 1.4, "error": 1e-3, "label": "rank 16"}
+    assert [p["name"] for p in data["passes"]] == ["raising", "fuse_1x1_chain"]
+
+
+def test_schema_rejects_a_report_missing_a_field(numerics_only_result: OptimizeResult, report_validator) -> None:  # type: ignore[no-untyped-def]
+    data = build_report(numerics_only_result, input_path=None, input_sha256=None, output_path=None, output_sha256=None, provider="cpu", threads=1)
+    del data["decisions"][0]["reason"]
+    assert not report_validator.is_valid(data)
+
+
+# -- the final gate and exit codes ---------------------------------------------------------------------
+def _with_latency(result: OptimizeResult, low: float, high: float) -> OptimizeResult:
+    ci = RatioCI((low + high) / 2, low, high, 10)
+    return dataclasses.replace(result, final_latency=LatencyComparison(1e-3, 1e-3 / ci.speedup, ci, 1))
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "require", "expected"),
+    [
+        (1.2, 1.5, True, None),
+        (0.98, 1.3, False, None),  # exact gate: not shown slower is enough
+        (0.98, 1.3, True, "no end-to-end speedup shown"),
+        (0.7, 0.9, False, "slower than the input"),
+    ],
+)
+def test_gate_failures(numerics_only_result: OptimizeResult, low: float, high: float, require: bool, expected: str | None) -> None:
+    failures = gate_failures(_with_latency(numerics_only_result, low, high), ValidationConfig(), require_speedup=require)
+    if expected is None:
+        assert failures == []
+    else:
+        assert len(failures) == 1 and expected in failures[0]
+
+
+def test_gate_requires_a_measured_speedup(numerics_only_result: OptimizeResult) -> None:
+    assert numerics_only_result.final_latency is None
+    (failure,) = gate_failures(numerics_only_result, ValidationConfig(), require_speedup=True)
+    assert "latency was not measured" in failure
+
+
+def test_fail_if_no_speedup_exits_1_and_writes_nothing(sample_path: Path, tmp_path: Path, report_validator) -> None:  # type: ignore[no-untyped-def]
+    first = tmp_path / "first.onnx"
+    assert invoke("optimize", sample_path, "-o", first, "--no-latency", "--passes", "fuse_1x1_chain").exit_code == 0
+    output, report, plan = tmp_path / "again.onnx", tmp_path / "report.json", tmp_path / "plan.json"
+    result = invoke("optimize", first, "-o", output, "--report", report, "--save-plan", plan, "--passes", "fuse_1x1_chain", "--fail-if-no-speedup")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: gate failed, no output written: no end-to-end speedup: no rewrite was kept"
+    ]
+    assert not output.exists() and not plan.exists()
+    data = json.loads(report.read_text())
+    assert_valid(report_validator, data)
+    assert data["gate"]["passed"] is False and data["output"] == {"path": None, "sha256": None}
+
+
+def test_fail_if_no_speedup_needs_latency(sample_path: Path, tmp_path: Path) -> None:
+    result = invoke("optimize", sample_path, "-o", tmp_path / "o.onnx", "--no-latency", "--fail-if-no-speedup")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: --fail-if-no-speedup needs latency measurement; drop --no-latency"]
+    assert os.listdir(tmp_path) == ["sample.onnx"]
+
+
+def test_missing_report_folder_is_refused_before_any_work(sample_path: Path, tmp_path: Path) -> None:
+    output = tmp_path / "o.onnx"
+    result = invoke("optimize", sample_path, "-o", output, "--no-latency", "--report", tmp_path / "nope" / "r.json")
+    assert result.exit_code == 2
+    assert "output folder" in result.stderr and "does not exist" in result.stderr
+    assert not output.exists()
+
+
+# -- idempotence ---------------------------------------------------------------------------------------
+def test_optimize_on_its_own_output_is_byte_identical(sample_path: Path, tmp_path: Path) -> None:
+    first, second, report = tmp_path / "first.onnx", tmp_path / "second.onnx", tmp_path / "report.json"
+    assert invoke("optimize", sample_path, "-o", first, "--no-latency").exit_code == 0
+    assert sha256_file(first) != sha256_file(sample_path)  # the first run did change the model
+    result = invoke("optimize", first, "-o", second, "--no-latency", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["totals"]["kept"] == 0
+    assert sha256_file(second) == sha256_file(first) == data["output"]["sha256"] == data["input"]["sha256"]
+
+
+# -- human output --------------------------------------------------------------------------------------
+def test_output_off_a_terminal_is_plain(sample_path: Path, tmp_path: Path) -> None:
+    result = invoke("optimize", sample_path, "-o", tmp_path / "o.onnx", "--passes", "fuse_1x1_chain", "--max-pairs", "4")
+    assert result.exit_code == 0, result.output
+    assert "Decisions" in result.stdout and "wrote" in result.stdout
+    for stream in (result.stdout, result.stderr):
+        assert not CONTROL.search(stream), repr(CONTROL.search(stream))
+    verbose = runner.invoke(app, ["--verbose", "optimize", str(sample_path), "-o", str(tmp_path / "v.onnx"), "--no-latency", "--passes", "fuse_1x1_chain"])
+    assert verbose.exit_code == 0 and "kept fuse 1x1 chain" in verbose.stderr  # the decision log
+    assert not CONTROL.search(verbose.stdout + verbose.stderr)
+
+
+def test_quiet_prints_only_the_result(sample_path: Path, tmp_path: Path) -> None:
+    output = tmp_path / "o.onnx"
+    result = runner.invoke(app, ["--quiet", "optimize", str(sample_path), "-o", str(output), "--no-latency"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines() == [f"wrote {output}: 1 rewrite(s) kept, 0 rolled back"]
+    assert result.stderr == ""
+
+
+def test_progress_counts_decisions_on_a_terminal_and_restores_logging() -> None:
+    from rich.console import Console
+
+    pipeline_log = logging.getLogger("rewriter.pipeline")
+    parent = logging.getLogger("rewriter")
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    parent.addHandler(handler)
+    parent.setLevel(logging.WARNING)
+    levels = (pipeline_log.level, handler.level)
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    with decision_progress(console, enabled=True):
+        pipeline_log.info("%s %s: %s", "kept", "fuse a + b", "exact")
+        pipeline_log.info("%s %s: %s", "rolled back", "fuse c + d", "slower")
+        pipeline_log.info("fuse_1x1_chain: whole-model speedup does not pay")  # not a decision
+    parent.removeHandler(handler)
+    assert "2 candidate(s) judged" in screen.getvalue()
+    assert sink.getvalue() == ""  # INFO records did not leak to the WARNING-level handler
+    assert (pipeline_log.level, handler.level) == levels
+    quiet = io.StringIO()
+    with decision_progress(Console(file=quiet, force_terminal=True), enabled=False):
+        pipeline_log.info("%s %s: %s", "kept", "x", "y")
+    assert quiet.getvalue() == ""
+
+
+# -- the Python API example ----------------------------------------------------------------------------
+def test_python_api_example_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "python_api.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "identical output: True" in proc.stdout
+    assert {"report.json", "report.html", "plan.json", "sample.opt.onnx"} <= set(os.listdir(tmp_path))
