@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from rewriter.errors import InputError
+from rewriter.io import copy_fields, one_line
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,15 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
         if vi.name in overrides:
             shape = overrides[vi.name]
             if has_shape and len(shape) != len(dims):
-                raise InputError(f"--input-shape {vi.name}: rank {len(shape)} given, the model declares rank {len(dims)}")
+                raise InputError(f"--input-shape {one_line(vi.name)}: rank {len(shape)} given, the model declares rank {len(dims)}")
             for i, (want, have) in enumerate(zip(dims, shape)):
                 if isinstance(want, int) and want != have:
-                    raise InputError(f"--input-shape {vi.name}: dim {i} is {have}, the model fixes it to {want}")
+                    raise InputError(f"--input-shape {one_line(vi.name)}: dim {i} is {have}, the model fixes it to {want}")
             resolved[vi.name] = shape
             continue
         example = "x".join(str(d) if isinstance(d, int) else ("1" if i == 0 else "N") for i, d in enumerate(dims))
         if not has_shape:
-            raise InputError(f"input {vi.name!r} has no declared shape; pass --input-shape {vi.name}:DIMS")
+            raise InputError(f"input {vi.name!r} has no declared shape; pass --input-shape {one_line(vi.name)}:DIMS")
         shape_list: list[int] = []
         for i, d in enumerate(dims):
             if isinstance(d, int):
@@ -119,7 +120,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
                 shape_list.append(1)
             else:
                 raise InputError(
-                    f"input {vi.name!r} has dynamic dims {dims}; pass --input-shape {vi.name}:{example}"
+                    f"input {vi.name!r} has dynamic dims {dims}; pass --input-shape {one_line(vi.name)}:{example}"
                 )
         if dims and not isinstance(dims[0], int) and len(dims) > 1:
             log.info("input %r: dynamic batch dim taken as 1", vi.name)
@@ -127,10 +128,28 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
     return resolved
 
 
+#: Initializers larger than this enter shape inference as dims and type only (inference needs no more, and
+#: a model over protobuf's 2 GiB limit could not be inferred at all with its weights).
+_INFERENCE_STRIP_BYTES = 1 << 20
+
+
+def _without_big_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large main-graph initializers carry dims and type but no data."""
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, skip=("graph",))
+    copy_fields(model.graph, copy.graph, skip=("initializer", "value_info"))
+    for t in model.graph.initializer:
+        if len(t.raw_data) > _INFERENCE_STRIP_BYTES:
+            stub = copy.graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+        else:
+            copy.graph.initializer.append(t)
+    return copy
+
+
 def _with_fixed_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> onnx.ModelProto:
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
+    fixed = _without_big_weights(model)
     for vi in fixed.graph.input:
         if vi.name in input_shapes:
             shape = vi.type.tensor_type.shape

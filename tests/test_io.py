@@ -309,3 +309,27 @@ def test_max_bytes_refuses_larger_files(tmp_path: Path) -> None:
     assert load_model(path, max_bytes=size) is not None
     with pytest.raises(InputError, match="exceeds the limit"):
         load_model(path, max_bytes=size - 1)
+
+
+# -- reading only regular files, and listing a model's files ------------------------------------------
+def test_sha256_of_a_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(InputError, match="not a regular file"):
+        sha256_file(pipe)
+
+
+def test_input_files_lists_the_model_and_its_data_files(tmp_path: Path) -> None:
+    from rewriter.io import input_files
+
+    write_with_external_weight(tmp_path / "m.onnx", tmp_path / "weights" / "w.bin", "weights/w.bin")
+    assert input_files(tmp_path / "m.onnx") == [tmp_path / "m.onnx", (tmp_path / "weights" / "w.bin").resolve()]
+
+
+def test_invalid_utf8_in_a_name_is_an_input_error(tmp_path: Path) -> None:
+    data = conv_model().SerializeToString()
+    assert data.count(b"\x12\x01g") == 1  # GraphProto.name = "g"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data.replace(b"\x12\x01g", b"\x12\x01\xff"))
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        load_model(path)
