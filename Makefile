@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 CORPUS_DIR ?= .cache/corpus
 
-.PHONY: demo test test-corpus fuzz bench-tool venv clean
+.PHONY: demo test test-corpus fuzz fuzz-io audit bench-tool bench html-check venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,28 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+## make html-check: render the HTML report in headless chromium and check the screenshot (installs
+## nothing; fails if chromium is missing -- Debian: apt-get install chromium). Screenshot: build/report.png
+html-check: $(STAMP)
+	mkdir -p $(BUILD)
+	ONNX_REWRITER_REQUIRE_CHROMIUM=1 ONNX_REWRITER_SCREENSHOT_OUT=$(BUILD)/report.png \
+		$(PY) -m pytest -q tests/test_html_report.py -k screenshot -p no:cacheprovider
+	@echo "screenshot: $(BUILD)/report.png"
+
 ## make fuzz: the exact-pass property test with >= 10,000 generated graphs (hypothesis "fuzz" profile).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_property_exact.py --hypothesis-show-statistics
+
+## make fuzz-io: the loader fuzz targets (raw bytes; mutated valid models through load, analyze and a
+## pass), 10,000 inputs each (hypothesis "fuzz" profile); anything but InputError is a failure.
+fuzz-io: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_io.py -p no:cacheprovider --hypothesis-show-statistics
+
+## make audit: known vulnerabilities of the installed environment (installs pip-audit into the venv); fails,
+## rather than passing unseen, when no vulnerability service (PyPI JSON API, OSV) can be reached.
+audit: $(STAMP)
+	$(PY) -m pip install --quiet pip-audit
+	$(PY) scripts/audit.py
 
 ## make test-corpus: fetch the real models of the corpus and run the tests that need them.
 test-corpus: $(STAMP)
@@ -42,6 +61,14 @@ bench-tool: $(STAMP)
 	$(PY) -m pip install --quiet onnxslim
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
 	$(PY) benchmarks/tool_time.py --corpus $(CORPUS_DIR)
+
+## make bench: corpus, sample and zoo models through our optimize (exact; then bottleneck at a budget),
+## onnxslim, onnx-simplifier and onnxruntime's offline optimizer; writes docs/bench.md and docs/bench.json.
+## BENCH_ARGS passes options, e.g. BENCH_ARGS='--quick' or BENCH_ARGS='--models open-nsfw,resnet50'.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
+	$(PY) -m benchmarks.bench --corpus $(CORPUS_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache

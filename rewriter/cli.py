@@ -92,6 +92,7 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     _state["quiet"] = quiet
+    _state["verbose"] = verbose
     _setup_logging(verbose, quiet)
 
 
@@ -102,8 +103,40 @@ ImagesOpt = typer.Option(None, "--images", help="Folder of images to use as feed
 ImageSpecOpt = typer.Option(None, "--image-spec", help="HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s]")
 MetricOpt = typer.Option(None, "--metric", help="Task metric module:function(session) -> float, higher is better.")
 MetricDropOpt = typer.Option(0.01, "--max-metric-drop", help="Largest allowed drop of --metric.")
+MetricFloorOpt = typer.Option(None, "--min-metric", help="Floor --metric must stay at or above.")
 ThreadsOpt = typer.Option(1, "--threads", min=1, help="Intra-op threads of the timed sessions.")
 ProviderOpt = typer.Option("cpu", "--provider", help="Execution provider for timing: cpu, cuda, tensorrt.")
+
+
+def _config_defaults(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """--config FILE: the file's keys become this command's defaults; flags on the command line still win."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    from rewriter.config import command_defaults, load_config, option_key
+
+    root = ctx.find_root()
+    try:
+        others = {k for cmd in getattr(root.command, "commands", {}).values() for p in cmd.params if (k := option_key(p))}
+        found = command_defaults(load_config(value), ctx.command.params, global_params=root.command.params, other_keys=others)
+    except RewriterError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    ctx.default_map = {**(ctx.default_map or {}), **found.default_map}
+    for name, flag in found.global_options.items():  # --quiet/--verbose/--debug given before the command win
+        source = root.get_parameter_source(name)
+        if source is None or source.name != "COMMANDLINE":
+            _state[name] = flag
+    if found.global_options:
+        _setup_logging(bool(_state.get("verbose")), bool(_state.get("quiet")))
+    return value
+
+
+ConfigOpt = typer.Option(
+    None, "--config", is_eager=True, callback=_config_defaults,
+    help="TOML file of option defaults: keys are option names (max-error = \"cosine>=0.999\"); flags given here win.",
+)
 
 
 def _shapes(texts: Optional[list[str]]) -> dict[str, tuple[int, ...]]:
@@ -157,13 +190,15 @@ def analyze(
     input_shape: Optional[list[str]] = InputShapeOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON."),
     top: int = typer.Option(20, "--top", min=1, help="How many expensive convs to list."),
+    config_file: Optional[Path] = ConfigOpt,
+    max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this."),
 ) -> None:
     """MACs and params per node, the expensive dense KxK convs, and the op histogram."""
     from rewriter.analysis import analyze as run_analysis
     from rewriter.model import Model
     from rewriter.report import write_json
 
-    m = Model.from_source(_model_path(model), _shapes(input_shape))
+    m = Model.from_source(_model_path(model), _shapes(input_shape), max_bytes=max_model_bytes)
     result = run_analysis(m)
     ranked = result.expensive_convs()
     if json_path is not None:
@@ -213,6 +248,7 @@ def optimize(
     image_spec: Optional[str] = ImageSpecOpt,
     metric: Optional[str] = MetricOpt,
     max_metric_drop: float = MetricDropOpt,
+    min_metric: Optional[float] = MetricFloorOpt,
     num_feeds: int = typer.Option(8, "--num-feeds", min=1, help="Random feeds to judge numerics on."),
     seed: int = typer.Option(0, "--seed", help="Seed of random feeds."),
     max_error: Optional[str] = typer.Option(None, "--max-error", help="Budget of lossy passes, e.g. cosine>=0.999,top1-drop<=0.01."),
@@ -225,25 +261,36 @@ def optimize(
     min_speedup: float = typer.Option(1.0, "--min-speedup", help="Lossy rewrites are kept only if the speedup CI lies above this."),
     exact_min_speedup: float = typer.Option(0.99, "--exact-min-speedup", help="Exact rewrites are rolled back if the speedup CI lies wholly below this."),
     max_pairs: int = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of validation to spend at most."),
-    max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", help="Refuse model files larger than this."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0, help="Seconds of validation to spend at most."),
+    max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB)."),
+    fail_if_no_speedup: bool = typer.Option(False, "--fail-if-no-speedup", help="Gate: exit 1, writing nothing, unless the end-to-end speedup CI lies above 1."),
+    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the kept rewrites as a plan for `apply`."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (profiles each layer before and after)."),
+    config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Run the guarded pipeline and write the optimized model and its report."""
-    from rewriter.io import save_model, sha256_file
+    from rewriter.io import check_output_path, save_model, sha256_file
     from rewriter.model import Model
+    from rewriter.config import build_passes, load_config
+    from rewriter.html_report import profile_layers, write_html
     from rewriter.pipeline import optimize as run_optimize
-    from rewriter.report import build_report, write_json
+    from rewriter.plan import plan_from_result
+    from rewriter.report import build_report, check_output_paths, decision_progress, gate_failures, write_json
     from rewriter.validation.judge import TaskMetric, ValidationConfig, load_metric
     from rewriter.validation.latency import TimingOptions
     from rewriter.validation.numerics import Budget
     from rewriter.validation.runtime import RuntimeOptions
 
     src = _model_path(model)
-    if output.exists() and not in_place and os.path.samefile(src, output):
-        raise InputError(f"{output}: is the input file; pass --in-place to overwrite it")
+    check_output_path(src, output, in_place=in_place)  # neither the model nor its data files
     shapes = _shapes(input_shape)
+    if fail_if_no_speedup and not latency:
+        raise InputError("--fail-if-no-speedup needs latency measurement; drop --no-latency")
+    check_output_paths(output, report, html, save_plan)
+    pass_options = load_config(config_file).pass_options if config_file is not None else {}
+    selected = build_passes(passes, pass_options)
     runtime = RuntimeOptions(provider=provider, threads=threads)
     config = ValidationConfig(
         budget=Budget.parse(max_error, rtol=rtol, atol=atol),
@@ -253,29 +300,33 @@ def optimize(
         exact_min_speedup=exact_min_speedup,
         lossy_min_speedup=min_speedup,
         timing=TimingOptions(max_pairs=max_pairs, min_pairs=min(10, max_pairs)),
-        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric),
+        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric, min_metric),
     )
     if latency:
         runtime.providers()  # fail early on an unavailable provider
     input_sha = sha256_file(src)
     source = Model.from_source(src, shapes, max_bytes=max_model_bytes)
     feedset = _feedset(source, feeds, num_feeds, seed, images, image_spec)
-    result = run_optimize(source, passes, feeds=feedset, config=config, time_budget_s=time_budget)
-    any_lossy = any(not d.exact for d in result.decisions)
-    gate = config.budget.failures(result.final_numerics, exact=not any_lossy) if result.final_numerics else []
-    if result.final_latency is not None and result.final_latency.ci.slower(config.exact_min_speedup):
-        gate.append(f"optimized model is slower than the input: speedup {result.final_latency.ci}")
+    with decision_progress(err, sys.stderr.isatty() and not _quiet()):
+        result = run_optimize(source, selected, feeds=feedset, config=config, time_budget_s=time_budget)
+    untried = sum(d.reason.startswith("not tried: validation time budget") for d in result.decisions)
+    if untried:
+        log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", time_budget, untried)
+    gate = gate_failures(result, config, require_speedup=fail_if_no_speedup)
     out_sha = None
     if not gate:
         save_model(result.model, output, external_data=external_data)
         out_sha = sha256_file(output)
+        if save_plan is not None:
+            plan_from_result(result, input_sha256=input_sha, pass_options=pass_options, output_sha256=out_sha, feeds=feedset).save(save_plan)
     data = build_report(
         result, input_path=str(model), input_sha256=input_sha, output_path=None if gate else str(output),
-        output_sha256=out_sha, provider=provider, threads=threads,
+        output_sha256=out_sha, provider=provider, threads=threads, gate=gate, pass_options=pass_options,
     )
-    data["gate"] = {"passed": not gate, "failures": gate}
     if report is not None:
         write_json(data, report)
+    if html is not None:
+        write_html(html, data, layers=profile_layers(result, runtime))
     if not _quiet():
         _print_optimize(result)
     if gate:
@@ -314,6 +365,41 @@ def _print_optimize(result) -> None:  # type: ignore[no-untyped-def]
         out.print(f"output {name}: max abs err {s.max_abs:.3g}, cosine {s.cosine:.6f}" + (f", top-1 agreement {s.top1:.3f}" if s.top1 is not None else ""))
 
 
+@app.command(name="apply")
+@guarded
+def apply_plan_cmd(
+    model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
+    plan: Path = typer.Option(..., "--plan", help="Plan written by optimize --save-plan."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the rewritten model."),
+    force: bool = typer.Option(False, "--force", help="Replay even if the model or calibration data differ from the plan's."),
+    feeds: Optional[list[Path]] = FeedsOpt,
+    images: Optional[Path] = ImagesOpt,
+    image_spec: Optional[str] = ImageSpecOpt,
+    seed: int = typer.Option(0, "--seed", help="Seed of the feeds split (calibrated lossy steps only)."),
+    max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this."),
+    in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB)."),
+    config_file: Optional[Path] = ConfigOpt,
+) -> None:
+    """Replay a plan's rewrites without measuring: the same model and plan give the same bytes."""
+    from rewriter.io import check_output_path, save_model, sha256_file
+    from rewriter.model import Model
+    from rewriter.plan import Plan, apply_plan
+
+    src = _model_path(model)
+    check_output_path(src, output, in_place=in_place)  # neither the model nor its data files
+    the_plan = Plan.load(plan)
+    feedset = None
+    if the_plan.calibration is not None and (feeds or images):
+        feedset = _feedset(Model.from_source(src, the_plan.input_shapes or None, max_bytes=max_model_bytes), feeds, 1, seed, images, image_spec)
+    result = apply_plan(src, the_plan, force=force, max_model_bytes=max_model_bytes, feeds=feedset)
+    save_model(result.model, output, external_data=external_data)
+    sha = sha256_file(output)
+    if the_plan.output_sha256 and result.sha256_matches and sha != the_plan.output_sha256:
+        log.warning("output sha256 differs from the one recorded in the plan (another onnx/protobuf version?)")
+    out.print(f"wrote {output}: {len(result.applied)} rewrite(s) replayed, sha256 {sha}")
+
+
 @app.command()
 @guarded
 def validate(
@@ -325,6 +411,7 @@ def validate(
     image_spec: Optional[str] = ImageSpecOpt,
     metric: Optional[str] = MetricOpt,
     max_metric_drop: float = MetricDropOpt,
+    min_metric: Optional[float] = MetricFloorOpt,
     num_feeds: int = typer.Option(16, "--num-feeds", min=1, help="Random feeds to compare on."),
     seed: int = typer.Option(0, "--seed"),
     max_error: Optional[str] = typer.Option(None, "--max-error", help="Lossy budget (default: exact gate at --rtol/--atol)."),
@@ -334,6 +421,7 @@ def validate(
     threads: int = ThreadsOpt,
     provider: str = ProviderOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Numerics per output and the latency ratio with its 95% CI; exit 1 if out of budget or slower."""
     from rewriter.report import write_json
@@ -352,7 +440,7 @@ def validate(
         feedset = FeedSet(feedset.validation + feedset.calibration, [], feedset.source)
     config = ValidationConfig(
         budget=Budget.parse(max_error, rtol=rtol, atol=atol), runtime=RuntimeOptions(provider=provider, threads=threads), latency=latency,
-        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric),
+        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric, min_metric),
     )
     rep = validate_models(base_model, _model_path(candidate), input_shapes=shapes, feeds=feedset, config=config, exact=max_error is None)
     if json_path is not None:
@@ -388,6 +476,7 @@ def bench(
     threads: int = ThreadsOpt,
     provider: str = ProviderOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Latency median and spread, and each op type's share of the time (onnxruntime profiler)."""
     from rewriter.report import write_json

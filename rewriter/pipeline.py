@@ -183,6 +183,10 @@ def optimize(
                 if deadline is not None and time.perf_counter() > deadline:
                     decisions.append(Decision(cand, p.exact, False, "not tried: validation time budget exhausted"))
                     continue
+                unusable = judge.reference_error()
+                if unusable is not None:
+                    decisions.append(Decision(cand, p.exact, False, f"not tried: no rewrite can be validated ({unusable})"))
+                    continue
                 if cand.family is not None and cand.level >= failed_levels.get(cand.family, float("inf")):
                     decisions.append(Decision(cand, p.exact, False, "not tried: a milder variant already failed the numerics budget"))
                     continue

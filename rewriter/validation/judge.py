@@ -146,9 +146,20 @@ class Judge:
         if not self.feeds.validation:
             raise InputError("no validation feeds")
         self._reference: list[dict] | None = None
+        self._reference_error: str | None = None
         self._metric_base: float | None = None
 
     # -- reference ------------------------------------------------------------------------------------
+    def reference_error(self) -> str | None:
+        """Why the original model cannot be run for reference outputs (warned once), or ``None``."""
+        if self._reference is None and self._reference_error is None:
+            try:
+                _ = self.reference
+            except InputError as exc:
+                self._reference_error = str(exc)
+                log.warning("no rewrite can be validated, the model is left as it is: %s", exc)
+        return self._reference_error
+
     @property
     def reference(self) -> list[dict]:
         if self._reference is None:
