@@ -469,6 +469,69 @@ def validate(
 
 @app.command()
 @guarded
+def sweep(
+    model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
+    passes: str = typer.Option("bottleneck", "--passes", help="Comma-separated passes to sweep (lossy ones are measured per step)."),
+    input_shape: Optional[list[str]] = InputShapeOpt,
+    feeds: Optional[list[Path]] = FeedsOpt,
+    images: Optional[Path] = ImagesOpt,
+    image_spec: Optional[str] = ImageSpecOpt,
+    metric: Optional[str] = MetricOpt,
+    max_metric_drop: float = MetricDropOpt,
+    min_metric: Optional[float] = MetricFloorOpt,
+    num_feeds: int = typer.Option(8, "--num-feeds", min=1, help="Random feeds (without --feeds/--images)."),
+    seed: int = typer.Option(0, "--seed"),
+    max_error: str = typer.Option("cosine>=0.99", "--max-error", help="The loosest budget the search may reach."),
+    threads: int = ThreadsOpt,
+    provider: str = ProviderOpt,
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0, help="Seconds of validation the search may spend."),
+    max_pairs: int = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the speedup-vs-error curve as a self-contained HTML page."),
+    config_file: Optional[Path] = ConfigOpt,
+) -> None:
+    """The speedup-vs-error Pareto curve of a lossy search, measured end to end at every kept step."""
+    from rewriter.config import build_passes, load_config
+    from rewriter.html_report import write_html
+    from rewriter.model import Model
+    from rewriter.report import ParetoPoint, check_output_paths, write_json
+    from rewriter.sweep import sweep as run_sweep
+    from rewriter.validation.judge import TaskMetric, ValidationConfig, load_metric
+    from rewriter.validation.latency import TimingOptions
+    from rewriter.validation.numerics import Budget
+    from rewriter.validation.runtime import RuntimeOptions
+
+    src = _model_path(model)
+    check_output_paths(None, json_path, html)
+    pass_options = load_config(config_file).pass_options if config_file is not None else {}
+    selected = build_passes(passes, pass_options)
+    runtime = RuntimeOptions(provider=provider, threads=threads)
+    runtime.providers()
+    config = ValidationConfig(
+        budget=Budget.parse(max_error), runtime=runtime, timing=TimingOptions(max_pairs=max_pairs, min_pairs=min(10, max_pairs)),
+        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric, min_metric),
+    )
+    source = Model.from_source(src, _shapes(input_shape))
+    feedset = _feedset(source, feeds, num_feeds, seed, images, image_spec)
+    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=time_budget)
+    if json_path is not None:
+        write_json({"model": str(model), **result.to_dict()}, json_path)
+    if html is not None:
+        points = [ParetoPoint(p.speedup, p.error, f"step {p.step}") for p in result.points]
+        report = {"tool": "onnx-rewriter", "input": {"path": str(model)}, "decisions": [], "passes": [], "totals": {},
+                  "budget": result.search.budget, "pareto": [p.to_dict() for p in points]}
+        write_html(html, report)
+    table = Table(title=f"Sweep of {model.name} (budget reached: {result.search.budget})")
+    for col in ("step", "rewrite", "speedup [95% CI]", "1 - cosine", "max abs", "metric", "front"):
+        table.add_column(col, overflow="fold")
+    for p in result.points:
+        table.add_row(str(p.step), p.label, f"{p.speedup:.3f}x [{p.ci_low:.3f}, {p.ci_high:.3f}]", f"{p.error:.2e}",
+                      f"{p.max_abs:.3g}", "-" if p.metric is None else f"{p.metric:.4g}", "*" if p.step in result.front else "")
+    out.print(table)
+
+
+@app.command()
+@guarded
 def bench(
     model: Path = typer.Argument(..., help="ONNX model file."),
     input_shape: Optional[list[str]] = InputShapeOpt,

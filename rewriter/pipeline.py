@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import onnx
@@ -137,11 +137,13 @@ def optimize(
     max_rounds: int = 8,
     time_budget_s: float | None = None,
     max_model_bytes: int | None = None,
+    on_decision: Callable[[Decision, Model], None] | None = None,
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
     ``passes``: names, instances, or ``None`` for the exact defaults. ``time_budget_s`` caps the time
-    spent judging; candidates left when it runs out are recorded as not tried.
+    spent judging; candidates left when it runs out are recorded as not tried. ``on_decision`` is called
+    after each judged candidate with the decision and the model accepted after it (progress, sweeps).
     """
     start = time.perf_counter()
     config = config or ValidationConfig()
@@ -192,6 +194,8 @@ def optimize(
                     continue
                 accepted, decision = _try(p, model, cand, judge)
                 decisions.append(decision)
+                if on_decision is not None:
+                    on_decision(decision, accepted if accepted is not None else model)
                 if not decision.kept and cand.family is not None and decision.verdict is not None and _accuracy_failure(decision.verdict):
                     failed_levels[cand.family] = min(cand.level, failed_levels.get(cand.family, float("inf")))
                 log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)

@@ -1,0 +1,112 @@
+"""Speedup-vs-error sweep: the path of the guarded greedy search, measured end to end at every step.
+
+One search runs at the loosest budget the user allows. Each lossy rewrite it keeps is a step; after each
+step the whole model is compared with the original -- numerics on the validation feeds (``error`` =
+1 - the lowest cosine over outputs, and the largest max-abs error), the task metric if one is given, and
+the end-to-end speedup with its 95% CI (interleaved, the deploy settings). The points on the Pareto
+front (no other point is both faster and more accurate) are the choices worth offering; ``optimize``
+with a budget between two points stops near the first one. Measuring one path costs one search plus a
+latency A/B per step, instead of one search per budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewriter.contract import Pass
+from rewriter.model import Model
+from rewriter.pipeline import Decision, OptimizeResult, Source, optimize
+from rewriter.shapes import Shape
+from rewriter.validation.feeds import FeedSet
+from rewriter.validation.judge import Judge, ValidationConfig
+from rewriter.validation.runtime import deploy_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    step: int
+    label: str
+    speedup: float
+    ci_low: float
+    ci_high: float
+    #: 1 - the lowest cosine similarity over the model's outputs.
+    error: float
+    max_abs: float
+    metric: float | None
+    macs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SweepResult:
+    points: list[SweepPoint]
+    search: OptimizeResult
+    front: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "points": [p.to_dict() for p in self.points],
+            "front": self.front,
+            "budget": self.search.budget,
+            "feeds": self.search.feeds,
+            "seconds_search": round(self.search.seconds, 2),
+        }
+
+
+def pareto_front(points: Sequence[SweepPoint]) -> list[int]:
+    """Steps of the points no other point beats on both speedup (higher) and error (lower)."""
+    return [
+        p.step
+        for p in points
+        if not any((q.speedup >= p.speedup and q.error < p.error) or (q.speedup > p.speedup and q.error <= p.error) for q in points)
+    ]
+
+
+def sweep(
+    source: Source,
+    passes: str | Sequence[str | Pass] = ("bottleneck",),
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    feeds: FeedSet | None = None,
+    config: ValidationConfig | None = None,
+    time_budget_s: float | None = None,
+) -> SweepResult:
+    """Run the search once at ``config``'s (loosest) budget and measure every kept lossy step."""
+    from rewriter.analysis import analyze
+
+    config = config or ValidationConfig()
+    original = source if isinstance(source, Model) else Model.from_source(source, input_shapes)
+    steps: list[tuple[str, Model]] = [("original", original)]
+
+    def record(decision: Decision, model: Model) -> None:
+        if decision.kept and not decision.exact:
+            steps.append((decision.candidate.description, model))
+
+    result = optimize(original, passes, feeds=feeds, config=config, time_budget_s=time_budget_s, on_decision=record)
+    judge = Judge(original, feeds, config)
+    points = []
+    for i, (label, model) in enumerate(steps):
+        session = deploy_session(model.proto, config.runtime)
+        stats = judge.numerics(model.proto, session)
+        metric = None if config.metric is None else judge.metric_value(model.proto, session)
+        if i == 0:
+            speedup = low = high = 1.0
+        else:
+            ci = judge.model_latency(original.proto, model.proto).ci
+            speedup, low, high = ci.speedup, ci.low, ci.high
+        points.append(SweepPoint(
+            i, label, speedup, low, high,
+            error=max(1.0 - s.cosine for s in stats.values()),
+            max_abs=max(s.max_abs for s in stats.values()),
+            metric=metric,
+            macs=analyze(model).total_macs,
+        ))
+        log.info("step %d: speedup %.3f, error %.3g (%s)", i, speedup, points[-1].error, label)
+    return SweepResult(points, result, pareto_front(points))

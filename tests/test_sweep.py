@@ -1,0 +1,73 @@
+"""The speedup-vs-error sweep: the path of one search, each step measured against the original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rewriter.cli import app
+from rewriter.model import Model
+from rewriter.sweep import SweepPoint, pareto_front, sweep
+from rewriter.validation.feeds import FeedSet
+from rewriter.validation.judge import ValidationConfig
+from rewriter.validation.latency import TimingOptions
+from rewriter.validation.numerics import Budget
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits" / "digits_cnn.onnx"
+FAST = TimingOptions(min_pairs=6, max_pairs=10, time_budget_s=0.3)
+
+
+def _point(step: int, speedup: float, error: float) -> SweepPoint:
+    return SweepPoint(step, f"s{step}", speedup, speedup, speedup, error, 0.0, None, 0)
+
+
+def test_pareto_front_keeps_undominated_points() -> None:
+    points = [_point(0, 1.0, 0.0), _point(1, 1.2, 0.01), _point(2, 1.1, 0.02), _point(3, 1.3, 0.05), _point(4, 1.3, 0.06)]
+    assert pareto_front(points) == [0, 1, 3]
+
+
+def _digit_feeds() -> FeedSet:
+    pytest.importorskip("sklearn")
+    from models.digits import load_split
+
+    x_train, _, x_test, _ = load_split()
+    return FeedSet(
+        validation=[{"input": x_test[i : i + 4]} for i in range(0, 32, 4)],
+        calibration=[{"input": x_train[i : i + 4]} for i in range(0, 32, 4)],
+        source="digits",
+    )
+
+
+def test_sweep_measures_every_kept_step_of_the_trained_cnn() -> None:
+    model = Model.from_source(DIGITS, {"input": (4, 1, 32, 32)})
+    config = ValidationConfig(budget=Budget.parse("cosine>=0.98"), timing=FAST, lossy_min_speedup=0.0)
+    result = sweep(model, ["bottleneck"], feeds=_digit_feeds(), config=config)
+    kept = [d for d in result.search.decisions if d.kept]
+    assert len(result.points) == 1 + len(kept) >= 2
+    assert result.points[0].speedup == 1.0 and result.points[0].error < 1e-6
+    for p in result.points[1:]:
+        assert p.macs < result.points[0].macs  # every step is a real factorization
+        assert p.error <= 0.02 + 1e-9  # within the loosest budget (1 - cosine)
+        assert p.ci_low <= p.speedup <= p.ci_high
+    assert 0 in result.front
+    assert json.loads(json.dumps(result.to_dict()))["points"][0]["label"] == "original"
+
+
+def test_sweep_cli_writes_json_and_html(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from models.digits import load_split
+
+    x_train, _, _, _ = load_split()
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, input=x_train[:64].reshape(16, 4, 1, 32, 32))
+    out_json, out_html = tmp_path / "sweep.json", tmp_path / "sweep.html"
+    res = CliRunner().invoke(app, ["sweep", str(DIGITS), "--input-shape", "input:4x1x32x32", "--feeds", str(feeds),
+                                   "--max-error", "cosine>=0.98", "--max-pairs", "6", "--json", str(out_json), "--html", str(out_html)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out_json.read_text())
+    assert data["points"][0]["step"] == 0 and len(data["points"]) >= 2
+    assert "<svg" in out_html.read_text()
