@@ -190,12 +190,7 @@ class Fuse1x1Chain(PatternPass[Chain]):
             reason = affine_reason(graph, node, operand, w1.ndim, int(w1.shape[0]))
             if reason is not None:
                 return reason
-        cost = self.cost(model, match)
-        if cost.macs_before == 0:
-            return "output shapes unknown; cannot tell whether fusing lowers MACs"
-        if cost.macs_after >= cost.macs_before:
-            return f"fusing would raise MACs from {cost.macs_before} to {cost.macs_after}"
-        return None
+        return self.cost(model, match).rise_reason(allow_equal=False)
 
     def describe(self, model: Model, match: Chain) -> str:
         w1 = const_value(match.first.inputs[1])

@@ -113,12 +113,7 @@ class Fuse1x1Kxk(PatternPass[PointwiseThenKxk]):
         b1 = conv_bias(first)
         if b1 is not None and np.any(b1 != 0) and not conv_padding_free(second):
             return BORDER_REASON
-        cost = self.cost(model, match)
-        if cost.macs_before == 0:
-            return "output shapes unknown; cannot tell whether fusing raises MACs"
-        if cost.macs_after > cost.macs_before:
-            return f"fusing would raise MACs from {cost.macs_before} to {cost.macs_after}"
-        return None
+        return self.cost(model, match).rise_reason(allow_equal=True)
 
     def describe(self, model: Model, match: PointwiseThenKxk) -> str:
         w1, w2 = const_value(match.first.inputs[1]), const_value(match.second.inputs[1])

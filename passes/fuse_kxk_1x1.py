@@ -124,12 +124,7 @@ class FuseKxk1x1(PatternPass[KxkThen1x1]):
         group = int(first.attrs.get("group", 1))
         if w1.ndim < 3 or w1.shape[0] % group or w2.shape[1] != w1.shape[0]:
             return f"weight shapes {w1.shape} (group {group}) and {w2.shape} do not chain"
-        cost = self.cost(model, match)
-        if cost.macs_before == 0:
-            return "output shapes unknown; cannot tell whether fusing raises MACs"
-        if cost.macs_after > cost.macs_before:
-            return f"fusing would raise MACs from {cost.macs_before} to {cost.macs_after}"
-        return None
+        return self.cost(model, match).rise_reason(allow_equal=True)
 
     def describe(self, model: Model, match: KxkThen1x1) -> str:
         w1, w2 = const_value(match.first.inputs[1]), const_value(match.second.inputs[1])

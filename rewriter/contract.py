@@ -46,6 +46,14 @@ class Cost:
     def macs_saved(self) -> int:
         return self.macs_before - self.macs_after
 
+    def rise_reason(self, *, allow_equal: bool) -> str | None:
+        """Why a fusion should not be applied on MACs alone (shapes unknown, or MACs would rise), or None."""
+        if self.macs_before == 0:
+            return "output shapes unknown; cannot tell whether fusing lowers MACs"
+        if self.macs_after > self.macs_before or (not allow_equal and self.macs_after == self.macs_before):
+            return f"fusing would raise MACs from {self.macs_before} to {self.macs_after}"
+        return None
+
 
 @dataclass(frozen=True)
 class Candidate:
