@@ -68,8 +68,8 @@ class Candidate:
     #: Order of trial, highest first (e.g. MACs saved per unit of estimated error); default: MACs saved.
     priority: float | None = None
     #: Candidates that are variants of one rewrite (e.g. one conv at several ranks) share a family;
-    #: ``level`` orders them by aggressiveness. Once a variant fails numerics, the pipeline skips the
-    #: family's variants at the same or a higher level: they would only lose more accuracy.
+    #: ``level`` orders them by aggressiveness. The pipeline tries a family's variants together, the most
+    #: aggressive first, and once one fails numerics skips those at the same or a higher level.
     family: str | None = None
     level: float = 0.0
 

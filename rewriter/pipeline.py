@@ -91,8 +91,26 @@ class OptimizeResult:
 
 
 def _rank(candidates: list[Candidate]) -> list[Candidate]:
-    """Trial order: the pass's priority when it gives one, else estimated MACs saved; ties by node names."""
-    return sorted(candidates, key=lambda c: (-(c.priority if c.priority is not None else c.cost.macs_saved), c.nodes))
+    """Trial order: the pass's priority when it gives one, else estimated MACs saved; ties by node names.
+
+    Variants of one rewrite (a ``family``) are tried together, at the position of the family's best
+    priority, the most aggressive first: the first one within budget is the one kept.
+    """
+
+    def score(c: Candidate) -> float:
+        return c.priority if c.priority is not None else float(c.cost.macs_saved)
+
+    best: dict[str, float] = {}
+    for c in candidates:
+        if c.family is not None:
+            best[c.family] = max(best.get(c.family, float("-inf")), score(c))
+
+    def key(c: Candidate) -> tuple:
+        if c.family is None:
+            return (-score(c), "", 0.0, c.nodes)
+        return (-best[c.family], c.family, -c.level, c.nodes)
+
+    return sorted(candidates, key=key)
 
 
 def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
