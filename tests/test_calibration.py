@@ -1,0 +1,58 @@
+"""Calibration activations: captured tensors and channel moments match a direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rewriter.model import Model
+from rewriter.validation.calibration import Calibration
+from tests.helpers import parse, run_reference
+
+MODEL = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 6, 6] X) => (float[2, 4, 6, 6] Y)
+    <float[5, 3, 3, 3] W1, float[4, 5, 1, 1] W2> {
+        A = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (X, W1)
+        R = Relu (A)
+        Y = Conv <kernel_shape = [1, 1]> (R, W2)
+    }
+"""
+
+
+def _setup() -> tuple[Model, list[dict], Calibration]:
+    model = Model.from_source(parse(MODEL))
+    rng = np.random.default_rng(0)
+    feeds = [{"X": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
+    return model, feeds, Calibration(model, feeds)
+
+
+def _direct(model: Model, feeds: list[dict], name: str) -> np.ndarray:
+    probe = parse(MODEL.replace("=> (float[2, 4, 6, 6] Y)", f"=> (float[2, 4, 6, 6] Y, float[2, 5, 6, 6] {name})"))
+    return np.concatenate([out[1] for out in run_reference(probe, feeds)], axis=0)
+
+
+def test_captured_tensor_is_the_intermediate_activation() -> None:
+    model, feeds, calib = _setup()
+    got = calib.of(model, ["R"])["R"]
+    np.testing.assert_allclose(got, _direct(model, feeds, "R"), rtol=1e-6)
+    assert got.shape == (6, 5, 6, 6)  # three feeds of batch 2, concatenated on axis 0
+
+
+def test_moments_match_direct_computation() -> None:
+    model, feeds, calib = _setup()
+    mean, second = calib.moments(model, ["A"])["A"]
+    a = _direct(model, feeds, "A")
+    flat = np.moveaxis(a, 1, -1).reshape(-1, 5).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(second, flat.T @ flat / len(flat), rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_original_and_the_current_version_are_cached() -> None:
+    model, _, calib = _setup()
+    calib.reference(["A"])
+    v1 = model.fork().commit()
+    calib.of(v1, ["A"])
+    v2 = v1.fork().commit()
+    calib.of(v2, ["A"])
+    versions = {key for key, _ in calib._cache}
+    assert versions == {id(model.proto), id(v2.proto)}
