@@ -61,6 +61,11 @@ def rank_grid(full: int, fractions: tuple[float, ...], multiple: int) -> list[in
     return sorted({r for f in fractions if (r := round_rank(f * full, multiple, full)) < full})
 
 
+def gram(x: np.ndarray) -> np.ndarray:
+    """``x^T x`` with both operands contiguous (some BLAS builds are several times slower on a transposed view)."""
+    return np.ascontiguousarray(x.T) @ x
+
+
 def top_eigvecs(moment: np.ndarray, rank: int) -> np.ndarray:
     """The ``rank`` leading eigenvectors (columns) of a symmetric matrix, largest eigenvalue first."""
     values, vectors = np.linalg.eigh(moment)
@@ -72,12 +77,12 @@ def output_basis(y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """``(U [O, r], mu [O])``: principal directions and mean of output samples ``y`` ``[n, O]``."""
     mu = y.mean(axis=0)
     centred = y - mu
-    return top_eigvecs(centred.T @ centred / max(1, len(y)), rank), mu
+    return top_eigvecs(gram(centred) / max(1, len(y)), rank), mu
 
 
 def input_basis(x: np.ndarray, rank: int) -> np.ndarray:
     """``V [C, r]``: leading eigenvectors of the uncentred second moment of input samples ``x`` ``[n, C]``."""
-    return top_eigvecs(x.T @ x / max(1, len(x)), rank)
+    return top_eigvecs(gram(x) / max(1, len(x)), rank)
 
 
 def weight_output_basis(w: np.ndarray, rank: int) -> np.ndarray:
@@ -126,14 +131,15 @@ class RidgeSolver:
         p32 = np.asarray(p, np.float32)
         self.p_mean = p32.mean(axis=0, dtype=np.float64)
         self.pc = p32 - self.p_mean.astype(np.float32)
-        gram = (self.pc.T @ self.pc).astype(np.float64)
-        lam = ridge * max(np.trace(gram) / max(1, gram.shape[0]), 1e-12)
-        self.chol = np.linalg.cholesky(gram + lam * np.eye(gram.shape[0]))
+        self.pc_t = np.ascontiguousarray(self.pc.T)
+        g = (self.pc_t @ self.pc).astype(np.float64)
+        lam = ridge * max(np.trace(g) / max(1, g.shape[0]), 1e-12)
+        self.chol = np.linalg.cholesky(g + lam * np.eye(g.shape[0]))
 
     def fit(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = np.asarray(z, np.float64)
         z_mean = z.mean(axis=0)
-        rhs = (self.pc.T @ (z - z_mean).astype(np.float32)).astype(np.float64)
+        rhs = (self.pc_t @ (z - z_mean).astype(np.float32)).astype(np.float64)
         a = np.linalg.solve(self.chol.T, np.linalg.solve(self.chol, rhs)).T
         return a, z_mean - a @ self.p_mean
 
@@ -396,7 +402,7 @@ class Bottleneck(Pass):
 
         def spectrum(name: str, matrix: np.ndarray) -> np.ndarray:
             if name not in spectra:
-                spectra[name] = np.sort(np.linalg.eigvalsh(matrix))[::-1]
+                spectra[name] = np.sort(np.linalg.eigvalsh(matrix.astype(np.float32)).astype(np.float64))[::-1]
             return spectra[name]
 
         for key in [k for k in spectra if k.startswith("x:")]:

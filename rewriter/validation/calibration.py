@@ -63,7 +63,7 @@ class Calibration:
         self._evict(id(model.proto))
         log.debug("captured %d tensors on %d calibration feeds", len(missing), len(self.feeds))
 
-    def moments(self, model: Model, names: Sequence[str], flops_per_feed: float = 2e8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def moments(self, model: Model, names: Sequence[str], flops_per_feed: float = 5e7) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per tensor ``[N, C, ...]``: channel mean ``[C]`` and uncentred second moment ``E[x x^T]`` ``[C, C]``
         -- accumulated feed by feed in one run, without keeping the tensors. Large maps are subsampled on an
         even spatial grid to about ``flops_per_feed / C^2`` positions per feed (at least 256; deterministic)."""
@@ -82,7 +82,9 @@ class Calibration:
                         step = int(np.ceil(np.sqrt(positions / max_positions)))
                         v = v[:, :, ::step, ::step]
                     flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
-                    outer = (flat.T @ flat).astype(np.float64)
+                    # float32 products, summed in float32 (spectra need no more); both operands contiguous:
+                    # some BLAS builds are several times slower on a transposed view.
+                    outer = np.ascontiguousarray(flat.T) @ flat
                     acc = sums[n]
                     if acc is None:
                         sums[n] = [flat.sum(axis=0, dtype=np.float64), outer, len(flat)]
@@ -92,7 +94,7 @@ class Calibration:
                         acc[2] += len(flat)
             for n in missing:
                 total, outer, count = sums[n]  # type: ignore[misc]
-                self._moments[(key, "moments:" + n)] = (total / count, outer / count)
+                self._moments[(key, "moments:" + n)] = (total / count, outer.astype(np.float64) / count)
             self._keep[key] = model
             self._evict(key)
         return {n: self._moments[(key, "moments:" + n)] for n in names}
