@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +26,6 @@ from rewriter.io import save_model, sha256_file
 from tests.helpers import assert_same_outputs
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_loggers() -> Iterator[None]:
-    """The CLI installs a stderr handler on the 'rewriter' and 'passes' loggers; undo it for other tests."""
-    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("rewriter", "passes")}
-    yield
-    for name, (handlers, level) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
 
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]

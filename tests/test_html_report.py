@@ -8,12 +8,10 @@ into a failure, and keeps the screenshot (ONNX_REWRITER_SCREENSHOT_OUT).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -45,15 +43,6 @@ SWEEP = [
     ParetoPoint(1.62, 3e-3, "rank 16"),
     ParetoPoint(1.90, 2e-2, "rank 8"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_loggers() -> Iterator[None]:
-    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("rewriter", "passes")}
-    yield
-    for name, (handlers, level) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
 
 
 def _analysis(*nodes: tuple[str, str, int]) -> Analysis:

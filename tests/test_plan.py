@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +22,6 @@ from rewriter.validation.judge import ValidationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_loggers() -> Iterator[None]:
-    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("rewriter", "passes")}
-    yield
-    for name, (handlers, level) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
 
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]

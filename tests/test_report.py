@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 #: Any C0 control character but newline and tab, DEL, and C1 controls (ESC starts every ANSI sequence).
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-@pytest.fixture(autouse=True)
-def _restore_loggers() -> Iterator[None]:
-    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("rewriter", "passes", "rewriter.pipeline")}
-    yield
-    for name, (handlers, level) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
 
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
