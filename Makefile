@@ -21,8 +21,8 @@ demo: $(STAMP)
 	mkdir -p $(BUILD)
 	$(PY) -m models.sample $(BUILD)/sample.onnx
 	$(VENV)/bin/onnx-rewriter analyze $(BUILD)/sample.onnx --top 8
-	$(VENV)/bin/onnx-rewriter optimize $(BUILD)/sample.onnx -o $(BUILD)/sample.opt.onnx --report $(BUILD)/sample.report.json
-	@echo "report: $(BUILD)/sample.report.json"
+	$(VENV)/bin/onnx-rewriter optimize $(BUILD)/sample.onnx -o $(BUILD)/sample.opt.onnx --report $(BUILD)/sample.report.json --html $(BUILD)/sample.report.html
+	@echo "reports: $(BUILD)/sample.report.json, $(BUILD)/sample.report.html"
 
 ## make test: the default test suite (no network, no corpus models).
 test: $(STAMP)
