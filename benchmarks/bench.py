@@ -308,8 +308,20 @@ def _macs(path: Path, shapes: tuple[str, ...]) -> int | None:
 # -- why a row is not faster ------------------------------------------------------------------------------
 
 
-def _note(row: dict[str, Any], diff: str) -> str:
+def _verdict(lat: dict[str, Any], aa: tuple[float, float] | None) -> str:
+    """``faster`` / ``slower`` only beyond both 1 and the A/A control's interval; else ``same``."""
+    low, high = lat["ci95"]
+    if low > max(1.0, aa[1] if aa else 1.0):
+        return "faster"
+    if high < min(1.0, aa[0] if aa else 1.0):
+        return "slower"
+    return "same"
+
+
+def _note(row: dict[str, Any], aa: tuple[float, float] | None) -> str:
+    """Why a row is not faster (empty when it is)."""
     tool, s = row["tool"], row.get("summary") or {}
+    diff = row.get("op_changes", "")
     lat = row.get("latency")
     if row.get("error"):
         return f"error: {row['error']}"
@@ -321,11 +333,19 @@ def _note(row: dict[str, Any], diff: str) -> str:
         return "output graph is the input graph"
     if lat is None:
         return ""
-    faster = lat["ci95"][0] > 1.0
-    slower = lat["ci95"][1] < 1.0
-    if faster:
+    verdict = _verdict(lat, aa)
+    if verdict == "faster":
         return ""
-    head = "slower" if slower else "not shown faster (CI includes 1)"
+    slower = verdict == "slower"
+    low, high = lat["ci95"]
+    if slower:
+        head = "slower"
+    elif low > 1.0:
+        head = f"CI above 1 but not above the A/A control's upper end {aa[1]:.3f}: not told apart from no change" if aa else "?"
+    elif high < 1.0:
+        head = f"CI below 1 but not below the A/A control's lower end {aa[0]:.3f}: not told apart from no change" if aa else "?"
+    else:
+        head = "not shown faster (CI includes 1)"
     if tool == "ours-exact":
         kept = ", ".join(f"{p} x{n}" for p, n in s.get("kept_by_pass", {}).items())
         if set(s.get("kept_by_pass", {})) <= {"fold_batchnorm"}:
@@ -465,7 +485,6 @@ def bench_model(bm: BenchModel, s: Settings, baseline_rss: int) -> ModelResult:
         cmd = _tool_cmd(tool, src, out, bm, s, files, feeds.source)
         if isinstance(cmd, str):
             row["error"] = cmd
-            row["note"] = cmd
             continue
         timeout = s.tool_timeout + (s.lossy_cap_large if tool == "ours-lossy" else 0)
         log.info("%s: %s", bm.name, tool)
@@ -483,7 +502,6 @@ def bench_model(bm: BenchModel, s: Settings, baseline_rss: int) -> ModelResult:
             row["error"] = f"exit code {child.returncode}: {_last_line(child.stderr_tail)}"
         if "error" in row or not out.is_file():
             row.setdefault("error", "wrote no model")
-            row["note"] = _note(row, "")
             continue
         outputs[tool] = out
         try:
@@ -504,9 +522,22 @@ def bench_model(bm: BenchModel, s: Settings, baseline_rss: int) -> ModelResult:
                 row["latency"] = _latency(base_session, out, feeds, s.timing)
         except Exception as exc:
             row["error"] = f"measuring failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            diff = ""
-        row["note"] = _note(row, diff)
+    annotate(res)
     return res
+
+
+def _aa_interval(res: ModelResult) -> tuple[float, float] | None:
+    control = next((r for r in res.rows if r["tool"] == "original (A/A)"), None)
+    lat = None if control is None else control.get("latency")
+    return None if lat is None else (lat["ci95"][0], lat["ci95"][1])
+
+
+def annotate(res: ModelResult) -> None:
+    """Each tool row's note, judged against 1 and against the model's A/A control."""
+    aa = _aa_interval(res)
+    for row in res.rows:
+        if row["tool"] in TOOLS:
+            row["note"] = _note(row, aa)
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -524,13 +555,14 @@ def _fmt_err(row: dict[str, Any]) -> tuple[str, str]:
     return f"{row['max_abs_error']:.2e}", f"{row['cosine']:.6f}"
 
 
-def _short(row: dict[str, Any]) -> str:
+def _short(row: dict[str, Any], aa: tuple[float, float] | None = None) -> str:
     if row.get("error"):
         return "error" if "not installed" not in row["error"] else "n/a"
     lat = row.get("latency")
     if lat is None:
         return "1 (no change)" if row.get("unchanged") or "max_abs_error" in row else "-"
-    mark = " **faster**" if lat["ci95"][0] > 1 else (" slower" if lat["ci95"][1] < 1 else "")
+    verdict = "same" if row.get("tool", "").startswith("original") else _verdict(lat, aa)
+    mark = {"faster": " **faster**", "slower": " slower", "same": ""}[verdict]
     return f"{lat['speedup']:.2f}x [{lat['ci95'][0]:.2f}, {lat['ci95'][1]:.2f}]{mark}"
 
 
@@ -573,7 +605,9 @@ def render(results: list[ModelResult], meta: dict[str, Any], targets: dict[str, 
         f"* Machine: {meta['machine']}; load average {meta['load_start']} at the start, {meta['load_end']} at the end "
         f"(a shared machine: the interleaved pairs cancel drift that hits both sides, not noise).",
         f"* Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
-        f"* Latency: {meta['setting']}.",
+        f"* Latency: {meta['setting']}. Each model's **A/A control** times the original against a second session of "
+        "itself: a tool's output is called **faster** (or slower) only when its interval lies beyond both 1 and the "
+        "A/A interval.",
         f"* Error: against the original model under onnxruntime with graph optimizations disabled, on {meta['validation']} "
         f"validation crops of scikit-image photographs (max abs error and the lowest cosine over outputs).",
         f"* `ours-lossy`: the `bottleneck` pass on `ours-exact`'s output, budget `{meta['budget']}`, fitted on "
@@ -596,11 +630,12 @@ def render(results: list[ModelResult], meta: dict[str, Any], targets: dict[str, 
             continue
         by = {row["tool"]: row for row in r.rows}
         lossy = by.get("ours-lossy", {})
-        lossy_cell = _short(lossy) + (f" ({lossy['cosine']:.4f})" if "cosine" in lossy and not lossy.get("error") else "")
+        aa = _aa_interval(r)
+        lossy_cell = _short(lossy, aa) + (f" ({lossy['cosine']:.4f})" if "cosine" in lossy and not lossy.get("error") else "")
         macs = f"{r.macs / 1e9:.2f}" if r.macs else "-"
         out.append(f"| {r.name} | {r.weights} | {r.size_bytes / 2**20:.1f} | {macs} | {_short(by.get('original (A/A)', {}))} | "
-                   f"{_short(by.get('ours-exact', {}))} | {lossy_cell} | "
-                   f"{_short(by.get('onnxslim', {}))} | {_short(by.get('onnxsim', {}))} | {_short(by.get('ort-extended', {}))} |")
+                   f"{_short(by.get('ours-exact', {}), aa)} | {lossy_cell} | "
+                   f"{_short(by.get('onnxslim', {}), aa)} | {_short(by.get('onnxsim', {}), aa)} | {_short(by.get('ort-extended', {}), aa)} |")
     out += ["", "## Tool-speed targets", ""]
     ev = targets["exact_vs_onnxslim"]
     met = sum(e["meets"] for e in ev)
@@ -666,6 +701,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def write(results: list[ModelResult], meta: dict[str, Any], out: Path) -> str:
+    targets = _targets(results, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "targets": targets, "models": [r.__dict__ for r in results]}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    text = render(results, meta, targets)
+    out.with_suffix(".md").write_text(text)
+    return text
+
+
+def rerender(source: Path, out: Path) -> int:
+    payload = json.loads(source.read_text())
+    results = [ModelResult(**m) for m in payload["models"]]
+    for r in results:
+        annotate(r)
+    sys.stdout.write(write(results, payload["meta"], out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
@@ -682,7 +736,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lossy-cap-large", type=float, default=None,
                         help="the same for the trained corpus models and resnet50 (default 120; quick 30)")
     parser.add_argument("--pairs", type=int, default=None, help="most interleaved pairs per latency comparison (default 60; quick 15)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: re-write OUT.md (and the notes in OUT.json) from a JSON file this script wrote")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        return rerender(args.render, args.out or args.render.with_suffix(""))
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from rewriter.validation.latency import TimingOptions
 
@@ -733,13 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_rss_mb": baseline.peak_rss / 2**20,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    targets = _targets(results, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "targets": targets, "models": [r.__dict__ for r in results]}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    text = render(results, meta, targets)
-    out.with_suffix(".md").write_text(text)
-    sys.stdout.write(text)
+    sys.stdout.write(write(results, meta, out))
     return 0
 
 
