@@ -48,10 +48,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.fuse_1x1_chain import compose_pointwise, conv_padding_free, is_pointwise_conv
-from passes.fuse_kxk_1x1 import conv_operands_reason, intermediate_reason
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
-from rewriter.graph import NameFactory, constant, const_value, is_graph_output, replace_nodes
+from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, intermediate_reason, is_graph_output, replace_nodes
 from rewriter.model import Model
 
 # -- weight math (pure numpy) ---------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def _conv_reason(model: Model, conv: gs.Node) -> str | None:
         return f"{conv.name}: grouped 1x1 conv (group {conv.attrs['group']})"
     if not conv_padding_free(conv):
         return f"{conv.name}: padding on a 1x1 conv would add a border of bias values"
-    reason = conv_operands_reason(model.graph, conv) or _activation_dtype_reason(model, conv.inputs[0])
+    reason = constant_operands_reason(model.graph, conv) or _activation_dtype_reason(model, conv.inputs[0])
     if reason is not None:
         return reason
     x, y = model.static_shape(conv.inputs[0]), model.static_shape(conv.outputs[0])
@@ -163,7 +162,7 @@ def _linear_reason(node: gs.Node) -> str | None:
     """Why a Gemm/MatMul is not ``A @ W^T + b`` with a constant 2-D right operand, or None (operands aside)."""
     b = const_value(node.inputs[1])
     if b is None:
-        return None  # reported by conv_operands_reason, which reads any node's constant operands
+        return None  # reported by constant_operands_reason, which reads any node's constant operands
     if b.ndim != 2:
         return f"{node.name}: right operand has rank {b.ndim}, not 2"
     if node.op == "Gemm":
@@ -278,7 +277,7 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
             _conv_reason(model, conv)
             or intermediate_reason(graph, conv.outputs[0])
             or intermediate_reason(graph, rows.outputs[0])
-            or conv_operands_reason(graph, linear)
+            or constant_operands_reason(graph, linear)
             or _linear_reason(linear)
         )
         if reason is not None:
@@ -429,8 +428,8 @@ class GemmChainRule(Rule[GemmChain]):
         graph = model.graph
         first, second = match.first, match.second
         reason = (
-            conv_operands_reason(graph, first)
-            or conv_operands_reason(graph, second)
+            constant_operands_reason(graph, first)
+            or constant_operands_reason(graph, second)
             or _linear_reason(first)
             or _linear_reason(second)
             or intermediate_reason(graph, first.outputs[0])

@@ -34,7 +34,16 @@ import onnx_graphsurgeon as gs
 
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Candidate, Cost, PatternPass
-from rewriter.graph import NameFactory, constant, const_value, is_graph_input, is_graph_output, producer, replace_nodes
+from rewriter.graph import (
+    NameFactory,
+    constant,
+    const_value,
+    constant_operands_reason,
+    is_graph_input,
+    is_graph_output,
+    producer,
+    replace_nodes,
+)
 from rewriter.model import Model
 
 #: Ops whose output channels can absorb a per-channel affine map.
@@ -261,19 +270,11 @@ class FoldBatchNorm(PatternPass[Fold]):
         # The producer: constant floating weights.
         if len(prod.outputs) != 1:
             return f"{prod.name}: {len(prod.outputs)} outputs"
-        if len(prod.inputs) < 2:
-            return f"{prod.name}: no weight input"
-        for t in prod.inputs[1:]:
-            if not t.name:
-                continue
-            if is_graph_input(graph, t):
-                return f"{prod.name}: weight or bias {t.name!r} is a graph input, not a constant"
-            if const_value(t) is None:
-                return f"{prod.name}: weight or bias {t.name!r} is not constant"
+        reason = constant_operands_reason(graph, prod)
+        if reason is not None:
+            return reason
         w = _weight(prod)
         assert w is not None
-        if w.dtype.kind != "f":
-            return f"{prod.name}: weights are {w.dtype}, not floating point"
         channels = _out_channels(prod, w)
         if prod.op == "ConvTranspose":
             group = int(prod.attrs.get("group", 1))

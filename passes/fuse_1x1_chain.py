@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Cost, PatternPass
-from rewriter.graph import NameFactory, constant, const_value, is_graph_input, is_graph_output, replace_nodes
+from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, is_graph_output, replace_nodes
 from rewriter.model import Model
 
 #: The longest run of affine nodes looked through between the two convs.
@@ -116,6 +116,17 @@ def conv_padding_free(node: gs.Node) -> bool:
     return all(p == 0 for p in pads) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
 
 
+def pointwise_reason(conv: gs.Node) -> str | None:
+    """Why a 1x1 conv cannot be folded into a KxK neighbour (grouped, padded or strided), or None."""
+    if int(conv.attrs.get("group", 1)) != 1:
+        return f"{conv.name}: grouped 1x1 conv (group {conv.attrs['group']})"
+    if not conv_padding_free(conv):
+        return f"{conv.name}: padding on the 1x1 conv would add a border of bias values"
+    if any(int(s) != 1 for s in conv.attrs.get("strides", [])):
+        return f"{conv.name}: the 1x1 conv has strides {list(conv.attrs['strides'])}, only stride 1 is fused"
+    return None
+
+
 @dataclass(frozen=True)
 class Chain:
     first: gs.Node
@@ -167,18 +178,12 @@ class Fuse1x1Chain(PatternPass[Chain]):
         for conv in (match.first, match.second):
             if not conv_padding_free(conv):
                 return f"{conv.name}: padding on a 1x1 conv would add a border of bias values"
-            for t in conv.inputs[1:]:
-                if not t.name:
-                    continue
-                if is_graph_input(graph, t):
-                    return f"{conv.name}: weight {t.name!r} is a graph input, not a constant"
-                if const_value(t) is None:
-                    return f"{conv.name}: weight or bias {t.name!r} is not constant"
+            reason = constant_operands_reason(graph, conv)
+            if reason is not None:
+                return reason
         w1 = const_value(match.first.inputs[1])
         w2 = const_value(match.second.inputs[1])
         assert w1 is not None and w2 is not None
-        if w1.dtype.kind != "f" or w2.dtype.kind != "f":
-            return "weights are not floating point"
         g1, g2 = int(match.first.attrs.get("group", 1)), int(match.second.attrs.get("group", 1))
         if w1.shape[0] != w2.shape[1] * g2 or w1.shape[0] % g1 or w2.shape[0] % g2:
             return f"weight shapes {tuple(w1.shape)} (group {g1}) and {tuple(w2.shape)} (group {g2}) do not chain"

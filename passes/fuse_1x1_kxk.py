@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.fuse_1x1_chain import conv_padding_free, is_pointwise_conv
-from passes.fuse_kxk_1x1 import conv_bias, conv_operands_reason, dense_weight, intermediate_reason
+from passes.fuse_1x1_chain import conv_padding_free, is_pointwise_conv, pointwise_reason
+from passes.fuse_kxk_1x1 import conv_bias, dense_weight
 from rewriter.analysis import node_cost
 from rewriter.contract import Cost, PatternPass
-from rewriter.graph import NameFactory, constant, const_value, replace_nodes
+from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, intermediate_reason, replace_nodes
 from rewriter.model import Model
 
 BORDER_REASON = "the first conv's bias would meet the KxK conv's zero padding at the borders"
@@ -93,18 +93,15 @@ class Fuse1x1Kxk(PatternPass[PointwiseThenKxk]):
         graph = model.graph
         first, second = match.first, match.second
         for conv in (first, second):
-            reason = conv_operands_reason(graph, conv)
+            reason = constant_operands_reason(graph, conv)
             if reason is not None:
                 return reason
         reason = intermediate_reason(graph, first.outputs[0])
         if reason is not None:
             return reason
-        if int(first.attrs.get("group", 1)) != 1:
-            return f"{first.name}: grouped 1x1 conv (group {first.attrs['group']})"
-        if not conv_padding_free(first):
-            return f"{first.name}: padding on the 1x1 conv would add a border of bias values"
-        if any(int(s) != 1 for s in first.attrs.get("strides", [])):
-            return f"{first.name}: the 1x1 conv has strides {list(first.attrs['strides'])}, only stride 1 is fused"
+        reason = pointwise_reason(first)
+        if reason is not None:
+            return reason
         w1, w2 = const_value(first.inputs[1]), const_value(second.inputs[1])
         assert w1 is not None and w2 is not None
         group = int(second.attrs.get("group", 1))

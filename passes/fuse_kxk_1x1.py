@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.fuse_1x1_chain import compose_pointwise, conv_padding_free, dense_weight, is_pointwise_conv
+from passes.fuse_1x1_chain import compose_pointwise, dense_weight, is_pointwise_conv, pointwise_reason
 from rewriter.analysis import node_cost
 from rewriter.contract import Cost, PatternPass
-from rewriter.graph import NameFactory, constant, const_value, is_graph_input, is_graph_output, replace_nodes
+from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, intermediate_reason, replace_nodes
 from rewriter.model import Model
 
 
@@ -47,32 +47,6 @@ def compose_kxk_then_1x1(
     m, kernel = w1.shape[0], w1.shape[1:]
     w, b = compose_pointwise(w1.reshape(m, -1), b1, w2.reshape(w2.shape[0], m), b2)
     return w.reshape((w.shape[0],) + kernel), b
-
-
-def conv_operands_reason(graph: gs.Graph, conv: gs.Node) -> str | None:
-    """Why the weight and bias of ``conv`` cannot be folded (not constant, a graph input, not float), or None."""
-    if len(conv.inputs) < 2:
-        return f"{conv.name}: conv has no weight input"
-    for t in conv.inputs[1:]:
-        if not t.name:  # an omitted optional bias
-            continue
-        if is_graph_input(graph, t):
-            return f"{conv.name}: weight or bias {t.name!r} is a graph input, not a constant"
-        value = const_value(t)
-        if value is None:
-            return f"{conv.name}: weight or bias {t.name!r} is not constant"
-        if value.dtype.kind != "f":
-            return f"{conv.name}: weight or bias {t.name!r} is {value.dtype}, not floating point"
-    return None
-
-
-def intermediate_reason(graph: gs.Graph, tensor: gs.Tensor) -> str | None:
-    """Why the tensor between the two convs cannot disappear (read elsewhere, or a graph output), or None."""
-    if is_graph_output(graph, tensor):
-        return f"intermediate tensor {tensor.name!r} is a graph output"
-    if len(tensor.outputs) != 1:
-        return f"intermediate tensor {tensor.name!r} has {len(tensor.outputs)} consumers"
-    return None
 
 
 def conv_bias(conv: gs.Node) -> np.ndarray | None:
@@ -107,18 +81,15 @@ class FuseKxk1x1(PatternPass[KxkThen1x1]):
         graph = model.graph
         first, second = match.first, match.second
         for conv in (first, second):
-            reason = conv_operands_reason(graph, conv)
+            reason = constant_operands_reason(graph, conv)
             if reason is not None:
                 return reason
         reason = intermediate_reason(graph, first.outputs[0])
         if reason is not None:
             return reason
-        if int(second.attrs.get("group", 1)) != 1:
-            return f"{second.name}: grouped 1x1 conv (group {second.attrs['group']})"
-        if not conv_padding_free(second):
-            return f"{second.name}: padding on the 1x1 conv would add a border of bias values"
-        if any(int(s) != 1 for s in second.attrs.get("strides", [])):
-            return f"{second.name}: the 1x1 conv has strides {list(second.attrs['strides'])}, only stride 1 is fused"
+        reason = pointwise_reason(second)
+        if reason is not None:
+            return reason
         w1, w2 = const_value(first.inputs[1]), const_value(second.inputs[1])
         assert w1 is not None and w2 is not None
         group = int(first.attrs.get("group", 1))

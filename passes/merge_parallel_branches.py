@@ -54,6 +54,7 @@ from rewriter.graph import (
     NameFactory,
     const_value,
     constant,
+    constant_operands_reason,
     is_graph_input,
     is_graph_output,
     producer,
@@ -424,17 +425,11 @@ class MergeParallelBranches(PatternPass[Branches]):
         graph = model.graph
         dtypes = set()
         for conv in match.convs:
-            for t in conv.inputs[1:]:
-                if not t.name:
-                    continue
-                if is_graph_input(graph, t):
-                    return f"{conv.name}: weight or bias {t.name!r} is a graph input, not a constant"
-                if const_value(t) is None:
-                    return f"{conv.name}: weight or bias {t.name!r} is not constant"
+            reason = constant_operands_reason(graph, conv)
+            if reason is not None:
+                return reason
             w = _weight(conv)
             assert w is not None
-            if w.dtype.kind != "f":
-                return f"{conv.name}: weights are {w.dtype}, not floating point"
             if w.ndim < 3:
                 return f"{conv.name}: weight of rank {w.ndim}"
             dtypes.add(w.dtype)

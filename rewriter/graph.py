@@ -66,6 +66,33 @@ def is_private_constant(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return const_value(tensor) is not None and len(tensor.outputs) == 1 and not is_graph_input(graph, tensor)
 
 
+def constant_operands_reason(graph: gs.Graph, conv: gs.Node) -> str | None:
+    """Why the weight and bias of ``conv`` (any op's inputs after the first) cannot be rewritten: not
+    constant, a graph input (overridable), or not floating point; ``None`` when they can."""
+    if len(conv.inputs) < 2:
+        return f"{conv.name}: conv has no weight input"
+    for t in conv.inputs[1:]:
+        if not t.name:  # an omitted optional bias
+            continue
+        if is_graph_input(graph, t):
+            return f"{conv.name}: weight or bias {t.name!r} is a graph input, not a constant"
+        value = const_value(t)
+        if value is None:
+            return f"{conv.name}: weight or bias {t.name!r} is not constant"
+        if value.dtype.kind != "f":
+            return f"{conv.name}: weight or bias {t.name!r} is {value.dtype}, not floating point"
+    return None
+
+
+def intermediate_reason(graph: gs.Graph, tensor: gs.Tensor) -> str | None:
+    """Why the tensor between the two convs cannot disappear (read elsewhere, or a graph output), or None."""
+    if is_graph_output(graph, tensor):
+        return f"intermediate tensor {tensor.name!r} is a graph output"
+    if len(tensor.outputs) != 1:
+        return f"intermediate tensor {tensor.name!r} has {len(tensor.outputs)} consumers"
+    return None
+
+
 class NameFactory:
     """Fresh, unique tensor and node names for one graph."""
 
