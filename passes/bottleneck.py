@@ -123,62 +123,75 @@ def factor_tucker(w: np.ndarray, b: np.ndarray | None, v: np.ndarray, u: np.ndar
 class RidgeSolver:
     """Closed-form ridge regression ``z ~ p A^T + c`` for one input matrix and any number of targets.
 
-    ``p`` ``[n, d]`` is centred once and its Gram matrix factorized once (Cholesky), so re-fitting to new
-    targets costs two triangular solves. The ridge is relative: ``ridge * tr(P^T P) / d``.
+    ``p`` ``[n, d]`` is centred once and ``(P^T P + lam I)^-1`` formed once, so re-fitting to new targets
+    costs two matrix products. The ridge is relative, ``lam = ridge * tr(P^T P) / d``, and pulls ``A``
+    towards a *prior* ``A0`` when one is given (``|P A^T - Z|^2 + lam |A - A0|^2``): with few samples per
+    feature the fit then stays near the projected weights instead of shrinking to zero. The intercept
+    ``c`` is never penalized.
     """
 
     def __init__(self, p: np.ndarray, ridge: float = 1e-4) -> None:
         p32 = np.asarray(p, np.float32)
+        self.samples, self.features = p32.shape
         self.p_mean = p32.mean(axis=0, dtype=np.float64)
         self.pc = p32 - self.p_mean.astype(np.float32)
         self.pc_t = np.ascontiguousarray(self.pc.T)
         g = (self.pc_t @ self.pc).astype(np.float64)
-        lam = ridge * max(np.trace(g) / max(1, g.shape[0]), 1e-12)
-        self.chol = np.linalg.cholesky(g + lam * np.eye(g.shape[0]))
+        self.lam = ridge * max(np.trace(g) / max(1, g.shape[0]), 1e-12)
+        g[np.diag_indices_from(g)] += self.lam
+        self.inverse = np.linalg.inv(g)
 
-    def fit(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit(self, z: np.ndarray, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         z = np.asarray(z, np.float64)
         z_mean = z.mean(axis=0)
         rhs = (self.pc_t @ (z - z_mean).astype(np.float32)).astype(np.float64)
-        a = np.linalg.solve(self.chol.T, np.linalg.solve(self.chol, rhs)).T
+        if prior is not None:
+            rhs += self.lam * prior.T
+        a = (self.inverse @ rhs).T
         return a, z_mean - a @ self.p_mean
 
+    def predict(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """``p A^T + c`` on the fitted samples."""
+        return (self.pc @ a.T.astype(np.float32)).astype(np.float64) + (a @ self.p_mean + c)
 
-def ridge_fit(p: np.ndarray, z: np.ndarray, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
-    """``(A, c)`` minimising ``|p A^T + c - z|^2 + ridge * tr(P^T P)/d * |A|^2`` (closed form).
 
-    ``p`` ``[n, d]`` inputs, ``z`` ``[n, r]`` targets; ``A`` is ``[r, d]``, ``c`` ``[r]``.
+def ridge_fit(p: np.ndarray, z: np.ndarray, ridge: float = 1e-4, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, c)`` minimising ``|p A^T + c - z|^2 + lam |A - A0|^2``, ``lam = ridge * tr(P^T P)/d`` (closed form).
+
+    ``p`` ``[n, d]`` inputs, ``z`` ``[n, r]`` targets, ``prior`` ``A0`` (default 0); ``A`` is ``[r, d]``, ``c`` ``[r]``.
     """
-    return RidgeSolver(p, ridge).fit(z)
+    return RidgeSolver(p, ridge).fit(z, prior)
 
 
 def ridge_fit_through_relu(
-    p: np.ndarray,
+    p: np.ndarray | RidgeSolver,
     y: np.ndarray,
     basis: np.ndarray | None,
     mu: np.ndarray | None,
     ridge: float = 1e-4,
     iterations: int = 2,
+    prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit ``relu(U (p A^T + c) + mu) ~ relu(y)`` (``U``/``mu`` absent: ``relu(p A^T + c) ~ relu(y)``).
 
     Where the original output ``y`` and the current prediction are both negative, the ReLU maps both to
     zero, so the target there is released to the prediction itself; the fit is repeated a few times
     (iteratively re-targeted least squares). Without a following ReLU, use :func:`ridge_fit` alone.
+    ``p`` may be a ready :class:`RidgeSolver` (shared between ranks of one conv).
     """
     u = basis
     m = np.zeros(y.shape[1]) if mu is None else mu
-    solver = RidgeSolver(p, ridge)
+    solver = p if isinstance(p, RidgeSolver) else RidgeSolver(p, ridge)
 
     def to_fit(t: np.ndarray) -> np.ndarray:
         return t - m if u is None else (t - m) @ u
 
-    a, c = solver.fit(to_fit(y))
+    a, c = solver.fit(to_fit(y), prior)
     for _ in range(iterations):
-        z = p @ a.T + c
+        z = solver.predict(a, c)
         pred = (z if u is None else z @ u.T) + m
         target = np.where((y <= 0) & (pred <= 0), pred, y)
-        a, c = solver.fit(to_fit(target))
+        a, c = solver.fit(to_fit(target), prior)
     if u is None and mu is not None:
         c = c + m
     return a, c
@@ -373,7 +386,8 @@ class Bottleneck(Pass):
                         f" (est. rel. error {err:.3g})",
                         Cost(before.macs, macs, before.params, params),
                         {"mode": mode, "rank": rank},
-                        priority=(before.macs - macs) / before.macs / max(err, 1e-4),
+                        # MACs saved per unit of squared error: squared errors of independent layers add up.
+                        priority=(before.macs - macs) / max(err, 1e-3) ** 2,
                         family=f"{node.name}:{mode}",
                         level=-rank,
                     )
@@ -439,75 +453,114 @@ class Bottleneck(Pass):
         layers = self._factorize(model, site, mode, rank)
         self._rewrite(model, site, layers)
 
-    def _data(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray]:
-        """The conv's input in the current model and its output in the original, on calibration feeds.
-
-        The inputs of every eligible conv of this model version are captured in one run: the candidates
-        tried before the next accepted rewrite all read from it.
-        """
+    def _samples(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray]:
+        """``(patches [m, C*kh*kw], y [m, O])``: the conv's input patches in ``model`` and its output in the
+        *original* model, at the same ``max_samples`` output positions spread evenly over every
+        calibration feed (seeded). Cached per model version; whole activations are never kept."""
+        cal = model.calibration
         xname, yname = site.conv.inputs[0].name, site.conv.outputs[0].name
-        wanted = [xname]
-        for node in model.graph.nodes:
-            other = self._site(model, node)
-            if isinstance(other, _Site) and other.conv.inputs[0].name not in wanted:
-                wanted.append(other.conv.inputs[0].name)
-        x = model.calibration.of(model, wanted)[xname]
-        outputs = [yname] + [n.outputs[0].name for n in model.calibration.original.graph.nodes
-                             if isinstance(self._site(model.calibration.original, n), _Site)]
-        y = model.calibration.reference(list(dict.fromkeys(outputs)))[yname]
-        return x, y
+        shape = model.static_shape(site.conv.outputs[0])
+        assert shape is not None
+        per_feed = max(1, math.ceil(self.options.max_samples / len(cal.feeds)))
+        seed = self.options.seed
+
+        def positions(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return sample_positions(shape[0], shape[2], shape[3], per_feed, np.random.default_rng((seed, k)))
+
+        def ys() -> np.ndarray:
+            return np.concatenate(cal.map(cal.original, [yname], lambda k, t: channels_last(t[yname], positions(k)).astype(np.float32)))
+
+        def patches() -> np.ndarray:
+            return np.concatenate(cal.map(model, [xname], lambda k, t: extract_patches(t[xname], site.geo, positions(k)).astype(np.float32)))
+
+        tag = f"{self.name}:{per_feed}:{seed}:"
+        y = cal.memo(cal.original, tag + "y:" + yname, ys)
+        return cal.memo(model, tag + "x:" + site.conv.name, patches), y
+
+    def _output_basis(self, model: Model, site: _Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(U, mu)`` from the covariance of the conv's output in the original model (all calibration feeds)."""
+        cal = model.calibration
+        yname = site.conv.outputs[0].name
+
+        def eig() -> tuple[np.ndarray, np.ndarray]:
+            mean, second = cal.moments(cal.original, [yname])[yname]
+            values, vectors = np.linalg.eigh(second - np.outer(mean, mean))
+            return vectors[:, np.argsort(values)[::-1]], mean
+
+        vectors, mean = cal.memo(cal.original, f"{self.name}:eig:{yname}", eig)
+        return vectors[:, :rank], mean
+
+    def _input_basis(self, model: Model, site: _Site, rank: int) -> np.ndarray:
+        """``V``: leading eigenvectors of the uncentred second moment of the conv's input in ``model``."""
+        cal = model.calibration
+        xname = site.conv.inputs[0].name
+
+        def eig() -> np.ndarray:
+            values, vectors = np.linalg.eigh(cal.moments(model, [xname])[xname][1])
+            return vectors[:, np.argsort(values)[::-1]]
+
+        return cal.memo(model, f"{self.name}:eig:{xname}", eig)[:, :rank]
 
     def _factorize(self, model: Model, site: _Site, mode: str, rank: int) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
-        """The new layers as (weight [o, i, kh, kw], bias, is_kxk), first to last."""
+        """The new layers as (weight [o, i, kh, kw], bias, is_kxk), first to last.
+
+        Data-aware refits start from the projected weights and are pulled back to them by the ridge
+        (a prior), so a conv with few calibration samples per weight stays close to plain PCA.
+        """
         w, b, opts = site.w, site.b, self.options
         o, c, kh, kw = w.shape
         data = model.calibration is not None
-        rng = np.random.default_rng(opts.seed)
         users = site.conv.outputs[0].outputs
         relu = opts.through_relu and len(users) == 1 and users[0].op == "Relu"
-        if data:
-            x, y = self._data(model, site)
-            pos = sample_positions(y.shape[0], y.shape[2], y.shape[3], opts.max_samples, rng)
-            y_s = channels_last(y, pos)
+        if not data:
+            return self._weight_only(site, mode, rank)
+        v = self._input_basis(model, site, rank) if mode in ("input", "tucker") else None
+        u, mu = self._output_basis(model, site, rank) if mode in ("output", "tucker") else (None, None)
         if mode == "output":
-            if data:
-                u, mu = output_basis(channels_last(y), rank)
-            else:
-                u, mu = weight_output_basis(w, rank), None
             w1, b1, w2, b2 = factor_output(w, b, u, mu)
-            if data and opts.refit:
-                p = extract_patches(x, site.geo, pos)
-                if relu:
-                    a, b1 = ridge_fit_through_relu(p, y_s, u, mu, opts.ridge)
-                else:
-                    a, b1 = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
-                w1 = a.reshape((rank, c, kh, kw))
-            return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
-        if mode == "input":
-            v = input_basis(channels_last(x), rank) if data else weight_input_basis(w, rank)
+            prior = w1.reshape(rank, -1)
+        elif mode == "input":
             w1, w2 = factor_input(w, v)
             b2 = None if b is None else b.astype(np.float64)
-            if data and opts.refit:
-                z = np.einsum("nchw,cr->nrhw", x, v)
-                p = extract_patches(z, site.geo, pos)
-                a, b2 = ridge_fit_through_relu(p, y_s, None, None, opts.ridge) if relu else ridge_fit(p, y_s, opts.ridge)
-                w2 = a.reshape((o, rank, kh, kw))
-            return [(w1.reshape(rank, c, 1, 1), None, False), (w2, b2, True)]
-        # tucker
-        v = input_basis(channels_last(x), rank) if data else weight_input_basis(w, rank)
-        if data:
-            u, mu = output_basis(channels_last(y), rank)
+            prior = w2.reshape(o, -1)
         else:
-            u, mu = weight_output_basis(w, rank), None
-        w1, core, b_core, w3, b3 = factor_tucker(w, b, v, u, mu)
-        if data and opts.refit:
-            z = np.einsum("nchw,cr->nrhw", x, v)
-            p = extract_patches(z, site.geo, pos)
+            w1, core, b_core, w3, b3 = factor_tucker(w, b, v, u, mu)
+            prior = core.reshape(rank, -1)
+        if opts.refit:
+            p, y_s = self._samples(model, site)
+            if mode == "output":
+                solver = model.calibration.memo(model, f"{self.name}:solver:{site.conv.name}:{opts.ridge}", lambda: RidgeSolver(p, opts.ridge))
+            else:  # the KxK factor reads the reduced channels: patches projected tap by tap
+                solver = RidgeSolver(np.einsum("mck,cr->mrk", p.reshape(len(p), c, kh * kw), v.astype(np.float32)).reshape(len(p), -1), opts.ridge)
+            basis, mean = (None, None) if mode == "input" else (u, mu)
             if relu:
-                a, b_core = ridge_fit_through_relu(p, y_s, u, mu, opts.ridge)
+                a, bias = ridge_fit_through_relu(solver, y_s, basis, mean, opts.ridge, prior=prior)
             else:
-                a, b_core = ridge_fit(p, (y_s - mu) @ u, opts.ridge)
-            core = a.reshape((rank, rank, kh, kw))
+                a, bias = solver.fit(y_s if basis is None else (y_s - mean) @ basis, prior)
+            if mode == "output":
+                w1, b1 = a.reshape((rank, c, kh, kw)), bias
+            elif mode == "input":
+                w2, b2 = a.reshape((o, rank, kh, kw)), bias
+            else:
+                core, b_core = a.reshape((rank, rank, kh, kw)), bias
+        if mode == "output":
+            return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
+        if mode == "input":
+            return [(w1.reshape(rank, c, 1, 1), None, False), (w2, b2, True)]
+        return [(w1.reshape(rank, c, 1, 1), None, False), (core, b_core, True), (w3.reshape(o, rank, 1, 1), b3, False)]
+
+    def _weight_only(self, site: _Site, mode: str, rank: int) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
+        """The fallback without calibration data: bases from the SVD of the weights alone."""
+        w, b = site.w, site.b
+        o, c = w.shape[:2]
+        if mode == "output":
+            w1, b1, w2, b2 = factor_output(w, b, weight_output_basis(w, rank), None)
+            return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
+        v = weight_input_basis(w, rank)
+        if mode == "input":
+            w1, w2 = factor_input(w, v)
+            return [(w1.reshape(rank, c, 1, 1), None, False), (w2, None if b is None else b.astype(np.float64), True)]
+        w1, core, b_core, w3, b3 = factor_tucker(w, b, v, weight_output_basis(w, rank), None)
         return [(w1.reshape(rank, c, 1, 1), None, False), (core, b_core, True), (w3.reshape(o, rank, 1, 1), b3, False)]
 
     def _rewrite(self, model: Model, site: _Site, layers: list[tuple[np.ndarray, np.ndarray | None, bool]]) -> None:

@@ -9,6 +9,7 @@ import pytest
 from passes.bottleneck import (
     Bottleneck,
     ConvGeometry,
+    RidgeSolver,
     _Site,
     extract_patches,
     factor_input,
@@ -131,6 +132,25 @@ def test_ridge_fit_recovers_a_linear_map_and_relu_fit_ignores_dead_zone() -> Non
     a2, c2 = ridge_fit_through_relu(p, y, None, None, ridge=1e-9)
     pred = p @ a2.T + c2
     np.testing.assert_allclose(np.maximum(pred, 0), np.maximum(y, 0), atol=1e-5)
+
+
+def test_ridge_prior_pulls_towards_the_projected_weights_when_data_are_scarce() -> None:
+    p = RNG.standard_normal((12, 40))  # fewer samples than features: the data alone cannot fix A
+    a_prior = RNG.standard_normal((3, 40))
+    z = p @ a_prior.T + 0.01 * RNG.standard_normal((12, 3))
+    solver = RidgeSolver(p, ridge=1.0)
+    a_zero, _ = solver.fit(z)
+    a_near, _ = solver.fit(z, a_prior)
+    assert np.linalg.norm(a_near - a_prior) < 0.2 * np.linalg.norm(a_zero - a_prior)
+    # Plenty of data: the prior hardly matters and the map is recovered either way.
+    p = RNG.standard_normal((4000, 6))
+    a_true = RNG.standard_normal((2, 6))
+    solver = RidgeSolver(p, ridge=1e-6)
+    for prior in (None, np.zeros((2, 6)), 5 * a_true):
+        a, c = solver.fit(p @ a_true.T + 1.5, prior)
+        np.testing.assert_allclose(a, a_true, atol=1e-4)
+        np.testing.assert_allclose(c, 1.5, atol=1e-4)
+        np.testing.assert_allclose(solver.predict(a, c), p @ a.T + c, atol=1e-4)
 
 
 CONV_MODEL = """

@@ -56,3 +56,28 @@ def test_only_the_original_and_the_current_version_are_cached() -> None:
     calib.of(v2, ["A"])
     versions = {key for key, _ in calib._cache}
     assert versions == {id(model.proto), id(v2.proto)}
+
+
+def test_map_sees_every_feed_and_keeps_nothing() -> None:
+    model, feeds, calib = _setup()
+    sums = calib.map(model, ["R"], lambda k, t: (k, float(t["R"].sum())))
+    direct = _direct(model, feeds, "R")
+    assert [k for k, _ in sums] == [0, 1, 2]
+    np.testing.assert_allclose([s for _, s in sums], [direct[2 * k:2 * k + 2].sum() for k in range(3)], rtol=1e-5)
+    assert not calib._cache
+
+
+def test_memo_computes_once_per_version_and_is_evicted_with_it() -> None:
+    model, _, calib = _setup()
+    calls: list[int] = []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert calib.memo(model, "k", compute) == calib.memo(model, "k", compute) == 1
+    v1 = model.fork().commit()
+    assert calib.memo(v1, "k", compute) == 2
+    v2 = v1.fork().commit()
+    calib.memo(v2, "k", compute)
+    assert {key for key, _ in calib._cache} == {id(model.proto), id(v2.proto)}  # v1's entry went with v1

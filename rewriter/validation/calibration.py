@@ -9,7 +9,8 @@ results are cached per model version and name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -20,6 +21,8 @@ from rewriter.validation.feeds import Feed
 from rewriter.validation.runtime import reference_session
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Calibration:
@@ -32,7 +35,7 @@ class Calibration:
         self.feeds = list(feeds)
         #: Whole tensors are kept for at most this many feeds (moments use every feed).
         self.max_capture_feeds = max_capture_feeds
-        self._cache: dict[tuple[int, str], np.ndarray] = {}
+        self._cache: dict[tuple[int, str], Any] = {}
         self._moments: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self._keep: dict[int, Model] = {}
 
@@ -98,6 +101,23 @@ class Calibration:
             self._keep[key] = model
             self._evict(key)
         return {n: self._moments[(key, "moments:" + n)] for n in names}
+
+    def memo(self, model: Model, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per model version and ``key``: data a pass derives from activations (samples,
+        factorized solvers), kept and evicted like captured tensors (the current version and the original)."""
+        slot = (id(model.proto), "memo:" + key)
+        if slot not in self._cache:
+            self._cache[slot] = compute()  # type: ignore[assignment]
+            self._keep[id(model.proto)] = model
+            self._evict(id(model.proto))
+        return self._cache[slot]  # type: ignore[return-value]
+
+    def map(self, model: Model, names: Sequence[str], fn: Callable[[int, dict[str, np.ndarray]], T]) -> list[T]:
+        """``fn(feed_index, {name: tensor})`` for every calibration feed, in one run of ``model``; the tensors
+        themselves are not kept (for samples drawn from every feed without holding whole activations)."""
+        names = list(dict.fromkeys(names))
+        session = reference_session(self._with_outputs(model, names))
+        return [fn(k, dict(zip(names, session.run(names, feed)))) for k, feed in enumerate(self.feeds)]
 
     def of(self, model: Model, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Tensors of ``model`` (any version), each the calibration samples concatenated on axis 0."""
