@@ -5,12 +5,17 @@ Python API (the CLI is a thin layer over these)::
     import rewriter
     result = rewriter.optimize("model.onnx", passes=["fuse_1x1_chain"])
     rewriter.save_model(result.model, "model.opt.onnx")
+
+    # Many models, one guarded job each (local processes, or Ray tasks with ray_address="auto"):
+    fleet = rewriter.optimize_many(["a.onnx", "b.onnx"], "out/", rewriter.OptimizeOptions(latency=False))
 """
 
 from rewriter.analysis import Analysis, analyze
 from rewriter.contract import Candidate, Cost, Pass, PatternPass, RewriteError, Skip
 from rewriter.errors import GateFailed, InputError, RewriterError
+from rewriter.fleet import FleetResult, ModelResult, optimize_many
 from rewriter.io import load_model, save_model, sha256_file
+from rewriter.job import OptimizeOptions, OptimizeOutcome, optimize_model
 from rewriter.model import Model
 from rewriter.pipeline import Decision, OptimizeResult, PassResult, apply_pass, optimize
 from rewriter.plan import ApplyResult, Plan, apply_plan, plan_from_result
@@ -24,9 +29,13 @@ __all__ = [
     "Candidate",
     "Cost",
     "Decision",
+    "FleetResult",
     "GateFailed",
     "InputError",
     "Model",
+    "ModelResult",
+    "OptimizeOptions",
+    "OptimizeOutcome",
     "OptimizeResult",
     "Pass",
     "PassResult",
@@ -43,6 +52,8 @@ __all__ = [
     "default_passes",
     "load_model",
     "optimize",
+    "optimize_many",
+    "optimize_model",
     "plan_from_result",
     "resolve_passes",
     "save_model",

@@ -154,20 +154,9 @@ def _model_path(path: Path) -> Path:
 
 def _feedset(model, feeds: Optional[list[Path]], count: int, seed: int, images: Optional[Path] = None, image_spec: Optional[str] = None):  # type: ignore[no-untyped-def]
     """Feeds for validation: an image folder or user files (split into calibration/validation), else seeded random."""
-    from rewriter.validation.feeds import FeedSet, ImageSpec, input_specs
+    from rewriter.validation.feeds import feedset_for, input_specs
 
-    specs = input_specs(model.proto, model.input_shapes)
-    if images is not None:
-        if feeds:
-            raise InputError("give either --feeds or --images, not both")
-        if image_spec is None:
-            raise InputError("--images needs --image-spec, e.g. 224x224,NCHW,RGB,scale=0.00392")
-        return FeedSet.from_images(images, ImageSpec.parse(image_spec), specs, seed=seed)
-    if image_spec is not None:
-        raise InputError("--image-spec needs --images DIR")
-    if feeds:
-        return FeedSet.from_files(feeds, specs, seed=seed)
-    return FeedSet.random(specs, count=count, calibration_count=count, seed=seed)
+    return feedset_for(input_specs(model.proto, model.input_shapes), feeds=feeds, images=images, image_spec=image_spec, count=count, seed=seed)
 
 
 def _quiet() -> bool:
@@ -234,12 +223,42 @@ def list_passes() -> None:
     out.print(table)
 
 
+# -- options shared by optimize and optimize-many ------------------------------------------------------
+PassesOpt = typer.Option(None, "--passes", help="Comma-separated pass names (default: all exact passes).")
+MetricRayOpt = typer.Option(None, "--metric-ray-address", help="Run a sharded --metric's map over this Ray cluster (auto, ray://HOST:10001); needs the 'ray' extra of onnx-rewriter.")
+NumFeedsOpt = typer.Option(8, "--num-feeds", min=1, help="Random feeds to judge numerics on.")
+SeedOpt = typer.Option(0, "--seed", help="Seed of random feeds.")
+MaxErrorOpt = typer.Option(None, "--max-error", help="Budget of lossy passes, e.g. cosine>=0.999,top1-drop<=0.01.")
+RtolOpt = typer.Option(1e-4, "--rtol", help="Exact gate: relative tolerance.")
+AtolOpt = typer.Option(1e-5, "--atol", help="Exact gate: absolute tolerance.")
+LatencyOpt = typer.Option(True, "--latency/--no-latency", help="Gate rewrites on measured latency.")
+SubgraphOpt = typer.Option(True, "--subgraph/--whole-model", help="Time each rewrite on its region (fast) or the whole model.")
+MinSpeedupOpt = typer.Option(1.0, "--min-speedup", help="Lossy rewrites are kept only if the speedup CI lies above this.")
+ExactMinSpeedupOpt = typer.Option(0.99, "--exact-min-speedup", help="Exact rewrites are rolled back if the speedup CI lies wholly below this.")
+MaxPairsOpt = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison.")
+TimeBudgetOpt = typer.Option(None, "--time-budget", min=0, help="Seconds of validation to spend at most.")
+MaxModelBytesOpt = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this.")
+ExternalDataOpt = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB).")
+FailIfNoSpeedupOpt = typer.Option(False, "--fail-if-no-speedup", help="Gate: exit 1, writing nothing, unless the end-to-end speedup CI lies above 1.")
+
+
+def _optimize_options(config_file: Optional[Path], **values: Any):  # type: ignore[no-untyped-def]
+    """The library's OptimizeOptions from a command's option values (and --config's pass options)."""
+    from rewriter.config import load_config
+    from rewriter.job import OptimizeOptions
+
+    pass_options = load_config(config_file).pass_options if config_file is not None else {}
+    values["feeds"] = tuple(str(f) for f in values.get("feeds") or ())
+    values["images"] = None if values.get("images") is None else str(values["images"])
+    return OptimizeOptions(pass_options=pass_options, **values)
+
+
 @app.command()
 @guarded
 def optimize(
     model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the optimized model."),
-    passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass names (default: all exact passes)."),
+    passes: Optional[str] = PassesOpt,
     input_shape: Optional[list[str]] = InputShapeOpt,
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     feeds: Optional[list[Path]] = FeedsOpt,
@@ -248,39 +267,33 @@ def optimize(
     metric: Optional[str] = MetricOpt,
     max_metric_drop: float = MetricDropOpt,
     min_metric: Optional[float] = MetricFloorOpt,
-    num_feeds: int = typer.Option(8, "--num-feeds", min=1, help="Random feeds to judge numerics on."),
-    seed: int = typer.Option(0, "--seed", help="Seed of random feeds."),
-    max_error: Optional[str] = typer.Option(None, "--max-error", help="Budget of lossy passes, e.g. cosine>=0.999,top1-drop<=0.01."),
-    rtol: float = typer.Option(1e-4, "--rtol", help="Exact gate: relative tolerance."),
-    atol: float = typer.Option(1e-5, "--atol", help="Exact gate: absolute tolerance."),
-    latency: bool = typer.Option(True, "--latency/--no-latency", help="Gate rewrites on measured latency."),
-    subgraph: bool = typer.Option(True, "--subgraph/--whole-model", help="Time each rewrite on its region (fast) or the whole model."),
+    metric_ray_address: Optional[str] = MetricRayOpt,
+    num_feeds: int = NumFeedsOpt,
+    seed: int = SeedOpt,
+    max_error: Optional[str] = MaxErrorOpt,
+    rtol: float = RtolOpt,
+    atol: float = AtolOpt,
+    latency: bool = LatencyOpt,
+    subgraph: bool = SubgraphOpt,
     threads: int = ThreadsOpt,
     provider: str = ProviderOpt,
-    min_speedup: float = typer.Option(1.0, "--min-speedup", help="Lossy rewrites are kept only if the speedup CI lies above this."),
-    exact_min_speedup: float = typer.Option(0.99, "--exact-min-speedup", help="Exact rewrites are rolled back if the speedup CI lies wholly below this."),
-    max_pairs: int = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0, help="Seconds of validation to spend at most."),
-    max_model_bytes: Optional[int] = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this."),
+    min_speedup: float = MinSpeedupOpt,
+    exact_min_speedup: float = ExactMinSpeedupOpt,
+    max_pairs: int = MaxPairsOpt,
+    time_budget: Optional[float] = TimeBudgetOpt,
+    max_model_bytes: Optional[int] = MaxModelBytesOpt,
     in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
-    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB)."),
-    fail_if_no_speedup: bool = typer.Option(False, "--fail-if-no-speedup", help="Gate: exit 1, writing nothing, unless the end-to-end speedup CI lies above 1."),
+    external_data: Optional[bool] = ExternalDataOpt,
+    fail_if_no_speedup: bool = FailIfNoSpeedupOpt,
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the kept rewrites as a plan for `apply`."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (profiles each layer before and after)."),
     config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Run the guarded pipeline and write the optimized model and its report."""
-    from rewriter.io import check_output_path, save_model, sha256_file
-    from rewriter.model import Model
-    from rewriter.config import build_passes, load_config
     from rewriter.html_report import profile_layers, write_html
-    from rewriter.pipeline import optimize as run_optimize
-    from rewriter.plan import plan_from_result
-    from rewriter.report import build_report, check_output_paths, decision_progress, gate_failures, write_json
-    from rewriter.validation.judge import TaskMetric, ValidationConfig, load_metric
-    from rewriter.validation.latency import TimingOptions
-    from rewriter.validation.numerics import Budget
-    from rewriter.validation.runtime import RuntimeOptions
+    from rewriter.io import check_output_path, save_model, sha256_file
+    from rewriter.job import optimize_model
+    from rewriter.report import check_output_paths, decision_progress, write_json
 
     src = _model_path(model)
     check_output_path(src, output, in_place=in_place)  # neither the model nor its data files
@@ -288,44 +301,26 @@ def optimize(
     if fail_if_no_speedup and not latency:
         raise InputError("--fail-if-no-speedup needs latency measurement; drop --no-latency")
     check_output_paths(output, report, html, save_plan)
-    pass_options = load_config(config_file).pass_options if config_file is not None else {}
-    selected = build_passes(passes, pass_options)
-    runtime = RuntimeOptions(provider=provider, threads=threads)
-    config = ValidationConfig(
-        budget=Budget.parse(max_error, rtol=rtol, atol=atol),
-        runtime=runtime,
-        latency=latency,
-        subgraph_latency=subgraph,
-        exact_min_speedup=exact_min_speedup,
-        lossy_min_speedup=min_speedup,
-        timing=TimingOptions(max_pairs=max_pairs, min_pairs=min(10, max_pairs)),
-        metric=None if metric is None else TaskMetric(load_metric(metric), max_metric_drop, metric, min_metric),
+    options = _optimize_options(
+        config_file, passes=passes, input_shapes=shapes, feeds=feeds, images=images, image_spec=image_spec, metric=metric,
+        max_metric_drop=max_metric_drop, min_metric=min_metric, metric_ray_address=metric_ray_address, num_feeds=num_feeds,
+        seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph, threads=threads,
+        provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
+        time_budget=time_budget, max_model_bytes=max_model_bytes, external_data=external_data, fail_if_no_speedup=fail_if_no_speedup,
     )
-    if latency:
-        runtime.providers()  # fail early on an unavailable provider
-    input_sha = sha256_file(src)
-    source = Model.from_source(src, shapes, max_bytes=max_model_bytes)
-    feedset = _feedset(source, feeds, num_feeds, seed, images, image_spec)
-    with decision_progress(err, sys.stderr.isatty() and not _quiet()):
-        result = run_optimize(source, selected, feeds=feedset, config=config, time_budget_s=time_budget)
-    untried = sum(d.reason.startswith("not tried: validation time budget") for d in result.decisions)
-    if untried:
-        log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", time_budget, untried)
-    gate = gate_failures(result, config, require_speedup=fail_if_no_speedup)
+    outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not _quiet()))
+    result, gate = outcome.result, outcome.gate
     out_sha = None
     if not gate:
         save_model(result.model, output, external_data=external_data)
         out_sha = sha256_file(output)
         if save_plan is not None:
-            plan_from_result(result, input_sha256=input_sha, pass_options=pass_options, output_sha256=out_sha, feeds=feedset).save(save_plan)
-    data = build_report(
-        result, input_path=str(model), input_sha256=input_sha, output_path=None if gate else str(output),
-        output_sha256=out_sha, provider=provider, threads=threads, gate=gate, pass_options=pass_options,
-    )
+            outcome.plan(out_sha).save(save_plan)
+    data = outcome.report(str(model), str(output), out_sha)
     if report is not None:
         write_json(data, report)
     if html is not None:
-        write_html(html, data, layers=profile_layers(result, runtime))
+        write_html(html, data, layers=profile_layers(result, outcome.config.runtime))
     if not _quiet():
         _print_optimize(result)
     if gate:
@@ -362,6 +357,78 @@ def _print_optimize(result) -> None:  # type: ignore[no-untyped-def]
     )
     for name, s in result.final_numerics.items():
         out.print(f"output {name}: max abs err {s.max_abs:.3g}, cosine {s.cosine:.6f}" + (f", top-1 agreement {s.top1:.3f}" if s.top1 is not None else ""))
+
+
+@app.command(name="optimize-many")
+@guarded
+def optimize_many_cmd(
+    models: list[Path] = typer.Argument(..., help="ONNX model files (never modified)."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for <stem>.onnx, <stem>.report.json and summary.json (created if missing)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Models at once: local worker processes (default: one per core) or Ray tasks in flight."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run each model as a Ray task on this cluster: auto, ray://HOST:10001 or local (needs the 'ray' extra of onnx-rewriter)."),
+    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", min=1, help="Whole CPUs each Ray task requests (default: --threads)."),
+    save_plans: bool = typer.Option(False, "--save-plans", help="Also write each model's kept rewrites as <stem>.plan.json for `apply`."),
+    passes: Optional[str] = PassesOpt,
+    input_shape: Optional[list[str]] = InputShapeOpt,
+    feeds: Optional[list[Path]] = FeedsOpt,
+    images: Optional[Path] = ImagesOpt,
+    image_spec: Optional[str] = ImageSpecOpt,
+    metric: Optional[str] = MetricOpt,
+    max_metric_drop: float = MetricDropOpt,
+    min_metric: Optional[float] = MetricFloorOpt,
+    metric_ray_address: Optional[str] = MetricRayOpt,
+    num_feeds: int = NumFeedsOpt,
+    seed: int = SeedOpt,
+    max_error: Optional[str] = MaxErrorOpt,
+    rtol: float = RtolOpt,
+    atol: float = AtolOpt,
+    latency: bool = LatencyOpt,
+    subgraph: bool = SubgraphOpt,
+    threads: int = ThreadsOpt,
+    provider: str = ProviderOpt,
+    min_speedup: float = MinSpeedupOpt,
+    exact_min_speedup: float = ExactMinSpeedupOpt,
+    max_pairs: int = MaxPairsOpt,
+    time_budget: Optional[float] = TimeBudgetOpt,
+    max_model_bytes: Optional[int] = MaxModelBytesOpt,
+    external_data: Optional[bool] = ExternalDataOpt,
+    fail_if_no_speedup: bool = FailIfNoSpeedupOpt,
+    config_file: Optional[Path] = ConfigOpt,
+) -> None:
+    """Optimize many models, one guarded job each (local processes or Ray tasks); exit 1 if any failed."""
+    from rewriter.fleet import optimize_many
+
+    options = _optimize_options(
+        config_file, passes=passes, input_shapes=_shapes(input_shape), feeds=feeds, images=images, image_spec=image_spec,
+        metric=metric, max_metric_drop=max_metric_drop, min_metric=min_metric, metric_ray_address=metric_ray_address,
+        num_feeds=num_feeds, seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph,
+        threads=threads, provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
+        time_budget=time_budget, max_model_bytes=max_model_bytes, external_data=external_data, fail_if_no_speedup=fail_if_no_speedup,
+    )
+    result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans)
+    if not _quiet():
+        _print_fleet(result)
+    counts = result.counts()
+    how = f"{result.workers} worker process(es)" if result.mode == "local" else f"up to {result.workers} Ray task(s) in flight"
+    out.print(f"{counts['ok']} of {counts['total']} model(s) ok ({how}, {result.seconds:.1f} s); summary: {result.summary}")
+    if result.failed:
+        names = ", ".join(m.input for m in result.failed[:5]) + (", ..." if len(result.failed) > 5 else "")
+        err.print(f"error: {len(result.failed)} of {counts['total']} model(s) failed ({names}); see {result.summary}", markup=False)
+        raise typer.Exit(1)
+
+
+def _print_fleet(result) -> None:  # type: ignore[no-untyped-def]
+    from rich.text import Text
+
+    table = Table(title=f"Models ({result.mode})")
+    for col in ("model", "status", "kept", "rolled back", "speedup [95% CI]", "MACs", "seconds", "output / error"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("kept", "rolled back", "seconds") else "left")
+    for m in result.models:
+        speedup = "-" if m.speedup is None else f"{m.speedup:.3f}x [{m.speedup_ci[0]:.3f}, {m.speedup_ci[1]:.3f}]"
+        macs = "-" if m.macs_before is None else f"{_fmt_int(m.macs_before)}->{_fmt_int(m.macs_after or 0)}"
+        table.add_row(Text(m.input), m.status, str(m.kept), str(m.rolled_back), speedup, macs, f"{m.seconds:.1f}",
+                      Text((m.output if m.ok else m.error) or ""))
+    out.print(table)
 
 
 @app.command(name="apply")

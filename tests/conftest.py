@@ -53,3 +53,14 @@ def corpus() -> Path:
     if folder is None or not folder.is_dir():
         pytest.fail("corpus tests need ONNX_REWRITER_CORPUS pointing at scripts/fetch_corpus.py's folder (run make test-corpus)")
     return folder
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[object]:
+    """A real local Ray cluster of 2 CPUs for the tests of one module (skipped where Ray is not installed);
+    shut down after them, so that its idle processes do not share the CPUs with other modules' timings."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, object_store_memory=128 * 1024 * 1024)
+    yield ray
+    ray.shutdown()

@@ -251,3 +251,27 @@ class FeedSet:
             feeds.extend(load_array_feeds(path, specs))
         cal, val = split_feeds(feeds, calibration_fraction, seed)
         return cls(val, cal, ", ".join(str(p) for p in paths))
+
+
+def feedset_for(
+    specs: Sequence[InputSpec],
+    *,
+    feeds: Sequence[str | Path] | None = None,
+    images: str | Path | None = None,
+    image_spec: str | None = None,
+    count: int = 8,
+    seed: int = 0,
+) -> FeedSet:
+    """The feeds a command judges on: an image folder or ``.npy``/``.npz`` files (split into
+    calibration and validation halves), else ``count`` seeded random feeds for each role."""
+    if images is not None:
+        if feeds:
+            raise InputError("give either --feeds or --images, not both")
+        if image_spec is None:
+            raise InputError("--images needs --image-spec, e.g. 224x224,NCHW,RGB,scale=0.00392")
+        return FeedSet.from_images(images, ImageSpec.parse(image_spec), specs, seed=seed)
+    if image_spec is not None:
+        raise InputError("--image-spec needs --images DIR")
+    if feeds:
+        return FeedSet.from_files(feeds, specs, seed=seed)
+    return FeedSet.random(specs, count=count, calibration_count=count, seed=seed)

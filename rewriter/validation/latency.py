@@ -4,14 +4,21 @@ Both models run in deploy sessions built with the same :class:`RuntimeOptions`. 
 *pair* times one sample of A and one of B, alternating which goes first; a sample repeats ``session.run``
 enough times to last at least ``min_sample_s`` so that timer and Python overhead do not dominate small
 subgraphs. Pairs are collected until ``max_pairs`` or the time budget (never fewer than ``min_pairs``).
+
+Several jobs on one machine (``optimize-many``) must not time at the same moment: inside
+:func:`timing_lock`, every measurement (:func:`time_pairs`, :func:`time_session`) holds the given lock
+from its warm-up to its last sample. Outside it, measuring takes no lock.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +54,27 @@ class LatencyComparison:
         }
 
 
+_LOCK: ContextVar[AbstractContextManager[Any] | None] = ContextVar("rewriter_timing_lock", default=None)
+
+
+@contextmanager
+def timing_lock(lock: AbstractContextManager[Any]) -> Iterator[None]:
+    """Within this block (this thread or task), each latency measurement holds ``lock`` while it runs.
+
+    ``lock`` is entered once per measurement, so it must be reusable (``threading.Lock``, a
+    ``multiprocessing`` lock, :class:`rewriter.validation.locks.MachineLock`).
+    """
+    token = _LOCK.set(lock)
+    try:
+        yield
+    finally:
+        _LOCK.reset(token)
+
+
+def _measuring() -> AbstractContextManager[Any]:
+    return _LOCK.get() or nullcontext()
+
+
 def session_feed(feed: Mapping[str, np.ndarray], session) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     """The part of ``feed`` that ``session`` takes as inputs."""
     names = {i.name for i in session.get_inputs()}
@@ -65,23 +93,24 @@ def time_pairs(base_session, candidate_session, feed: Mapping[str, np.ndarray], 
     feed_a, feed_b = session_feed(feed, base_session), session_feed(feed, candidate_session)
     names_a = [o.name for o in base_session.get_outputs()]
     names_b = [o.name for o in candidate_session.get_outputs()]
-    for _ in range(max(1, opts.warmup)):
-        base_session.run(names_a, feed_a)
-        candidate_session.run(names_b, feed_b)
-    single = max(_sample(base_session, names_a, feed_a, 1), _sample(candidate_session, names_b, feed_b, 1), 1e-7)
-    repeats = max(1, math.ceil(opts.min_sample_s / single))
     a: list[float] = []
     b: list[float] = []
-    deadline = time.perf_counter() + opts.time_budget_s
-    i = 0
-    while len(a) < opts.max_pairs and (len(a) < opts.min_pairs or time.perf_counter() < deadline):
-        if i % 2 == 0:
-            a.append(_sample(base_session, names_a, feed_a, repeats))
-            b.append(_sample(candidate_session, names_b, feed_b, repeats))
-        else:
-            b.append(_sample(candidate_session, names_b, feed_b, repeats))
-            a.append(_sample(base_session, names_a, feed_a, repeats))
-        i += 1
+    with _measuring():
+        for _ in range(max(1, opts.warmup)):
+            base_session.run(names_a, feed_a)
+            candidate_session.run(names_b, feed_b)
+        single = max(_sample(base_session, names_a, feed_a, 1), _sample(candidate_session, names_b, feed_b, 1), 1e-7)
+        repeats = max(1, math.ceil(opts.min_sample_s / single))
+        deadline = time.perf_counter() + opts.time_budget_s
+        i = 0
+        while len(a) < opts.max_pairs and (len(a) < opts.min_pairs or time.perf_counter() < deadline):
+            if i % 2 == 0:
+                a.append(_sample(base_session, names_a, feed_a, repeats))
+                b.append(_sample(candidate_session, names_b, feed_b, repeats))
+            else:
+                b.append(_sample(candidate_session, names_b, feed_b, repeats))
+                a.append(_sample(base_session, names_a, feed_a, repeats))
+            i += 1
     ci = bootstrap_speedup(a, b, seed=opts.seed)
     return LatencyComparison(float(np.median(a)), float(np.median(b)), ci, repeats)
 
@@ -101,8 +130,9 @@ def time_session(session, feed: Mapping[str, np.ndarray], runs: int, warmup: int
     """Median and 5th/95th percentiles of ``runs`` timed runs of one session."""
     feed = session_feed(feed, session)
     names = [o.name for o in session.get_outputs()]
-    for _ in range(warmup):
-        session.run(names, feed)
-    times = np.array([_sample(session, names, feed, 1) for _ in range(max(1, runs))])
+    with _measuring():
+        for _ in range(warmup):
+            session.run(names, feed)
+        times = np.array([_sample(session, names, feed, 1) for _ in range(max(1, runs))])
     p05, med, p95 = np.quantile(times, [0.05, 0.5, 0.95])
     return LatencyProfile(float(med), float(p05), float(p95), int(times.size))

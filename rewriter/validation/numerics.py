@@ -59,10 +59,16 @@ class OutputStats:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _topk_agreement(ref: np.ndarray, cand: np.ndarray, k: int) -> float:
+def topk_hits(ref: np.ndarray, cand: np.ndarray, k: int) -> int:
+    """Rows (of N x C scores) whose reference top-1 class is among the candidate's top ``k``."""
     ref_top = np.argmax(ref, axis=1)
     cand_top = np.argsort(-cand, axis=1, kind="stable")[:, :k]
-    return float(np.mean(np.any(cand_top == ref_top[:, None], axis=1)))
+    return int(np.sum(np.any(cand_top == ref_top[:, None], axis=1)))
+
+
+def _topk_agreement(ref: np.ndarray, cand: np.ndarray, k: int) -> float:
+    rows = ref.shape[0]
+    return topk_hits(ref, cand, k) / rows if rows else float("nan")
 
 
 def compare_arrays(

@@ -6,12 +6,17 @@ Two flavours are used everywhere:
   rewrite is proven exact on its own, not through onnxruntime's fusions;
 * *deploy* sessions -- ``ORT_ENABLE_ALL`` (the level users ship with), a fixed number of intra-op threads
   and the chosen provider: what latency is measured with, on both sides of every comparison.
+
+Reference sessions use onnxruntime's default thread count (every core) unless a caller passes
+``threads`` or runs inside :func:`reference_threads` -- what a job sharing the machine with others does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,10 +92,27 @@ def _payload(model: onnx.ModelProto | bytes | str) -> bytes | str:
     return model
 
 
-def reference_session(model: onnx.ModelProto | bytes | str, threads: int = 0):  # type: ignore[no-untyped-def]
-    """CPU session with every graph optimization disabled (``threads=0``: onnxruntime's default)."""
+_REFERENCE_THREADS: ContextVar[int] = ContextVar("rewriter_reference_threads", default=0)
+
+
+@contextmanager
+def reference_threads(threads: int) -> Iterator[None]:
+    """Within this block (this thread or task), reference sessions built without an explicit ``threads``
+    use at most ``threads`` intra-op threads (0: onnxruntime's default)."""
+    token = _REFERENCE_THREADS.set(max(0, int(threads)))
+    try:
+        yield
+    finally:
+        _REFERENCE_THREADS.reset(token)
+
+
+def reference_session(model: onnx.ModelProto | bytes | str, threads: int | None = None):  # type: ignore[no-untyped-def]
+    """CPU session with every graph optimization disabled (``threads``: 0 is onnxruntime's default;
+    ``None``, the default, takes the value set by :func:`reference_threads`, else 0)."""
     import onnxruntime as ort
 
+    if threads is None:
+        threads = _REFERENCE_THREADS.get()
     try:
         return ort.InferenceSession(
             _payload(model), session_options(threads, "disabled"), providers=["CPUExecutionProvider"]
