@@ -66,20 +66,101 @@ def topk_hits(ref: np.ndarray, cand: np.ndarray, k: int) -> int:
     return int(np.sum(np.any(cand_top == ref_top[:, None], axis=1)))
 
 
-def _topk_agreement(ref: np.ndarray, cand: np.ndarray, k: int) -> float:
-    rows = ref.shape[0]
-    return topk_hits(ref, cand, k) / rows if rows else float("nan")
+@dataclass(frozen=True)
+class OutputPartial:
+    """Sufficient statistics of one output over some feeds; ``a.merge(b)`` covers both sets.
+
+    :func:`partial_stats` computes them for a list of feeds and :meth:`finish` turns them into
+    :class:`OutputStats`; :func:`compare_arrays` is the two in one step, and the sharded numerics
+    (:mod:`rewriter.validation.sharded`) merge the partials of shards before finishing, so both paths
+    give the same statistics (maxima and counts exactly; sums up to float rounding).
+    """
+
+    name: str
+    elements: int = 0
+    nonfinite_mismatch: int = 0
+    #: Positions finite on both sides (the statistics below are over these).
+    count: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    max_allclose: float = 0.0
+    sum_abs: float = 0.0
+    dot: float = 0.0
+    sum_ref2: float = 0.0
+    sum_cand2: float = 0.0
+    sum_err2: float = 0.0
+    ref_nonzero: bool = False
+    #: Class-score rows (every array N x C with C >= 2, the same C), or ``None`` when not class scores.
+    classes: int | None = None
+    rows: int = 0
+    top1_hits: int = 0
+    top5_hits: int = 0
+    #: False once some array was not N x C class scores (then top-k does not apply to the whole set).
+    scores: bool = True
+
+    def merge(self, other: OutputPartial) -> OutputPartial:
+        if other.name != self.name:
+            raise ValueError(f"cannot merge statistics of outputs {self.name!r} and {other.name!r}")
+        if self.classes is not None and other.classes is not None and self.classes != other.classes:
+            raise ValueError(f"output {self.name!r}: {self.classes} classes in one shard, {other.classes} in another")
+        return OutputPartial(
+            self.name,
+            self.elements + other.elements,
+            self.nonfinite_mismatch + other.nonfinite_mismatch,
+            self.count + other.count,
+            max(self.max_abs, other.max_abs),
+            max(self.max_rel, other.max_rel),
+            max(self.max_allclose, other.max_allclose),
+            self.sum_abs + other.sum_abs,
+            self.dot + other.dot,
+            self.sum_ref2 + other.sum_ref2,
+            self.sum_cand2 + other.sum_cand2,
+            self.sum_err2 + other.sum_err2,
+            self.ref_nonzero or other.ref_nonzero,
+            self.classes if self.classes is not None else other.classes,
+            self.rows + other.rows,
+            self.top1_hits + other.top1_hits,
+            self.top5_hits + other.top5_hits,
+            self.scores and other.scores,
+        )
+
+    def finish(self) -> OutputStats:
+        """The statistics (see the module's docstring) from the sums."""
+        n = self.count
+        nr, nc = math.sqrt(self.sum_ref2), math.sqrt(self.sum_cand2)
+        cosine = 1.0 if nr == 0 and nc == 0 else (self.dot / (nr * nc) if nr and nc else 0.0)
+        err = self.sum_err2
+        snr_db = math.inf if err == 0 else (10 * math.log10(self.sum_ref2 / err) if self.ref_nonzero else -math.inf)
+        top1 = top5 = None
+        if self.scores and self.classes is not None:
+            # Class scores with no rows at all: top-k applies but is undefined (NaN).
+            top1 = self.top1_hits / self.rows if self.rows else math.nan
+            if self.classes > 5:
+                top5 = self.top5_hits / self.rows if self.rows else math.nan
+        return OutputStats(
+            self.name,
+            self.max_abs if n else 0.0,
+            self.sum_abs / n if n else 0.0,
+            self.max_rel if n else 0.0,
+            cosine,
+            snr_db,
+            self.max_allclose if n else 0.0,
+            self.nonfinite_mismatch,
+            self.elements,
+            top1,
+            top5,
+        )
 
 
-def compare_arrays(
+def partial_stats(
     name: str,
     refs: Sequence[np.ndarray],
     cands: Sequence[np.ndarray],
     *,
     rtol: float = EXACT_RTOL,
     atol: float = EXACT_ATOL,
-) -> OutputStats:
-    """Statistics of one output over all feeds (each pair must have the same shape)."""
+) -> OutputPartial:
+    """Sufficient statistics of one output over these feeds (each pair must have the same shape)."""
     for r, c in zip(refs, cands):
         if r.shape != c.shape:
             raise ValueError(f"output {name!r}: shape {c.shape} differs from the reference's {r.shape}")
@@ -91,22 +172,47 @@ def compare_arrays(
     both = ref_finite & cand_finite
     rf, cf = r[both], c[both]
     diff = np.abs(cf - rf)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    mean_abs = float(diff.mean()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(rf), 1e-12)).max()) if diff.size else 0.0
-    nr, nc = float(np.linalg.norm(rf)), float(np.linalg.norm(cf))
-    cosine = 1.0 if nr == 0 and nc == 0 else (float(np.dot(rf, cf) / (nr * nc)) if nr and nc else 0.0)
-    err = float(np.sum(diff**2))
-    snr_db = math.inf if err == 0 else (10 * math.log10(float(np.sum(rf**2)) / err) if np.any(rf) else -math.inf)
-    allclose_ratio = float((diff / (atol + rtol * np.abs(rf))).max()) if diff.size else 0.0
-    top1 = top5 = None
-    if refs and all(x.ndim == 2 and x.shape[1] >= 2 for x in refs):
+    any_values = bool(diff.size)
+    scores = all(x.ndim == 2 and x.shape[1] >= 2 for x in refs)
+    classes = rows = hits1 = hits5 = 0
+    if refs and scores:
         ref2 = np.concatenate([np.asarray(x) for x in refs])
         cand2 = np.concatenate([np.asarray(x) for x in cands])
-        top1 = _topk_agreement(ref2, cand2, 1)
-        if ref2.shape[1] > 5:
-            top5 = _topk_agreement(ref2, cand2, 5)
-    return OutputStats(name, max_abs, mean_abs, max_rel, cosine, snr_db, allclose_ratio, mismatch, int(r.size), top1, top5)
+        classes, rows = int(ref2.shape[1]), int(ref2.shape[0])
+        hits1 = topk_hits(ref2, cand2, 1)
+        hits5 = topk_hits(ref2, cand2, 5) if classes > 5 else 0
+    return OutputPartial(
+        name,
+        elements=int(r.size),
+        nonfinite_mismatch=mismatch,
+        count=int(diff.size),
+        max_abs=float(diff.max()) if any_values else 0.0,
+        max_rel=float((diff / np.maximum(np.abs(rf), 1e-12)).max()) if any_values else 0.0,
+        max_allclose=float((diff / (atol + rtol * np.abs(rf))).max()) if any_values else 0.0,
+        sum_abs=float(np.sum(diff)),
+        dot=float(np.dot(rf, cf)),
+        sum_ref2=float(np.sum(rf**2)),
+        sum_cand2=float(np.sum(cf**2)),
+        sum_err2=float(np.sum(diff**2)),
+        ref_nonzero=bool(np.any(rf)),
+        classes=classes if refs and scores else None,
+        rows=rows,
+        top1_hits=hits1,
+        top5_hits=hits5,
+        scores=scores,
+    )
+
+
+def compare_arrays(
+    name: str,
+    refs: Sequence[np.ndarray],
+    cands: Sequence[np.ndarray],
+    *,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> OutputStats:
+    """Statistics of one output over all feeds (each pair must have the same shape)."""
+    return partial_stats(name, refs, cands, rtol=rtol, atol=atol).finish()
 
 
 def compare_outputs(

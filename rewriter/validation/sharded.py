@@ -2,11 +2,13 @@
 
 **Numerics** (:func:`sharded_numerics`). Each shard of feeds is run through the reference (the original
 model, graph optimizations disabled) and the candidate; the map returns, per output, sufficient
-statistics (:class:`OutputPartial`): counts, maxima of the absolute, relative and allclose errors, and the
-sums ``sum |c - r|``, ``<c, r>``, ``sum r^2``, ``sum c^2``, ``sum (c - r)^2`` and top-1/top-5 hits. The
-reduce adds them up and :meth:`OutputPartial.finish` turns the total into the same
-:class:`~rewriter.validation.numerics.OutputStats` that :func:`~rewriter.validation.numerics.compare_arrays`
-computes on the whole set at once (maxima and counts exactly; sums up to float rounding).
+statistics (:class:`~rewriter.validation.numerics.OutputPartial`, from
+:func:`~rewriter.validation.numerics.partial_stats`): counts, maxima of the absolute, relative and allclose
+errors, and the sums ``sum |c - r|``, ``<c, r>``, ``sum r^2``, ``sum c^2``, ``sum (c - r)^2`` and
+top-1/top-5 hits. The reduce adds them up and :meth:`~rewriter.validation.numerics.OutputPartial.finish`
+turns the total into the same :class:`~rewriter.validation.numerics.OutputStats` that
+:func:`~rewriter.validation.numerics.compare_arrays` (itself ``partial_stats(...).finish()``) computes on the
+whole set at once (maxima and counts exactly; sums up to float rounding).
 
 **Task metrics** (:class:`ShardedMetric`): ``shards()``, ``map(session, shard) -> partial`` and
 ``reduce(partials) -> float``. An instance is itself a task metric ``fn(session) -> float`` (mapped
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import onnx
 
 from rewriter.errors import InputError
 from rewriter.validation.feeds import Feed, InputSpec, input_specs, load_array_feeds
-from rewriter.validation.numerics import EXACT_ATOL, EXACT_RTOL, OutputStats, topk_hits
+from rewriter.validation.numerics import EXACT_ATOL, EXACT_RTOL, OutputPartial, OutputStats, partial_stats
 from rewriter.validation.runtime import RuntimeOptions, deploy_session, reference_session, run_feeds
 
 log = logging.getLogger(__name__)
@@ -74,137 +75,7 @@ def shard_feeds(feeds: Sequence[Feed], size: int) -> list[ArrayShard]:
     return [ArrayShard(tuple(feeds[i:i + size])) for i in range(0, len(feeds), size)]
 
 
-# -- numerics: sufficient statistics -------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutputPartial:
-    """Sufficient statistics of one output over some feeds; ``a.merge(b)`` covers both sets."""
-
-    name: str
-    elements: int = 0
-    nonfinite_mismatch: int = 0
-    #: Positions finite on both sides (the statistics below are over these).
-    count: int = 0
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    max_allclose: float = 0.0
-    sum_abs: float = 0.0
-    dot: float = 0.0
-    sum_ref2: float = 0.0
-    sum_cand2: float = 0.0
-    sum_err2: float = 0.0
-    ref_nonzero: bool = False
-    #: Class-score rows (every array N x C with C >= 2, the same C), or ``None`` when not class scores.
-    classes: int | None = None
-    rows: int = 0
-    top1_hits: int = 0
-    top5_hits: int = 0
-    #: False once some array was not N x C class scores (then top-k does not apply to the whole set).
-    scores: bool = True
-
-    def merge(self, other: OutputPartial) -> OutputPartial:
-        if other.name != self.name:
-            raise ValueError(f"cannot merge statistics of outputs {self.name!r} and {other.name!r}")
-        if self.classes is not None and other.classes is not None and self.classes != other.classes:
-            raise ValueError(f"output {self.name!r}: {self.classes} classes in one shard, {other.classes} in another")
-        return OutputPartial(
-            self.name,
-            self.elements + other.elements,
-            self.nonfinite_mismatch + other.nonfinite_mismatch,
-            self.count + other.count,
-            max(self.max_abs, other.max_abs),
-            max(self.max_rel, other.max_rel),
-            max(self.max_allclose, other.max_allclose),
-            self.sum_abs + other.sum_abs,
-            self.dot + other.dot,
-            self.sum_ref2 + other.sum_ref2,
-            self.sum_cand2 + other.sum_cand2,
-            self.sum_err2 + other.sum_err2,
-            self.ref_nonzero or other.ref_nonzero,
-            self.classes if self.classes is not None else other.classes,
-            self.rows + other.rows,
-            self.top1_hits + other.top1_hits,
-            self.top5_hits + other.top5_hits,
-            self.scores and other.scores,
-        )
-
-    def finish(self) -> OutputStats:
-        """The statistics of :func:`~rewriter.validation.numerics.compare_arrays`, from the sums."""
-        n = self.count
-        nr, nc = math.sqrt(self.sum_ref2), math.sqrt(self.sum_cand2)
-        cosine = 1.0 if nr == 0 and nc == 0 else (self.dot / (nr * nc) if nr and nc else 0.0)
-        err = self.sum_err2
-        snr_db = math.inf if err == 0 else (10 * math.log10(self.sum_ref2 / err) if self.ref_nonzero else -math.inf)
-        top1 = top5 = None
-        if self.scores and self.classes is not None and self.rows:
-            top1 = self.top1_hits / self.rows
-            if self.classes > 5:
-                top5 = self.top5_hits / self.rows
-        return OutputStats(
-            self.name,
-            self.max_abs if n else 0.0,
-            self.sum_abs / n if n else 0.0,
-            self.max_rel if n else 0.0,
-            cosine,
-            snr_db,
-            self.max_allclose if n else 0.0,
-            self.nonfinite_mismatch,
-            self.elements,
-            top1,
-            top5,
-        )
-
-
-def partial_stats(
-    name: str,
-    refs: Sequence[np.ndarray],
-    cands: Sequence[np.ndarray],
-    *,
-    rtol: float = EXACT_RTOL,
-    atol: float = EXACT_ATOL,
-) -> OutputPartial:
-    """Sufficient statistics of one output over these feeds (same definitions as ``compare_arrays``)."""
-    for r, c in zip(refs, cands):
-        if r.shape != c.shape:
-            raise ValueError(f"output {name!r}: shape {c.shape} differs from the reference's {r.shape}")
-    r = np.concatenate([np.asarray(x, np.float64).ravel() for x in refs]) if refs else np.zeros(0)
-    c = np.concatenate([np.asarray(x, np.float64).ravel() for x in cands]) if cands else np.zeros(0)
-    ref_finite, cand_finite = np.isfinite(r), np.isfinite(c)
-    same_nonfinite = (~ref_finite) & ((c == r) | (np.isnan(c) & np.isnan(r)))
-    mismatch = int(np.sum((~ref_finite & ~same_nonfinite) | (ref_finite & ~cand_finite)))
-    both = ref_finite & cand_finite
-    rf, cf = r[both], c[both]
-    diff = np.abs(cf - rf)
-    any_values = bool(diff.size)
-    scores = all(x.ndim == 2 and x.shape[1] >= 2 for x in refs)
-    classes = rows = hits1 = hits5 = 0
-    if refs and scores:
-        ref2 = np.concatenate([np.asarray(x) for x in refs])
-        cand2 = np.concatenate([np.asarray(x) for x in cands])
-        classes, rows = int(ref2.shape[1]), int(ref2.shape[0])
-        hits1 = topk_hits(ref2, cand2, 1)
-        hits5 = topk_hits(ref2, cand2, 5) if classes > 5 else 0
-    return OutputPartial(
-        name,
-        elements=int(r.size),
-        nonfinite_mismatch=mismatch,
-        count=int(diff.size),
-        max_abs=float(diff.max()) if any_values else 0.0,
-        max_rel=float((diff / np.maximum(np.abs(rf), 1e-12)).max()) if any_values else 0.0,
-        max_allclose=float((diff / (atol + rtol * np.abs(rf))).max()) if any_values else 0.0,
-        sum_abs=float(np.sum(diff)),
-        dot=float(np.dot(rf, cf)),
-        sum_ref2=float(np.sum(rf**2)),
-        sum_cand2=float(np.sum(cf**2)),
-        sum_err2=float(np.sum(diff**2)),
-        ref_nonzero=bool(np.any(rf)),
-        classes=classes if refs and scores else None,
-        rows=rows,
-        top1_hits=hits1,
-        top5_hits=hits5,
-        scores=scores,
-    )
-
-
+# -- numerics: map/reduce over OutputPartial (from rewriter.validation.numerics) ---------------------
 def reduce_partials(shards: Sequence[Mapping[str, OutputPartial]]) -> dict[str, OutputStats]:
     """Add up per-shard statistics (outputs by name, in the first shard's order) and finish them."""
     if not shards:
