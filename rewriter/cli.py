@@ -236,7 +236,7 @@ SubgraphOpt = typer.Option(True, "--subgraph/--whole-model", help="Time each rew
 MinSpeedupOpt = typer.Option(1.0, "--min-speedup", help="Lossy rewrites are kept only if the speedup CI lies above this.")
 ExactMinSpeedupOpt = typer.Option(0.99, "--exact-min-speedup", help="Exact rewrites are rolled back if the speedup CI lies wholly below this.")
 MaxPairsOpt = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison.")
-TimeBudgetOpt = typer.Option(None, "--time-budget", min=0, help="Seconds of validation to spend at most.")
+TimeBudgetOpt = typer.Option(None, "--time-budget", min=0, help="Seconds the optimization may take (search and closing measurements; candidates left are not tried).")
 MaxModelBytesOpt = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this.")
 ExternalDataOpt = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB).")
 FailIfNoSpeedupOpt = typer.Option(False, "--fail-if-no-speedup", help="Gate: exit 1, writing nothing, unless the end-to-end speedup CI lies above 1.")

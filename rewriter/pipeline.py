@@ -159,8 +159,9 @@ def optimize(
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
-    ``passes``: names, instances, or ``None`` for the exact defaults. ``time_budget_s`` caps the time
-    spent judging; candidates left when it runs out are recorded as not tried. ``on_decision`` is called
+    ``passes``: names, instances, or ``None`` for the exact defaults. ``time_budget_s`` caps the whole
+    call (search and closing end-to-end measurements, give or take one candidate); candidates left when
+    it runs out are recorded as not tried. ``on_decision`` is called
     after each judged candidate with the decision and the model accepted after it (progress, sweeps).
     """
     start = time.perf_counter()
@@ -176,7 +177,12 @@ def optimize(
     model = original
     decisions: list[Decision] = []
     runs: list[PassRun] = []
-    deadline = None if time_budget_s is None else start + time_budget_s
+    # The budget covers the whole call: leave room for the closing end-to-end comparisons (one after the
+    # pass, one final; each about the timing budget) and start no candidate that would, at the mean pace
+    # of those judged so far, end past the deadline.
+    closing = 2 * config.timing.time_budget_s if config.latency else 0.0
+    deadline = None if time_budget_s is None else start + max(0.0, time_budget_s - closing)
+    paces: list[float] = []
     for p in selected:
         run = PassRun(p.name, p.exact)
         runs.append(run)
@@ -200,7 +206,8 @@ def optimize(
                 if any(model.node(n) is None for n in cand.nodes):
                     continue  # consumed by an earlier rewrite this round; found afresh next round
                 tried.add(cand.key)
-                if deadline is not None and time.perf_counter() > deadline:
+                pace = sum(paces) / len(paces) if paces else 0.0
+                if deadline is not None and time.perf_counter() + pace > deadline:
                     decisions.append(Decision(cand, p.exact, False, "not tried: validation time budget exhausted"))
                     continue
                 unusable = judge.reference_error()
@@ -210,7 +217,9 @@ def optimize(
                 if cand.family is not None and cand.level >= failed_levels.get(cand.family, float("inf")):
                     decisions.append(Decision(cand, p.exact, False, "not tried: a milder variant already failed the numerics budget"))
                     continue
+                began = time.perf_counter()
                 accepted, decision = _try(p, model, cand, judge)
+                paces.append(time.perf_counter() - began)
                 decisions.append(decision)
                 if on_decision is not None:
                     on_decision(decision, accepted if accepted is not None else model)
