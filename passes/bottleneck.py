@@ -98,13 +98,35 @@ def weight_input_basis(w: np.ndarray, rank: int) -> np.ndarray:
     return u[:, :rank]
 
 
-def factor_output(w: np.ndarray, b: np.ndarray | None, u: np.ndarray, mu: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Output side: ``W1 = U^T W`` ``[r, C, kh, kw]``, ``b1 = U^T (b - mu)``, ``W2 = U`` ``[O, r]``, ``b2 = mu``."""
+def factor_output(
+    w: np.ndarray, b: np.ndarray | None, u: np.ndarray, mu: np.ndarray | None, coords: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Output side: ``W1 = P^T W`` ``[r, C, kh, kw]``, ``b1 = P^T (b - mu)``, ``W2 = U`` ``[O, r]``, ``b2 = mu``.
+
+    ``P`` (``coords``, default ``U``) reads the coordinates of ``y - mu`` in the basis ``U`` (``P^T U = I``);
+    an orthonormal ``U`` is its own ``P``.
+    """
     o = w.shape[0]
+    p = u if coords is None else coords
     bias = np.zeros(o) if b is None else b.astype(np.float64)
     mean = np.zeros(o) if mu is None else mu.astype(np.float64)
-    w1 = (u.T @ w.reshape(o, -1).astype(np.float64)).reshape((u.shape[1],) + w.shape[1:])
-    return w1, u.T @ (bias - mean), u.astype(np.float64), mean
+    w1 = (p.T @ w.reshape(o, -1).astype(np.float64)).reshape((p.shape[1],) + w.shape[1:])
+    return w1, p.T @ (bias - mean), u.astype(np.float64), mean
+
+
+def metric_basis(cov: np.ndarray, metric: np.ndarray, rank: int, floor: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, P)``: the rank-``r`` reconstruction ``y ~ mu + U P^T (y - mu)`` best in the norm ``|M e|``,
+    ``M = K^(1/2)`` with ``K`` = ``metric`` (e.g. ``Wn^T Wn`` of the consumer conv: errors it cannot see
+    are free), ``K`` floored at ``floor * tr(K)/O`` so that no direction is ignored entirely.
+
+    With ``E`` the top eigenvectors of ``M C M``: ``U = M^-1 E``, ``P = M E`` (so ``P^T U = I``).
+    """
+    o = cov.shape[0]
+    values, vectors = np.linalg.eigh(metric)
+    values = np.maximum(values, floor * max(values.sum(), 1e-30) / o)
+    root, inv_root = (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
+    e = top_eigvecs(root @ cov @ root, rank)
+    return inv_root @ e, root @ e
 
 
 def factor_input(w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +135,12 @@ def factor_input(w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v.T.astype(np.float64), w2
 
 
-def factor_tucker(w: np.ndarray, b: np.ndarray | None, v: np.ndarray, u: np.ndarray, mu: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tucker-2: ``W1 = V^T``, core ``U^T (W x_c V)`` with bias ``U^T (b - mu)``, ``W3 = U``, ``b3 = mu``."""
+def factor_tucker(
+    w: np.ndarray, b: np.ndarray | None, v: np.ndarray, u: np.ndarray, mu: np.ndarray | None, coords: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tucker-2: ``W1 = V^T``, core ``P^T (W x_c V)`` with bias ``P^T (b - mu)``, ``W3 = U``, ``b3 = mu``."""
     w_first, w_in = factor_input(w, v)
-    core, b_core, w_last, b_last = factor_output(w_in, b, u, mu)
+    core, b_core, w_last, b_last = factor_output(w_in, b, u, mu, coords)
     return w_first, core, b_core, w_last, b_last
 
 
@@ -171,20 +195,23 @@ def ridge_fit_through_relu(
     ridge: float = 1e-4,
     iterations: int = 2,
     prior: np.ndarray | None = None,
+    coords: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit ``relu(U (p A^T + c) + mu) ~ relu(y)`` (``U``/``mu`` absent: ``relu(p A^T + c) ~ relu(y)``).
 
     Where the original output ``y`` and the current prediction are both negative, the ReLU maps both to
     zero, so the target there is released to the prediction itself; the fit is repeated a few times
     (iteratively re-targeted least squares). Without a following ReLU, use :func:`ridge_fit` alone.
-    ``p`` may be a ready :class:`RidgeSolver` (shared between ranks of one conv).
+    ``p`` may be a ready :class:`RidgeSolver` (shared between ranks of one conv); ``coords`` reads
+    coordinates in a non-orthonormal ``U`` (see :func:`factor_output`).
     """
     u = basis
+    read = basis if coords is None else coords
     m = np.zeros(y.shape[1]) if mu is None else mu
     solver = p if isinstance(p, RidgeSolver) else RidgeSolver(p, ridge)
 
     def to_fit(t: np.ndarray) -> np.ndarray:
-        return t - m if u is None else (t - m) @ u
+        return t - m if read is None else (t - m) @ read
 
     a, c = solver.fit(to_fit(y), prior)
     for _ in range(iterations):
@@ -232,6 +259,25 @@ def channels_last(t: np.ndarray, pos: tuple[np.ndarray, np.ndarray, np.ndarray] 
     return t[n, :, i, j]
 
 
+def consumer_metric(conv: gs.Node) -> np.ndarray | None:
+    """``K = sum_n Wn^T Wn`` (over the consumers' output channels and taps) of the convs that read this
+    conv's output, directly or through one ReLU; ``None`` when any reader is something else."""
+    tensor = conv.outputs[0]
+    readers = tensor.outputs
+    if len(readers) == 1 and readers[0].op == "Relu":
+        tensor = readers[0].outputs[0]
+        readers = tensor.outputs
+    total = None
+    for node in readers:
+        w = const_value(node.inputs[1]) if node.op == "Conv" and len(node.inputs) > 1 else None
+        if w is None or w.ndim != 4 or int(node.attrs.get("group", 1)) != 1 or node.inputs[0] is not tensor:
+            return None
+        unfolded = np.moveaxis(w.astype(np.float64), 1, 0).reshape(w.shape[1], -1)
+        k = unfolded @ unfolded.T
+        total = k if total is None else total + k
+    return total
+
+
 # -- the pass ---------------------------------------------------------------------------------------
 
 
@@ -247,6 +293,9 @@ class BottleneckOptions:
     refit: bool = True
     #: When the conv feeds a ReLU, fit through it (errors on values the ReLU zeroes anyway are free).
     through_relu: bool = True
+    #: Output side / Tucker: choose the subspace in the norm the consumer conv sees (``|Wn e|``, through
+    #: a ReLU) instead of plain PCA -- errors in directions the next layer ignores are free.
+    consumer_metric: bool = True
     max_samples: int = 8000
     ridge: float = 1e-4
     seed: int = 0
@@ -477,18 +526,22 @@ class Bottleneck(Pass):
         y = cal.memo(cal.original, tag + "y:" + yname, ys)
         return cal.memo(model, tag + "x:" + site.conv.name, patches), y
 
-    def _output_basis(self, model: Model, site: _Site, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(U, mu)`` from the covariance of the conv's output in the original model (all calibration feeds)."""
+    def _output_basis(self, model: Model, site: _Site, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(U, mu, P)`` from the covariance of the conv's output in the original model (all calibration
+        feeds): plain PCA (``P`` None), or with ``consumer_metric`` PCA in the norm the consumer conv sees."""
         cal = model.calibration
         yname = site.conv.outputs[0].name
+        metric = consumer_metric(site.conv) if self.options.consumer_metric else None
+        mean, second = cal.moments(cal.original, [yname])[yname]
+        if metric is not None:
+            u, coords = metric_basis(second - np.outer(mean, mean), metric, rank)
+            return u, mean, coords
 
-        def eig() -> tuple[np.ndarray, np.ndarray]:
-            mean, second = cal.moments(cal.original, [yname])[yname]
+        def eig() -> np.ndarray:
             values, vectors = np.linalg.eigh(second - np.outer(mean, mean))
-            return vectors[:, np.argsort(values)[::-1]], mean
+            return vectors[:, np.argsort(values)[::-1]]
 
-        vectors, mean = cal.memo(cal.original, f"{self.name}:eig:{yname}", eig)
-        return vectors[:, :rank], mean
+        return cal.memo(cal.original, f"{self.name}:eig:{yname}", eig)[:, :rank], mean, None
 
     def _input_basis(self, model: Model, site: _Site, rank: int) -> np.ndarray:
         """``V``: leading eigenvectors of the uncentred second moment of the conv's input in ``model``."""
@@ -515,16 +568,16 @@ class Bottleneck(Pass):
         if not data:
             return self._weight_only(site, mode, rank)
         v = self._input_basis(model, site, rank) if mode in ("input", "tucker") else None
-        u, mu = self._output_basis(model, site, rank) if mode in ("output", "tucker") else (None, None)
+        u, mu, coords = self._output_basis(model, site, rank) if mode in ("output", "tucker") else (None, None, None)
         if mode == "output":
-            w1, b1, w2, b2 = factor_output(w, b, u, mu)
+            w1, b1, w2, b2 = factor_output(w, b, u, mu, coords)
             prior = w1.reshape(rank, -1)
         elif mode == "input":
             w1, w2 = factor_input(w, v)
             b2 = None if b is None else b.astype(np.float64)
             prior = w2.reshape(o, -1)
         else:
-            w1, core, b_core, w3, b3 = factor_tucker(w, b, v, u, mu)
+            w1, core, b_core, w3, b3 = factor_tucker(w, b, v, u, mu, coords)
             prior = core.reshape(rank, -1)
         if opts.refit:
             p, y_s = self._samples(model, site)
@@ -533,10 +586,11 @@ class Bottleneck(Pass):
             else:  # the KxK factor reads the reduced channels: patches projected tap by tap
                 solver = RidgeSolver(np.einsum("mck,cr->mrk", p.reshape(len(p), c, kh * kw), v.astype(np.float32)).reshape(len(p), -1), opts.ridge)
             basis, mean = (None, None) if mode == "input" else (u, mu)
+            read = basis if coords is None else coords
             if relu:
-                a, bias = ridge_fit_through_relu(solver, y_s, basis, mean, opts.ridge, prior=prior)
+                a, bias = ridge_fit_through_relu(solver, y_s, basis, mean, opts.ridge, prior=prior, coords=read)
             else:
-                a, bias = solver.fit(y_s if basis is None else (y_s - mean) @ basis, prior)
+                a, bias = solver.fit(y_s if read is None else (y_s - mean) @ read, prior)
             if mode == "output":
                 w1, b1 = a.reshape((rank, c, kh, kw)), bias
             elif mode == "input":

@@ -10,12 +10,14 @@ from passes.bottleneck import (
     Bottleneck,
     ConvGeometry,
     RidgeSolver,
+    consumer_metric,
     _Site,
     extract_patches,
     factor_input,
     factor_output,
     factor_tucker,
     input_basis,
+    metric_basis,
     output_basis,
     rank_grid,
     ridge_fit,
@@ -25,6 +27,8 @@ from passes.bottleneck import (
     weight_input_basis,
     weight_output_basis,
 )
+import onnx_graphsurgeon as gs
+
 from rewriter.model import Model
 from rewriter.pipeline import apply_pass
 from tests.helpers import assert_same_outputs, ops, parse, run_reference
@@ -153,6 +157,44 @@ def test_ridge_prior_pulls_towards_the_projected_weights_when_data_are_scarce() 
         np.testing.assert_allclose(solver.predict(a, c), p @ a.T + c, atol=1e-4)
 
 
+def test_metric_basis_reconstructs_best_in_the_consumer_norm() -> None:
+    o, r = 8, 3
+    y = RNG.standard_normal((3000, o)) @ RNG.standard_normal((o, o))
+    cov = np.cov(y.T, bias=True)
+    wn = RNG.standard_normal((5, o)) * np.array([4.0, 3, 2, 1, 0.5, 0.1, 0.1, 0.1])  # the consumer weighs channels unevenly
+    u, p = metric_basis(cov, wn.T @ wn, r, floor=1e-6)
+    np.testing.assert_allclose(p.T @ u, np.eye(r), atol=1e-9)
+    yc = y - y.mean(axis=0)
+
+    def seen_error(recon: np.ndarray) -> float:
+        return float(np.sum(((yc - recon) @ wn.T) ** 2))
+
+    plain = output_basis(y, r)[0]
+    assert seen_error(yc @ p @ u.T) < seen_error(yc @ plain @ plain.T)
+    # An identity metric is plain PCA.
+    u_id, p_id = metric_basis(cov, np.eye(o), r)
+    np.testing.assert_allclose(np.abs(u_id.T @ plain), np.eye(r), atol=1e-6)
+    np.testing.assert_allclose(u_id, p_id, atol=1e-12)
+
+
+def test_consumer_metric_reads_through_a_relu_and_declines_other_readers() -> None:
+    graph = gs_graph("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4, 6, 6] X) => (float[1, 3, 6, 6] Y, float[1, 5, 6, 6] Z)
+        <float[5, 4, 3, 3] W, float[3, 5, 1, 1] Wn, float[5, 4, 3, 3] W2> {
+            A = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (X, W)
+            R = Relu (A)
+            Y = Conv <kernel_shape = [1, 1]> (R, Wn)
+            B = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (X, W2)
+            Z = Relu (B)
+        }
+    """)
+    convs = {n.outputs[0].name: n for n in graph.nodes if n.op == "Conv"}
+    wn = convs["Y"].inputs[1].values[:, :, 0, 0].astype(np.float64)
+    np.testing.assert_allclose(consumer_metric(convs["A"]), wn.T @ wn, rtol=1e-6)
+    assert consumer_metric(convs["B"]) is None  # read by a graph output, not a conv
+
+
 CONV_MODEL = """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[1, 32, 12, 10] X) => (float[1, {o}, {ho}, {wo}] Y)
@@ -160,6 +202,10 @@ CONV_MODEL = """
         Y = Conv <kernel_shape = [3, 3], strides = [{s}, {s}], pads = [{p}, {p}, {p}, {p}], dilations = [{d}, {d}]> (X, W, B)
     }}
 """
+
+
+def gs_graph(text: str) -> gs.Graph:
+    return gs.import_onnx(parse(text))
 
 
 def conv_model(s: int = 1, p: int = 1, d: int = 1, o: int = 48) -> onnx.ModelProto:
