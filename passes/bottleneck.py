@@ -121,12 +121,16 @@ def metric_basis(cov: np.ndarray, metric: np.ndarray, rank: int, floor: float = 
 
     With ``E`` the top eigenvectors of ``M C M``: ``U = M^-1 E``, ``P = M E`` (so ``P^T U = I``).
     """
-    o = cov.shape[0]
-    values, vectors = np.linalg.eigh(metric)
-    values = np.maximum(values, floor * max(values.sum(), 1e-30) / o)
-    root, inv_root = (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
+    root, inv_root = metric_root(metric, floor)
     e = top_eigvecs(root @ cov @ root, rank)
     return inv_root @ e, root @ e
+
+
+def metric_root(metric: np.ndarray, floor: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    """``(K^(1/2), K^(-1/2))`` of a symmetric PSD ``K`` with eigenvalues floored at ``floor * tr(K)/n``."""
+    values, vectors = np.linalg.eigh(metric)
+    values = np.maximum(values, floor * max(values.sum(), 1e-30) / len(values))
+    return (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
 
 
 def factor_input(w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -352,7 +356,6 @@ class Bottleneck(Pass):
         if bad:
             raise TypeError(f"bottleneck: unknown mode(s) {bad}; known: {MODES}")
         self._warned = False
-        self._spectra: dict[str, np.ndarray] = {}
 
     # -- match / check ------------------------------------------------------------------------------
     def _site(self, model: Model, node: gs.Node) -> _Site | str | None:
@@ -461,20 +464,16 @@ class Bottleneck(Pass):
         Weight-only: the residual energy of ``W``'s singular values unfolded along outputs or inputs.
         """
         out = {}
-        spectra = self._spectra  # convs reading one tensor share its spectrum; the original's persist
+        cal = model.calibration
 
-        def spectrum(name: str, matrix: np.ndarray) -> np.ndarray:
-            if name not in spectra:
-                spectra[name] = np.sort(np.linalg.eigvalsh(matrix.astype(np.float32)).astype(np.float64))[::-1]
-            return spectra[name]
+        def spectrum(matrix: np.ndarray) -> np.ndarray:
+            return np.sort(np.linalg.eigvalsh(matrix.astype(np.float32)).astype(np.float64))[::-1]
 
-        for key in [k for k in spectra if k.startswith("x:")]:
-            del spectra[key]  # inputs change with every accepted rewrite
-        if model.calibration is not None and sites:
-            ys = model.calibration.moments(model.calibration.original, [s.conv.outputs[0].name for s in sites])
-            xs = model.calibration.moments(model, [s.conv.inputs[0].name for s in sites])
+        if cal is not None and sites:
+            ys = cal.moments(cal.original, [s.conv.outputs[0].name for s in sites])
+            xs = cal.moments(model, [s.conv.inputs[0].name for s in sites])
         for site in sites:
-            if model.calibration is None:
+            if cal is None:
                 o, c = site.w.shape[:2]
                 w = site.w.astype(np.float64)
                 spec_out = np.linalg.svd(w.reshape(o, -1), compute_uv=False) ** 2
@@ -483,9 +482,15 @@ class Bottleneck(Pass):
             else:
                 yname, xname = site.conv.outputs[0].name, site.conv.inputs[0].name
                 mean, second = ys[yname]
-                spec_out = spectrum("y:" + yname, second - np.outer(mean, mean))
-                total_out = float(np.trace(second))
-                spec_in = spectrum("x:" + xname, xs[xname][1])
+                metric = consumer_metric(site.conv) if self.options.consumer_metric else None
+                if metric is None:  # convs reading one tensor share its spectra (cached per version)
+                    spec_out = cal.memo(cal.original, f"{self.name}:spectrum:{yname}", lambda: spectrum(second - np.outer(mean, mean)))
+                    total_out = float(np.trace(second))
+                else:  # in the consumer's norm, like the basis the rewrite will use
+                    root = metric_root(metric)[0]
+                    spec_out = cal.memo(model, f"{self.name}:spectrum:{site.conv.name}", lambda: spectrum(root @ (second - np.outer(mean, mean)) @ root))
+                    total_out = float(np.trace(root @ second @ root))
+                spec_in = cal.memo(model, f"{self.name}:spectrum:{xname}", lambda: spectrum(xs[xname][1]))
             out[site.conv.name] = _proxy(np.clip(spec_out, 0, None), max(total_out, 1e-12), np.clip(spec_in, 0, None))
         return out
 

@@ -178,8 +178,8 @@ def optimize(
     decisions: list[Decision] = []
     runs: list[PassRun] = []
     # The budget covers the whole call: leave room for the closing end-to-end comparisons (one after the
-    # pass, one final; each about the timing budget) and start no candidate that would, at the mean pace
-    # of those judged so far, end past the deadline.
+    # pass, one final; each about the timing budget) and start no candidate that would, at the slowest
+    # pace of the last few judged, end past the deadline.
     closing = 2 * config.timing.time_budget_s if config.latency else 0.0
     deadline = None if time_budget_s is None else start + max(0.0, time_budget_s - closing)
     paces: list[float] = []
@@ -206,7 +206,7 @@ def optimize(
                 if any(model.node(n) is None for n in cand.nodes):
                     continue  # consumed by an earlier rewrite this round; found afresh next round
                 tried.add(cand.key)
-                pace = sum(paces) / len(paces) if paces else 0.0
+                pace = max(paces[-8:], default=0.0)
                 if deadline is not None and time.perf_counter() + pace > deadline:
                     decisions.append(Decision(cand, p.exact, False, "not tried: validation time budget exhausted"))
                     continue
