@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=32)
     parser.add_argument("--time-budget", type=float, default=120.0)
     parser.add_argument("--include-pointwise", action="store_true", default=True)
+    parser.add_argument("--modes", default="output,input,spatial", help="bottleneck modes to search")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     path = fetch(args.corpus)["open-nsfw"]
@@ -73,7 +74,7 @@ def main() -> None:
     feeds = FeedSet(val[::4], cal, "scikit-image photographs: calibration and validation crops of disjoint pictures")
     config = ValidationConfig(budget=Budget.parse("cosine>=0.99"), metric=TaskMetric(metric, name="nsfw-score", min_value=0.0))
     start = time.perf_counter()
-    result = optimize(original, [Bottleneck(include_pointwise=args.include_pointwise)], feeds=feeds, config=config,
+    result = optimize(original, [Bottleneck(include_pointwise=args.include_pointwise, modes=tuple(args.modes.split(",")))], feeds=feeds, config=config,
                       time_budget_s=args.time_budget)
     seconds = time.perf_counter() - start
     final = stats(scores(reference_session(result.model), val))
@@ -87,6 +88,8 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "tried": sum(1 for d in result.decisions if not d.reason.startswith("not tried")),
         "kept": [d.candidate.description for d in result.kept],
+        "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "reason": d.reason}
+                      for d in result.decisions if not d.reason.startswith("not tried")],
         "macs": [result.before.total_macs, result.after.total_macs],
         "scores": final,
         "speedup": lat.ci.speedup,

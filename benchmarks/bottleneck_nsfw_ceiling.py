@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path(".cache/corpus"))
     parser.add_argument("--calibration", type=int, default=32)
     parser.add_argument("--validation", type=int, default=32)
+    parser.add_argument("--modes", default="output,input,spatial", help="bottleneck modes to measure")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -66,7 +67,7 @@ def main() -> None:
     def within(st: dict[str, float]) -> bool:
         return st["mae"] <= 0.01 and st["max"] <= 0.10 and st["spearman"] >= 0.98
 
-    bottleneck = Bottleneck(include_pointwise=True)
+    bottleneck = Bottleneck(include_pointwise=True, modes=tuple(args.modes.split(",")))
     start = time.perf_counter()
     candidates = [c for c in bottleneck.find(original) if isinstance(c, Candidate)]
     alone = []

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +42,7 @@ from rewriter.model import Model
 
 log = logging.getLogger(__name__)
 
-MODES = ("output", "input", "tucker")
+MODES = ("output", "input", "tucker", "spatial")
 #: Suffix of the nodes this pass creates; they are never factorized again.
 MARK = "_bneck"
 
@@ -236,6 +236,81 @@ class ConvGeometry:
     dilations: tuple[int, int]
 
 
+POINTWISE = ConvGeometry((1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+#: One new conv: weight ``[o, i, kh, kw]``, bias or None, geometry.
+Layer = tuple[np.ndarray, "np.ndarray | None", ConvGeometry]
+
+
+def split_geometry(geo: ConvGeometry) -> tuple[ConvGeometry, ConvGeometry]:
+    """The ``kh x 1`` and ``1 x kw`` halves of a conv: rows (stride, pads, dilation) first, then columns."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geo.kernel, geo.strides, geo.pads, geo.dilations
+    return (ConvGeometry((kh, 1), (sh, 1), (pt, 0, pb, 0), (dh, 1)),
+            ConvGeometry((1, kw), (1, sw), (0, pl, 0, pr), (1, dw)))
+
+
+def factor_spatial(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spatial separation (Inception-v3's ``kxk -> kx1, 1xk``): ``W[o,c,h,w] ~ sum_r A[r,c,h] B[o,r,w]``.
+
+    The truncated SVD of ``W`` unfolded as ``[(c, h), (o, w)]``, split evenly (``sqrt(S)`` to each side):
+    ``A`` ``[r, C, kh, 1]``, ``B`` ``[O, r, 1, kw]``; exact at ``rank = min(C*kh, O*kw)``.
+    """
+    o, c, kh, kw = w.shape
+    unfolded = w.astype(np.float64).transpose(1, 2, 0, 3).reshape(c * kh, o * kw)
+    u, sv, vt = np.linalg.svd(unfolded, full_matrices=False)
+    root = np.sqrt(sv[:rank])
+    a = (u[:, :rank] * root).T.reshape(rank, c, kh, 1)
+    b = (root[:, None] * vt[:rank]).reshape(rank, o, kw).transpose(1, 0, 2)[:, :, None, :]
+    return a, b
+
+
+def tap_products(x: np.ndarray, kernel: tuple[int, int], dilations: tuple[int, int]) -> np.ndarray:
+    """``[2kh-1, 2kw-1]`` sums over channels and positions of ``x(p) x(p + d)`` for every tap offset ``d``
+    a ``kernel`` with ``dilations`` spans, and the count of products each sum has, stacked: ``[2, ...]``."""
+    (kh, kw), (dh, dw) = kernel, dilations
+    _, _, h, w = x.shape
+    out = np.zeros((2, 2 * kh - 1, 2 * kw - 1))
+    for i, di in enumerate(range(-(kh - 1), kh)):
+        for j, dj in enumerate(range(-(kw - 1), kw)):
+            a, b = di * dh, dj * dw
+            if abs(a) >= h or abs(b) >= w:
+                continue
+            left = x[:, :, max(0, -a):h - max(0, a), max(0, -b):w - max(0, b)]
+            right = x[:, :, max(0, a):h - max(0, -a), max(0, b):w - max(0, -b)]
+            out[0, i, j] = float(np.vdot(left, right))
+            out[1, i, j] = left.size
+    return out
+
+
+def tap_correlation(products: np.ndarray, kernel: tuple[int, int]) -> np.ndarray:
+    """``R [kh*kw, kh*kw]``: correlation between the taps of a patch, ``rho(t2 - t1)``, from :func:`tap_products`."""
+    kh, kw = kernel
+    mean = products[0] / np.maximum(products[1], 1)
+    rho = mean / max(mean[kh - 1, kw - 1], 1e-30)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    return np.array([[rho[i2 - i1 + kh - 1, j2 - j1 + kw - 1] for (i2, j2) in taps] for (i1, j1) in taps])
+
+
+def spatial_errors(w: np.ndarray, second: np.ndarray | None, ranks: list[int], taps: np.ndarray | None = None) -> dict[int, float]:
+    """Relative output error ``sqrt(E|dW p|^2 / E|W p|^2)`` of the spatial separation at each rank, for input
+    patches with ``E[x_c(t1) x_d(t2)] = second[c, d] * taps[t1, t2]`` (identities if None: uncorrelated)."""
+    o, c, kh, kw = w.shape
+    w64 = w.astype(np.float64)
+    m = np.eye(c) if second is None else second
+    r_taps = np.eye(kh * kw) if taps is None else taps
+    u, sv, vt = np.linalg.svd(w64.transpose(1, 2, 0, 3).reshape(c * kh, o * kw), full_matrices=False)
+
+    def energy(d: np.ndarray) -> float:
+        flat = d.reshape(o, c, kh * kw)
+        return float(np.einsum("oca,cd,odb,ab->", flat, m, flat, r_taps, optimize=True))
+
+    total = max(energy(w64), 1e-30)
+    out = {}
+    for r in ranks:
+        approx = ((u[:, :r] * sv[:r]) @ vt[:r]).reshape(c, kh, o, kw).transpose(2, 0, 1, 3)
+        out[r] = float(np.sqrt(max(energy(w64 - approx), 0.0) / total))
+    return out
+
+
 def sample_positions(n: int, h: int, w: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count`` distinct random output positions (batch, row, col), or all of them when fewer exist."""
     total = n * h * w
@@ -287,9 +362,11 @@ def consumer_metric(conv: gs.Node) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class BottleneckOptions:
-    modes: tuple[str, ...] = ("output", "input")
+    modes: tuple[str, ...] = ("output", "input", "spatial")
     rank_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     rank_multiple: int = 16
+    #: Ranks of the spatial separation, as fractions of min(C, O) (at 1.0 a 3x3 conv keeps 2/3 of its MACs).
+    spatial_fractions: tuple[float, ...] = (0.5, 0.75, 1.0)
     min_kernel: int = 3
     #: Also factorize dense 1x1 convs (C -> r -> O), which only pays when r < C*O/(C+O).
     include_pointwise: bool = False
@@ -307,8 +384,10 @@ class BottleneckOptions:
     only: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _proxy(spec_out: np.ndarray, total_out: float, spec_in: np.ndarray):  # type: ignore[no-untyped-def]
+def _proxy(spec_out: np.ndarray, total_out: float, spec_in: np.ndarray, spatial: Callable[[int], float]):  # type: ignore[no-untyped-def]
     def error(mode: str, rank: int) -> float:
+        if mode == "spatial":
+            return spatial(rank)
         if mode == "input":
             return float(np.sqrt(spec_in[rank:].sum() / max(spec_in.sum(), 1e-12)))
         return float(np.sqrt(spec_out[rank:].sum() / total_out))
@@ -348,7 +427,7 @@ class Bottleneck(Pass):
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"bottleneck: unknown option(s) {unknown}; known: {sorted(known)}")
-        for key in ("modes", "rank_fractions", "only"):
+        for key in ("modes", "rank_fractions", "spatial_fractions", "only"):
             if key in options and not isinstance(options[key], tuple):
                 options[key] = tuple(options[key])  # type: ignore[arg-type]
         self.options = BottleneckOptions(**options)  # type: ignore[arg-type]
@@ -402,6 +481,8 @@ class Bottleneck(Pass):
             return n * ho * wo * (rank * c * kh * kw + o * rank)
         if mode == "input":
             return n * hi * wi * c * rank + n * ho * wo * o * rank * kh * kw
+        if mode == "spatial":  # kh x 1 at (Ho, Wi), then 1 x kw at (Ho, Wo)
+            return n * ho * wi * c * kh * rank + n * ho * wo * rank * kw * o
         r1, r2 = rank
         return n * hi * wi * c * r1 + n * ho * wo * (r2 * r1 * kh * kw + o * r2)  # type: ignore[misc]
 
@@ -421,9 +502,17 @@ class Bottleneck(Pass):
             o, c = site.w.shape[:2]
             errors = proxies[node.name]
             found = False
+            kh, kw = site.geo.kernel
             for mode in opts.modes:
-                full = {"output": o, "input": c, "tucker": min(o, c)}[mode]
-                for rank in rank_grid(full, opts.rank_fractions, opts.rank_multiple):
+                if mode == "spatial":
+                    if kh == 1 or kw == 1:
+                        continue
+                    full = min(c * kh, o * kw)
+                    grid = [r for r in {round_rank(f * min(c, o), opts.rank_multiple, full) for f in opts.spatial_fractions} if r < full]
+                else:
+                    full = {"output": o, "input": c, "tucker": min(o, c)}[mode]
+                    grid = rank_grid(full, opts.rank_fractions, opts.rank_multiple)
+                for rank in sorted(grid):
                     knob = (rank, rank) if mode == "tucker" else rank
                     macs = self._macs(model, site, mode, knob)  # type: ignore[arg-type]
                     if macs >= before.macs:
@@ -434,8 +523,8 @@ class Bottleneck(Pass):
                     yield Candidate(
                         self.name,
                         (node.name,),
-                        f"{mode}-side bottleneck of {node.name} ({c}->{o}, {site.geo.kernel[0]}x{site.geo.kernel[1]}) at rank {rank}"
-                        f" (est. rel. error {err:.3g})",
+                        (f"spatial separation of {node.name} ({c}->{o}, {kh}x{kw} -> {kh}x1, 1x{kw})" if mode == "spatial" else
+                         f"{mode}-side bottleneck of {node.name} ({c}->{o}, {kh}x{kw})") + f" at rank {rank} (est. rel. error {err:.3g})",
                         Cost(before.macs, macs, before.params, params),
                         {"mode": mode, "rank": rank},
                         # MACs saved per unit of squared error: squared errors of independent layers add up.
@@ -452,6 +541,8 @@ class Bottleneck(Pass):
             return rank * c * kh * kw + rank + o * rank + o  # type: ignore[operator]
         if mode == "input":
             return c * rank + o * rank * kh * kw + o  # type: ignore[operator]
+        if mode == "spatial":
+            return rank * c * kh + o * rank * kw + o  # type: ignore[operator]
         r1, r2 = rank  # type: ignore[misc]
         return c * r1 + r2 * r1 * kh * kw + r2 + o * r2 + o
 
@@ -472,6 +563,7 @@ class Bottleneck(Pass):
         if cal is not None and sites:
             ys = cal.moments(cal.original, [s.conv.outputs[0].name for s in sites])
             xs = cal.moments(model, [s.conv.inputs[0].name for s in sites])
+            taps = self._tap_correlations(model, sites) if "spatial" in self.options.modes else {}
         for site in sites:
             if cal is None:
                 o, c = site.w.shape[:2]
@@ -491,8 +583,38 @@ class Bottleneck(Pass):
                     spec_out = cal.memo(model, f"{self.name}:spectrum:{site.conv.name}", lambda: spectrum(root @ (second - np.outer(mean, mean)) @ root))
                     total_out = float(np.trace(root @ second @ root))
                 spec_in = cal.memo(model, f"{self.name}:spectrum:{xname}", lambda: spectrum(xs[xname][1]))
-            out[site.conv.name] = _proxy(np.clip(spec_out, 0, None), max(total_out, 1e-12), np.clip(spec_in, 0, None))
+            second_in = None if cal is None else xs[site.conv.inputs[0].name][1]
+            out[site.conv.name] = _proxy(np.clip(spec_out, 0, None), max(total_out, 1e-12), np.clip(spec_in, 0, None),
+                                         self._spatial_proxy(site, second_in, None if cal is None else taps.get(site.conv.name)))
         return out
+
+    def _tap_correlations(self, model: Model, sites: list[_Site]) -> dict[str, np.ndarray]:
+        """Per KxK conv, the correlation between its patch taps on calibration data (one run per version)."""
+        cal = model.calibration
+        wanted = [s for s in sites if min(s.geo.kernel) > 1]
+
+        def compute() -> dict[str, np.ndarray]:
+            def per_feed(_: int, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
+                return [tap_products(tensors[s.conv.inputs[0].name].astype(np.float32), s.geo.kernel, s.geo.dilations) for s in wanted]
+
+            feeds = cal.map(model, [s.conv.inputs[0].name for s in wanted], per_feed) if wanted else []
+            return {s.conv.name: tap_correlation(sum(f[i] for f in feeds), s.geo.kernel) for i, s in enumerate(wanted)}
+
+        key = ",".join(f"{s.conv.name}/{s.geo.kernel}/{s.geo.dilations}" for s in wanted)
+        return cal.memo(model, f"{self.name}:taps:{hash(key)}", compute)
+
+    def _spatial_proxy(self, site: _Site, second: np.ndarray | None, taps: np.ndarray | None = None) -> Callable[[int], float]:
+        """rank -> estimated relative error of the spatial separation (one SVD, on first use)."""
+        cache: dict[int, float] = {}
+
+        def error(rank: int) -> float:
+            if rank not in cache:
+                o, c = site.w.shape[:2]
+                ranks = sorted({round_rank(f * min(c, o), self.options.rank_multiple, 10**9) for f in self.options.spatial_fractions} | {rank})
+                cache.update(spatial_errors(site.w, second, ranks, taps))
+            return cache[rank]
+
+        return error
 
     # -- apply ---------------------------------------------------------------------------------------
     def apply(self, model: Model, candidate: Candidate) -> None:
@@ -559,19 +681,21 @@ class Bottleneck(Pass):
 
         return cal.memo(model, f"{self.name}:eig:{xname}", eig)[:, :rank]
 
-    def _factorize(self, model: Model, site: _Site, mode: str, rank: int) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
-        """The new layers as (weight [o, i, kh, kw], bias, is_kxk), first to last.
+    def _factorize(self, model: Model, site: _Site, mode: str, rank: int) -> list[Layer]:
+        """The new layers as (weight [o, i, kh, kw], bias, geometry), first to last.
 
         Data-aware refits start from the projected weights and are pulled back to them by the ridge
         (a prior), so a conv with few calibration samples per weight stays close to plain PCA.
         """
-        w, b, opts = site.w, site.b, self.options
+        w, b, opts, geo = site.w, site.b, self.options, site.geo
         o, c, kh, kw = w.shape
         data = model.calibration is not None
         users = site.conv.outputs[0].outputs
         relu = opts.through_relu and len(users) == 1 and users[0].op == "Relu"
         if not data:
             return self._weight_only(site, mode, rank)
+        if mode == "spatial":
+            return self._spatial(model, site, rank, relu)
         v = self._input_basis(model, site, rank) if mode in ("input", "tucker") else None
         u, mu, coords = self._output_basis(model, site, rank) if mode in ("output", "tucker") else (None, None, None)
         if mode == "output":
@@ -603,42 +727,61 @@ class Bottleneck(Pass):
             else:
                 core, b_core = a.reshape((rank, rank, kh, kw)), bias
         if mode == "output":
-            return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
+            return [(w1, b1, geo), (w2.reshape(o, rank, 1, 1), b2, POINTWISE)]
         if mode == "input":
-            return [(w1.reshape(rank, c, 1, 1), None, False), (w2, b2, True)]
-        return [(w1.reshape(rank, c, 1, 1), None, False), (core, b_core, True), (w3.reshape(o, rank, 1, 1), b3, False)]
+            return [(w1.reshape(rank, c, 1, 1), None, POINTWISE), (w2, b2, geo)]
+        return [(w1.reshape(rank, c, 1, 1), None, POINTWISE), (core, b_core, geo), (w3.reshape(o, rank, 1, 1), b3, POINTWISE)]
 
-    def _weight_only(self, site: _Site, mode: str, rank: int) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
+    def _spatial(self, model: Model, site: _Site, rank: int, relu: bool) -> list[Layer]:
+        """Spatial separation: ``A`` (``kh x 1``) from the SVD of the weights; ``B`` (``1 x kw``) and the bias
+        re-fitted so that, from the rewritten model's inputs, the pair reproduces the original output."""
+        w, b, opts = site.w, site.b, self.options
+        o, c, kh, kw = w.shape
+        a, bw = factor_spatial(w, rank)
+        rows, cols = split_geometry(site.geo)
+        bias = None if b is None else b.astype(np.float64)
+        if opts.refit:
+            p, y_s = self._samples(model, site)
+            # The 1 x kw factor reads A's responses at the kw taps of each output position: A applied to
+            # the columns of the full kh x kw input patch (zero where the patch is padding, as A has no bias).
+            z = np.einsum("mchw,rch->mrw", p.reshape(len(p), c, kh, kw), a[..., 0].astype(np.float32)).reshape(len(p), -1)
+            solver = RidgeSolver(z, opts.ridge)
+            prior = bw.reshape(o, -1)
+            fit, bias = ridge_fit_through_relu(solver, y_s, None, None, opts.ridge, prior=prior) if relu else solver.fit(y_s, prior)
+            bw = fit.reshape(o, rank, 1, kw)
+        return [(a, None, rows), (bw, bias, cols)]
+
+    def _weight_only(self, site: _Site, mode: str, rank: int) -> list[Layer]:
         """The fallback without calibration data: bases from the SVD of the weights alone."""
-        w, b = site.w, site.b
+        w, b, geo = site.w, site.b, site.geo
         o, c = w.shape[:2]
+        if mode == "spatial":
+            a, bw = factor_spatial(w, rank)
+            rows, cols = split_geometry(geo)
+            return [(a, None, rows), (bw, None if b is None else b.astype(np.float64), cols)]
         if mode == "output":
             w1, b1, w2, b2 = factor_output(w, b, weight_output_basis(w, rank), None)
-            return [(w1, b1, True), (w2.reshape(o, rank, 1, 1), b2, False)]
+            return [(w1, b1, geo), (w2.reshape(o, rank, 1, 1), b2, POINTWISE)]
         v = weight_input_basis(w, rank)
         if mode == "input":
             w1, w2 = factor_input(w, v)
-            return [(w1.reshape(rank, c, 1, 1), None, False), (w2, None if b is None else b.astype(np.float64), True)]
+            return [(w1.reshape(rank, c, 1, 1), None, POINTWISE), (w2, None if b is None else b.astype(np.float64), geo)]
         w1, core, b_core, w3, b3 = factor_tucker(w, b, v, weight_output_basis(w, rank), None)
-        return [(w1.reshape(rank, c, 1, 1), None, False), (core, b_core, True), (w3.reshape(o, rank, 1, 1), b3, False)]
+        return [(w1.reshape(rank, c, 1, 1), None, POINTWISE), (core, b_core, geo), (w3.reshape(o, rank, 1, 1), b3, POINTWISE)]
 
-    def _rewrite(self, model: Model, site: _Site, layers: list[tuple[np.ndarray, np.ndarray | None, bool]]) -> None:
+    def _rewrite(self, model: Model, site: _Site, layers: list[Layer]) -> None:
         names = NameFactory(model.graph)
         conv = site.conv
         dtype = site.w.dtype
-        geo = site.geo
         new_nodes = []
         current = conv.inputs[0]
-        for i, (w, b, kxk) in enumerate(layers):
+        for i, (w, b, g) in enumerate(layers):
             last = i == len(layers) - 1
             inputs = [current, constant(names, f"{conv.name}{MARK}{i}_W", w.astype(dtype))]
             if b is not None:
                 inputs.append(constant(names, f"{conv.name}{MARK}{i}_B", np.asarray(b).astype(dtype)))
-            if kxk:
-                attrs = {"kernel_shape": list(geo.kernel), "strides": list(geo.strides), "pads": list(geo.pads),
-                         "dilations": list(geo.dilations), "group": 1}
-            else:
-                attrs = {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1}
+            attrs = {"kernel_shape": list(g.kernel), "strides": list(g.strides), "pads": list(g.pads),
+                     "dilations": list(g.dilations), "group": 1}
             out = list(conv.outputs) if last else [gs.Variable(names(f"{conv.name}{MARK}{i}_out"), dtype=dtype)]
             new_nodes.append(gs.Node("Conv", name=names(f"{conv.name}{MARK}{i}"), attrs=attrs, inputs=inputs, outputs=out))
             current = out[0]
