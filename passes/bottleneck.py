@@ -12,12 +12,16 @@ A conv ``y = W * x + b`` with ``W`` of shape ``[O, C, kh, kw]`` (group 1) is rew
   zeros: borders stay exact at full rank.
 * **Tucker-2** -- 1x1 ``C -> r1``, KxK ``r1 -> r2``, 1x1 ``r2 -> O``: both of the above, the core
   ``U^T (W x_c V)``.
+* **spatial** -- ``kh x 1`` ``C -> r`` then ``1 x kw`` ``r -> O`` (Inception-v3's separation):
+  ``W[o,c,h,w] ~ sum_r A[r,c,h] B[o,r,w]`` from the SVD of ``W`` unfolded as ``[(c,h), (o,w)]``; rows'
+  stride/pads/dilation go to the first conv, columns' to the second.
 
 Data-aware (the default when real calibration data is given): ``U`` comes from PCA of the conv's outputs
-in the *original* model, ``V`` from the inputs the *already rewritten* model feeds it; then the factor
-that touches the data is re-fitted in closed form by ridge least squares so that, given the rewritten
-model's inputs, the new layers reproduce the original model's activations (layer by layer, so errors do
-not compound). Without calibration data the bases come from the weights alone (SVD of ``W`` unfolded
+in the *original* model -- in the norm the consumer conv sees, ``|Wn e|``, when one reads it -- and ``V``
+from the inputs the *already rewritten* model feeds it; then the factor that touches the data is
+re-fitted in closed form by ridge least squares (pulled towards the projected weights) so that, given the
+rewritten model's inputs, the new layers reproduce the original model's activations (layer by layer, so
+errors do not compound). Without calibration data the bases come from the weights alone (SVD of ``W`` unfolded
 along the output or input channels) -- a fallback that loses far more accuracy on trained networks.
 
 Ranks come from a grid of fractions of the full rank, rounded up to a hardware-friendly multiple (16 by
