@@ -178,11 +178,12 @@ def optimize(
     decisions: list[Decision] = []
     runs: list[PassRun] = []
     # The budget covers the whole call: leave room for the closing end-to-end comparisons (one after the
-    # pass, one final; each about the timing budget) and start no candidate that would, at the slowest
+    # pass, one final; each about the timing budget plus a second of set-up) and start no candidate that would, at the slowest
     # pace of the last few judged, end past the deadline.
-    closing = 2 * config.timing.time_budget_s if config.latency else 0.0
+    closing = 2 * (config.timing.time_budget_s + 1.0) if config.latency else 0.0
     deadline = None if time_budget_s is None else start + max(0.0, time_budget_s - closing)
     paces: list[float] = []
+    measured: tuple[Model, LatencyComparison] | None = None
     for p in selected:
         run = PassRun(p.name, p.exact)
         runs.append(run)
@@ -234,6 +235,8 @@ def optimize(
         if model is not before_pass and config.latency:
             lat = judge.model_latency(before_pass.proto, model.proto)
             run.model_latency = lat
+            if before_pass is original:
+                measured = (model, lat)  # the same pair the final comparison would time
             undo = lat.ci.slower(config.exact_min_speedup) if p.exact else not lat.ci.faster(config.lossy_min_speedup)
             if undo:
                 run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
@@ -247,7 +250,10 @@ def optimize(
         run.rolled_back = sum(not d.kept for d in mine)
     changed = model is not original
     final_numerics = judge.numerics(model.proto) if changed else {}
-    final_latency = judge.model_latency(original.proto, model.proto) if changed and config.latency else None
+    if changed and config.latency:
+        final_latency = measured[1] if measured is not None and measured[0] is model else judge.model_latency(original.proto, model.proto)
+    else:
+        final_latency = None
     any_lossy = any(not p.exact for p in selected)
     return OptimizeResult(
         model=model.proto,
