@@ -605,7 +605,7 @@ class Bottleneck(Pass):
             return {s.conv.name: tap_correlation(sum(f[i] for f in feeds), s.geo.kernel) for i, s in enumerate(wanted)}
 
         key = ",".join(f"{s.conv.name}/{s.geo.kernel}/{s.geo.dilations}" for s in wanted)
-        return cal.memo(model, f"{self.name}:taps:{hash(key)}", compute)
+        return cal.memo(model, f"{self.name}:taps:{key}", compute)
 
     def _spatial_proxy(self, site: _Site, second: np.ndarray | None, taps: np.ndarray | None = None) -> Callable[[int], float]:
         """rank -> estimated relative error of the spatial separation (one SVD, on first use)."""
