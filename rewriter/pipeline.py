@@ -156,6 +156,7 @@ def optimize(
     time_budget_s: float | None = None,
     max_model_bytes: int | None = None,
     on_decision: Callable[[Decision, Model], None] | None = None,
+    judge: Judge | None = None,
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
@@ -163,12 +164,16 @@ def optimize(
     call (search and closing end-to-end measurements, give or take one candidate); candidates left when
     it runs out are recorded as not tried. ``on_decision`` is called
     after each judged candidate with the decision and the model accepted after it (progress, sweeps).
+    ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
     """
     start = time.perf_counter()
     config = config or ValidationConfig()
     selected = resolve_passes(passes)
     original = _as_model(source, input_shapes, max_model_bytes)
-    judge = Judge(original, feeds, config)
+    if judge is None:
+        judge = Judge(original, feeds, config)
+    elif judge.original is not original:
+        raise ValueError("optimize: the judge was built for another model")
     if any(not p.exact for p in selected):
         if judge.feeds.synthetic or not judge.feeds.calibration:
             log.warning("lossy passes without calibration data fall back to weight-only fits; give --feeds or --images")

@@ -89,8 +89,8 @@ def sweep(
         if decision.kept and not decision.exact:
             steps.append((decision.candidate.description, model))
 
-    result = optimize(original, passes, feeds=feeds, config=config, time_budget_s=time_budget_s, on_decision=record)
-    judge = Judge(original, feeds, config)
+    judge = Judge(original, feeds, config)  # one reference run, for the search and the measurements after it
+    result = optimize(original, passes, feeds=feeds, config=config, time_budget_s=time_budget_s, on_decision=record, judge=judge)
     points = []
     for i, (label, model) in enumerate(steps):
         session = deploy_session(model.proto, config.runtime)

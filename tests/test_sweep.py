@@ -42,10 +42,23 @@ def _digit_feeds() -> FeedSet:
     )
 
 
-def test_sweep_measures_every_kept_step_of_the_trained_cnn() -> None:
+def test_sweep_measures_every_kept_step_of_the_trained_cnn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rewriter.validation.judge as judge_module
+
+    runs: list[int] = []
+    real_run_feeds = judge_module.run_feeds
+
+    def counting(session, feeds):  # type: ignore[no-untyped-def]
+        runs.append(len(feeds))
+        return real_run_feeds(session, feeds)
+
+    monkeypatch.setattr(judge_module, "run_feeds", counting)
     model = Model.from_source(DIGITS, {"input": (4, 1, 32, 32)})
     config = ValidationConfig(budget=Budget.parse("cosine>=0.98"), timing=FAST, lossy_min_speedup=0.0)
     result = sweep(model, ["bottleneck"], feeds=_digit_feeds(), config=config)
+    judged = sum(1 for d in result.search.decisions if d.verdict is not None)
+    # one reference run, one numerics run per judged candidate, the search's final one, one per sweep point
+    assert len(runs) == 1 + judged + 1 + len(result.points)
     kept = [d for d in result.search.decisions if d.kept]
     assert len(result.points) == 1 + len(kept) >= 2
     assert result.points[0].speedup == 1.0 and result.points[0].error < 1e-6
