@@ -397,3 +397,12 @@ def test_feedset_from_images(tmp_path: Path) -> None:
         FeedSet.from_images(tmp_path, ImageSpec(3, 4, layout="NHWC"), specs)
     with pytest.raises(InputError, match="single-input"):
         FeedSet.from_images(tmp_path, ImageSpec(3, 4), specs + [spec("other", np.float32, (1,))])
+
+
+def test_huge_declared_inputs_are_refused_before_allocating() -> None:
+    huge = [InputSpec("x", np.dtype(np.float32), (1, 3, 100_000, 100_000))]  # 112 GiB per feed
+    with pytest.raises(InputError, match=r"random feeds would take .* GiB .*'x' of shape 1x3x100000x100000.*--input-shape"):
+        random_feeds(huge, 8)
+    assert len(random_feeds([InputSpec("x", np.dtype(np.float32), (1, 3, 64, 64))], 8, max_bytes=8 * 3 * 64 * 64 * 4)) == 8
+    with pytest.raises(InputError):
+        random_feeds([InputSpec("x", np.dtype(np.float32), (1, 3, 64, 64))], 8, max_bytes=8 * 3 * 64 * 64 * 4 - 1)

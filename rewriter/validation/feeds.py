@@ -64,8 +64,18 @@ def random_feed(specs: Sequence[InputSpec], rng: np.random.Generator) -> Feed:
     return feed
 
 
-def random_feeds(specs: Sequence[InputSpec], count: int, seed: int = 0) -> list[Feed]:
-    """``count`` seeded random feeds."""
+#: Most bytes of random feeds made for one run (all feeds together); beyond it, a declared input shape is
+#: taken for a mistake rather than filling memory.
+MAX_RANDOM_FEED_BYTES = 2 << 30
+
+
+def random_feeds(specs: Sequence[InputSpec], count: int, seed: int = 0, max_bytes: int = MAX_RANDOM_FEED_BYTES) -> list[Feed]:
+    """``count`` seeded random feeds (refused with an :class:`InputError` above ``max_bytes`` in all)."""
+    per_feed = sum(int(np.prod(spec.shape, dtype=np.float64)) * spec.dtype.itemsize for spec in specs)
+    if per_feed * count > max_bytes:
+        big = max(specs, key=lambda spec: int(np.prod(spec.shape, dtype=np.float64)) * spec.dtype.itemsize)
+        raise InputError(f"random feeds would take {per_feed * count / 2**30:.1f} GiB ({count} x input {big.name!r} "
+                         f"of shape {'x'.join(map(str, big.shape))}); set a smaller --input-shape, fewer --num-feeds, or pass --feeds")
     rng = np.random.default_rng(seed)
     return [random_feed(specs, rng) for _ in range(count)]
 
