@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import sys
 import time
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--modes", default="output,input,spatial", help="bottleneck modes to search")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     path = fetch(args.corpus)["open-nsfw"]
     cal = [{"input:0": SPEC.preprocess(c)} for c in crops(CALIBRATION_PHOTOS, args.calibration, 224, 224, seed=0)]
     val = [{"input:0": SPEC.preprocess(c)} for c in crops(VALIDATION_PHOTOS, args.validation, 224, 224, seed=1)]
@@ -88,7 +90,8 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "tried": sum(1 for d in result.decisions if not d.reason.startswith("not tried")),
         "kept": [d.candidate.description for d in result.kept],
-        "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "reason": d.reason}
+        "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "reason": d.reason,
+                       "predicted_error": None if d.screening is None else round(d.screening.predicted, 5)}
                       for d in result.decisions if not d.reason.startswith("not tried")],
         "macs": [result.before.total_macs, result.after.total_macs],
         "scores": final,

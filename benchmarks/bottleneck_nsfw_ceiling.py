@@ -74,7 +74,7 @@ def main() -> None:
     for c in candidates:
         trial = original.fork()
         bottleneck.apply(trial, c)
-        alone.append((c, measure(trial.commit())))
+        alone.append((c, {**measure(trial.commit()), "macs_saved": c.cost.macs_saved}))
     log.info("measured %d candidates alone in %.0f s", len(alone), time.perf_counter() - start)
     best: dict[str, tuple[Candidate, dict[str, float]]] = {}
     for c, st in sorted(alone, key=lambda cs: -cs[0].cost.macs_saved / max(cs[1]["logit_rms"], 1e-3) ** 2):
@@ -105,6 +105,7 @@ def main() -> None:
         "speedup": lat.ci.speedup,
         "ci95": [lat.ci.low, lat.ci.high],
         "steps": steps,
+        "alone": [{"rewrite": c.description, "options": dict(c.options), "node": c.nodes[0], **st} for c, st in alone],
     }
     text = json.dumps(out, indent=2)
     if args.json:

@@ -187,6 +187,93 @@ class RidgeSolver:
         return (self.pc @ a.T.astype(np.float32)).astype(np.float64) + (a @ self.p_mean + c)
 
 
+@dataclass(frozen=True)
+class _Fold:
+    train: np.ndarray  # row masks
+    test: np.ndarray
+    pc: np.ndarray  # centred training rows
+    ptest: np.ndarray  # held-out rows, centred by the training mean
+    left: np.ndarray  # [n_train, k]: coefficients of a residual R are left^T R
+    right: np.ndarray  # [n_test, k]: held-out predictions are right diag(1 / (e + lam)) left^T R
+    e: np.ndarray  # [k] eigenvalues of the training Gram (squared singular values)
+    scale: float  # sum(e) / d: what a relative ridge is relative to
+
+
+class HeldOut:
+    """Held-out error of ridge fits ``z ~ p A^T + c`` (pulled to a prior ``A0``), whole calibration feeds
+    held out at a time, for choosing the ridge.
+
+    ``groups`` gives each row's feed; fold ``f`` holds out the feeds with ``feed % folds == f`` (rows of one
+    picture are correlated, so holding out single rows would reward over-fitting). Per fold, with the
+    training rows ``P`` centred and ``R = Z - P A0^T`` the residual of the prior, the ridge solution is
+    ``A^T = A0^T + (P^T P + lam I)^-1 P^T R``, ``lam = ridge * tr(P^T P) / d`` (relative, as in
+    :class:`RidgeSolver`). One eigendecomposition per fold -- of ``P^T P = V E V^T``, or of ``P P^T = U E U^T``
+    when there are fewer rows than features -- serves every target and every ridge:
+    ``(P^T P + lam I)^-1 P^T = V (E + lam)^-1 (P V)^T = P^T U (E + lam)^-1 U^T``.
+    """
+
+    def __init__(self, p: np.ndarray, groups: np.ndarray, folds: int = 2) -> None:
+        self.folds: list[_Fold] = []
+        k = min(folds, len(np.unique(groups)))
+        for f in range(k if k >= 2 else 0):
+            test = (groups % k) == f
+            if not test.any() or test.all():
+                continue
+            pt = np.asarray(p[~test], np.float32)
+            mean = pt.mean(axis=0, dtype=np.float64).astype(np.float32)
+            pc = pt - mean
+            ptest = np.asarray(p[test], np.float32) - mean
+            n, d = pc.shape
+            # float32 throughout: the error only has to rank the ridges of the grid.
+            if n >= d:
+                e, v = np.linalg.eigh(gram(pc))
+                left, right = pc @ v, ptest @ v
+            else:
+                e, left = np.linalg.eigh(pc @ np.ascontiguousarray(pc.T))
+                right = (ptest @ np.ascontiguousarray(pc.T)) @ left
+            e = np.maximum(e.astype(np.float64), 0.0)
+            self.folds.append(_Fold(~test, test, pc, ptest, left, right, e, max(float(e.sum()) / d, 1e-30)))
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.folds)
+
+    def errors(self, z: np.ndarray, grid: tuple[float, ...], prior: np.ndarray | None = None) -> dict[float, float]:
+        """``{ridge: held-out squared error / held-out variance of z}`` (empty when nothing can be held out)."""
+        z = np.asarray(z, np.float64)
+        err = np.zeros(len(grid))
+        total = 0.0
+        for fold in self.folds:
+            pc, ptest = fold.pc, fold.ptest
+            zt = z[fold.train]
+            z_mean = zt.mean(axis=0)
+            resid = zt - z_mean
+            base = np.broadcast_to(z_mean, (len(ptest), z.shape[1])).copy()
+            if prior is not None:
+                a0t = np.asarray(prior, np.float32).T
+                resid = resid - (pc @ a0t).astype(np.float64)
+                base += (ptest @ a0t).astype(np.float64)
+            coef = np.ascontiguousarray(fold.left.T) @ resid.astype(np.float32)
+            target = z[fold.test]
+            total += float(((target - target.mean(axis=0)) ** 2).sum())
+            miss = (target - base).astype(np.float32)
+            for i, rel in enumerate(grid):
+                shrink = (1.0 / (fold.e + rel * fold.scale)).astype(np.float32)
+                err[i] += float(np.square(fold.right @ (coef * shrink[:, None]) - miss, dtype=np.float32).sum(dtype=np.float64))
+        if total <= 0:
+            return {}
+        return {rel: float(e / total) for rel, e in zip(grid, err)}
+
+    def best(self, z: np.ndarray, grid: tuple[float, ...], prior: np.ndarray | None = None, default: float = 1e-4) -> tuple[float, float | None]:
+        """``(ridge, its relative held-out error)`` with the least held-out error (the larger ridge on a
+        tie); ``(default, None)`` when nothing can be held out."""
+        scores = self.errors(z, grid, prior) if grid else {}
+        if not scores:
+            return default, None
+        rel = min(scores, key=lambda r: (scores[r], -r))
+        return rel, scores[rel]
+
+
 def ridge_fit(p: np.ndarray, z: np.ndarray, ridge: float = 1e-4, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(A, c)`` minimising ``|p A^T + c - z|^2 + lam |A - A0|^2``, ``lam = ridge * tr(P^T P)/d`` (closed form).
 
@@ -342,6 +429,24 @@ def channels_last(t: np.ndarray, pos: tuple[np.ndarray, np.ndarray, np.ndarray] 
     return t[n, :, i, j]
 
 
+def project_taps(p: np.ndarray, channels: int, taps: int, v: np.ndarray) -> np.ndarray:
+    """Patches ``[m, C*k]`` (channel-major) with each tap's channels projected by ``v`` ``[C, r]``: ``[m, r*k]``
+    (as one matrix product)."""
+    m = len(p)
+    t = np.ascontiguousarray(p.reshape(m, channels, taps).transpose(0, 2, 1)).reshape(m * taps, channels) @ v
+    return np.ascontiguousarray(t.reshape(m, taps, -1).transpose(0, 2, 1)).reshape(m, -1)
+
+
+def column_responses(p: np.ndarray, shape: tuple[int, int, int], a: np.ndarray) -> np.ndarray:
+    """What a ``kh x 1`` conv ``a`` ``[r, C, kh]`` gives at each of the ``kw`` columns of patches ``[m, C*kh*kw]``:
+    ``z[m, r, w] = sum_{c,h} a[r,c,h] p[m,c,h,w]``, flattened to ``[m, r*kw]`` (as one matrix product)."""
+    c, kh, kw = shape
+    m = len(p)
+    cols = np.ascontiguousarray(p.reshape(m, c * kh, kw).transpose(0, 2, 1)).reshape(m * kw, c * kh)
+    z = cols @ np.ascontiguousarray(a.reshape(len(a), c * kh).T)
+    return np.ascontiguousarray(z.reshape(m, kw, -1).transpose(0, 2, 1)).reshape(m, -1)
+
+
 def consumer_metric(conv: gs.Node) -> np.ndarray | None:
     """``K = sum_n Wn^T Wn`` (over the consumers' output channels and taps) of the convs that read this
     conv's output, directly or through one ReLU; ``None`` when any reader is something else."""
@@ -374,6 +479,10 @@ class BottleneckOptions:
     min_kernel: int = 3
     #: Also factorize dense 1x1 convs (C -> r -> O), which only pays when r < C*O/(C+O).
     include_pointwise: bool = False
+    #: Modes tried on 1x1 convs (of ``modes``). For a 1x1 conv the output and input sides are the same
+    #: structure (1x1 C->r, 1x1 r->O) with the kept subspace read on either side; by default only the
+    #: output side, chosen in the consumer's norm, is tried (half the candidates to screen and judge).
+    pointwise_modes: tuple[str, ...] = ("output",)
     #: Re-fit the data-facing factor by least squares on calibration data.
     refit: bool = True
     #: When the conv feeds a ReLU, fit through it (errors on values the ReLU zeroes anyway are free).
@@ -382,10 +491,23 @@ class BottleneckOptions:
     #: a ReLU) instead of plain PCA -- errors in directions the next layer ignores are free.
     consumer_metric: bool = True
     max_samples: int = 8000
+    #: Relative ridge of the refits (``lam = ridge * tr(P^T P) / d``) where it cannot be chosen on
+    #: held-out calibration feeds (``cv_folds`` 0, or a single feed).
     ridge: float = 1e-4
+    #: Ridges tried per refit; the one that best predicts held-out calibration feeds is used. Few samples
+    #: per weight (deep layers, small maps) want a strong pull towards the projected weights, many want none.
+    ridge_grid: tuple[float, ...] = (1e-4, 1e-2, 0.1, 0.3, 1.0, 3.0)
+    #: Folds of whole calibration feeds for choosing the ridge (0: always use ``ridge``).
+    cv_folds: int = 2
+    #: Rows (spread evenly over the feeds) used for choosing the ridge; the fit itself uses every sample.
+    cv_rows: int = 4096
     seed: int = 0
     #: Node names to consider (empty: every eligible conv).
     only: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _gone(key: str) -> np.ndarray:
+    raise RuntimeError(f"bottleneck: calibration samples {key!r} were evicted before use")
 
 
 def _proxy(spec_out: np.ndarray, total_out: float, spec_in: np.ndarray, spatial: Callable[[int], float]):  # type: ignore[no-untyped-def]
@@ -431,11 +553,11 @@ class Bottleneck(Pass):
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"bottleneck: unknown option(s) {unknown}; known: {sorted(known)}")
-        for key in ("modes", "rank_fractions", "spatial_fractions", "only"):
+        for key in ("modes", "pointwise_modes", "rank_fractions", "spatial_fractions", "only", "ridge_grid"):
             if key in options and not isinstance(options[key], tuple):
                 options[key] = tuple(options[key])  # type: ignore[arg-type]
         self.options = BottleneckOptions(**options)  # type: ignore[arg-type]
-        bad = [m for m in self.options.modes if m not in MODES]
+        bad = [m for m in self.options.modes + self.options.pointwise_modes if m not in MODES]
         if bad:
             raise TypeError(f"bottleneck: unknown mode(s) {bad}; known: {MODES}")
         self._warned = False
@@ -507,7 +629,10 @@ class Bottleneck(Pass):
             errors = proxies[node.name]
             found = False
             kh, kw = site.geo.kernel
+            pointwise = kh == 1 and kw == 1
             for mode in opts.modes:
+                if pointwise and mode not in opts.pointwise_modes:
+                    continue
                 if mode == "spatial":
                     if kh == 1 or kw == 1:
                         continue
@@ -535,6 +660,7 @@ class Bottleneck(Pass):
                         priority=(before.macs - macs) / max(err, 1e-3) ** 2,
                         family=f"{node.name}:{mode}",
                         level=-rank,
+                        error=err,
                     )
             if not found:
                 yield Skip(self.name, (node.name,), "no rank in the grid lowers MACs")
@@ -633,29 +759,67 @@ class Bottleneck(Pass):
         layers = self._factorize(model, site, mode, rank)
         self._rewrite(model, site, layers)
 
-    def _samples(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray]:
-        """``(patches [m, C*kh*kw], y [m, O])``: the conv's input patches in ``model`` and its output in the
-        *original* model, at the same ``max_samples`` output positions spread evenly over every
-        calibration feed (seeded). Cached per model version; whole activations are never kept."""
+    def _samples(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(patches [m, C*kh*kw], y [m, O], feed [m])``: the conv's input patches in ``model`` and its
+        output in the *original* model, at the same ``max_samples`` output positions spread evenly over
+        every calibration feed (seeded), and the feed each row came from. Cached per model version;
+        whole activations are never kept."""
+        return self._sample_many(model, [site])[0]
+
+    def _sample_many(self, model: Model, sites: list[_Site]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`_samples` of several convs, those not cached yet gathered in one run of each model."""
         cal = model.calibration
-        xname, yname = site.conv.inputs[0].name, site.conv.outputs[0].name
-        shape = model.static_shape(site.conv.outputs[0])
-        assert shape is not None
         per_feed = max(1, math.ceil(self.options.max_samples / len(cal.feeds)))
         seed = self.options.seed
+        tag = f"{self.name}:{per_feed}:{seed}:"
 
-        def positions(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def positions(site: _Site, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            shape = model.static_shape(site.conv.outputs[0])
+            assert shape is not None
             return sample_positions(shape[0], shape[2], shape[3], per_feed, np.random.default_rng((seed, k)))
 
-        def ys() -> np.ndarray:
-            return np.concatenate(cal.map(cal.original, [yname], lambda k, t: channels_last(t[yname], positions(k)).astype(np.float32)))
+        def gather(version: Model, todo: list[_Site], tensor: Callable[[_Site], str], key: Callable[[_Site], str],
+                   take: Callable[[_Site, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray],
+                   while_current: bool) -> list[np.ndarray]:
+            missing = [s for s in {key(s): s for s in todo}.values() if not cal.cached(version, key(s))]
+            if missing:
+                per_feed_rows = cal.map(version, [tensor(s) for s in missing],
+                                        lambda k, t: [take(s, t[tensor(s)], positions(s, k)).astype(np.float32) for s in missing])
+                for i, s in enumerate(missing):
+                    rows = np.concatenate([feed[i] for feed in per_feed_rows])
+                    cal.memo(version, key(s), lambda rows=rows: rows, while_current=while_current)
+            return [cal.memo(version, key(s), lambda: _gone(key(s))) for s in todo]
 
-        def patches() -> np.ndarray:
-            return np.concatenate(cal.map(model, [xname], lambda k, t: extract_patches(t[xname], site.geo, positions(k)).astype(np.float32)))
+        # Targets: the original's outputs (kept for the whole run); inputs: this version's (until it changes).
+        ys = gather(cal.original, sites, lambda s: s.conv.outputs[0].name, lambda s: tag + "y:" + s.conv.outputs[0].name,
+                    lambda s, t, pos: channels_last(t, pos), False)
+        xs = gather(model, sites, lambda s: s.conv.inputs[0].name, lambda s: tag + "x:" + s.conv.name,
+                    lambda s, t, pos: extract_patches(t, s.geo, pos), True)
+        return [(x, y, np.repeat(np.arange(len(cal.feeds)), len(positions(s, 0)[0]))) for s, x, y in zip(sites, xs, ys)]
 
-        tag = f"{self.name}:{per_feed}:{seed}:"
-        y = cal.memo(cal.original, tag + "y:" + yname, ys)
-        return cal.memo(model, tag + "x:" + site.conv.name, patches), y
+    def prefetch(self, model: Model, candidates: list[Candidate]) -> None:
+        """Calibration samples of every conv the candidates touch, in one run of ``model`` (and of the original)."""
+        if model.calibration is None or not self.options.refit:
+            return
+        sites = {}
+        for c in candidates:
+            node = model.node(c.nodes[0])
+            site = self._site(model, node) if node is not None else None
+            if isinstance(site, _Site):
+                sites[site.conv.name] = site
+        if sites:
+            self._sample_many(model, list(sites.values()))
+
+    def _solver(self, design: np.ndarray, groups: np.ndarray, target: np.ndarray, prior: np.ndarray) -> tuple[RidgeSolver, float]:
+        """A ridge solver for ``design``, with the ridge that best predicts held-out calibration feeds for
+        ``target`` (see :class:`HeldOut`), or the fixed ``ridge`` option when none can be held out."""
+        opts = self.options
+        ridge = opts.ridge
+        if opts.cv_folds >= 2 and opts.ridge_grid:
+            rows = slice(None) if len(design) <= opts.cv_rows else np.linspace(0, len(design) - 1, opts.cv_rows).astype(np.int64)
+            ridge, err = HeldOut(design[rows], groups[rows], opts.cv_folds).best(target[rows], opts.ridge_grid, prior, default=opts.ridge)
+            log.debug("bottleneck: ridge %g (held-out relative error %s)", ridge, err)
+        return RidgeSolver(design, ridge), ridge
 
     def _output_basis(self, model: Model, site: _Site, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(U, mu, P)`` from the covariance of the conv's output in the original model (all calibration
@@ -713,17 +877,17 @@ class Bottleneck(Pass):
             w1, core, b_core, w3, b3 = factor_tucker(w, b, v, u, mu, coords)
             prior = core.reshape(rank, -1)
         if opts.refit:
-            p, y_s = self._samples(model, site)
-            if mode == "output":
-                solver = model.calibration.memo(model, f"{self.name}:solver:{site.conv.name}:{opts.ridge}", lambda: RidgeSolver(p, opts.ridge))
-            else:  # the KxK factor reads the reduced channels: patches projected tap by tap
-                solver = RidgeSolver(np.einsum("mck,cr->mrk", p.reshape(len(p), c, kh * kw), v.astype(np.float32)).reshape(len(p), -1), opts.ridge)
+            p, y_s, groups = self._samples(model, site)
             basis, mean = (None, None) if mode == "input" else (u, mu)
             read = basis if coords is None else coords
+            target = y_s if read is None else (y_s - mean) @ read
+            # The KxK factor reads the patches (output side) or the reduced channels, projected tap by tap.
+            design = p if mode == "output" else project_taps(p, c, kh * kw, v.astype(np.float32))
+            solver, ridge = self._solver(design, groups, target, prior)
             if relu:
-                a, bias = ridge_fit_through_relu(solver, y_s, basis, mean, opts.ridge, prior=prior, coords=read)
+                a, bias = ridge_fit_through_relu(solver, y_s, basis, mean, ridge, prior=prior, coords=read)
             else:
-                a, bias = solver.fit(y_s if read is None else (y_s - mean) @ read, prior)
+                a, bias = solver.fit(target, prior)
             if mode == "output":
                 w1, b1 = a.reshape((rank, c, kh, kw)), bias
             elif mode == "input":
@@ -745,13 +909,13 @@ class Bottleneck(Pass):
         rows, cols = split_geometry(site.geo)
         bias = None if b is None else b.astype(np.float64)
         if opts.refit:
-            p, y_s = self._samples(model, site)
+            p, y_s, groups = self._samples(model, site)
             # The 1 x kw factor reads A's responses at the kw taps of each output position: A applied to
             # the columns of the full kh x kw input patch (zero where the patch is padding, as A has no bias).
-            z = np.einsum("mchw,rch->mrw", p.reshape(len(p), c, kh, kw), a[..., 0].astype(np.float32)).reshape(len(p), -1)
-            solver = RidgeSolver(z, opts.ridge)
+            z = column_responses(p, (c, kh, kw), a[..., 0].astype(np.float32))
             prior = bw.reshape(o, -1)
-            fit, bias = ridge_fit_through_relu(solver, y_s, None, None, opts.ridge, prior=prior) if relu else solver.fit(y_s, prior)
+            solver, ridge = self._solver(z, groups, y_s, prior)
+            fit, bias = ridge_fit_through_relu(solver, y_s, None, None, ridge, prior=prior) if relu else solver.fit(y_s, prior)
             bw = fit.reshape(o, rank, 1, kw)
         return [(a, None, rows), (bw, bias, cols)]
 

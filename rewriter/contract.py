@@ -72,6 +72,9 @@ class Candidate:
     #: aggressive first, and once one fails numerics skips those at the same or a higher level.
     family: str | None = None
     level: float = 0.0
+    #: The pass's own estimate of the relative error this rewrite adds (lossy passes), comparable between
+    #: variants of one family: the pipeline scales a family's measured error by it (see ``screen``).
+    error: float | None = None
 
     @property
     def key(self) -> str:
@@ -103,6 +106,10 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def apply(self, model: Model, candidate: Candidate) -> None:
         """Apply one candidate to ``model.graph`` (a fork). Raise :class:`RewriteError` if it is stale."""
+
+    def prefetch(self, model: Model, candidates: list[Candidate]) -> None:
+        """Called before several of ``candidates`` are applied, each alone, to forks of ``model``: a
+        data-aware pass can gather the calibration data they need in one run. Default: nothing."""
 
     def __repr__(self) -> str:
         return f"<pass {self.name} ({'exact' if self.exact else 'lossy'})>"

@@ -6,6 +6,14 @@ candidate that raises is rolled back and recorded, never fatal. When a pass acce
 model is timed against the model from before the pass; if that shows the pass did not pay, the pass is
 undone and its decisions say so. :func:`apply_pass` is the unguarded counterpart for the Python API and
 for tests.
+
+Lossy passes spend one shared error budget, so their order decides how far a search gets. Before judging
+any, the pipeline *screens* them: the mildest variant of each family (one conv in one mode, say) is
+applied alone and its error measured quickly on the validation feeds (:meth:`Judge.error`: outputs --
+logits where a Softmax ends the model -- relative to how much they vary); the family's other variants are
+predicted by scaling that measurement with the pass's own estimates. Candidates are then tried in order of
+MACs saved per predicted squared error, so cheap savings come first and the budget is not spent early on
+aggressive rewrites of sensitive layers.
 """
 
 from __future__ import annotations
@@ -43,6 +51,19 @@ def _as_model(source: Source, input_shapes: Mapping[str, Shape] | None, max_byte
 
 
 @dataclass(frozen=True)
+class Screening:
+    """A lossy candidate's error predicted before judging: its family's mildest variant measured alone
+    (``measured``, :meth:`Judge.error`) and this candidate's share of it (``predicted``)."""
+
+    measured: float
+    predicted: float
+    screened: str  # description of the candidate that was measured
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"measured": self.measured, "predicted": self.predicted, "screened": self.screened}
+
+
+@dataclass(frozen=True)
 class Decision:
     """What happened to one candidate."""
 
@@ -51,6 +72,7 @@ class Decision:
     kept: bool
     reason: str
     verdict: Verdict | None = None
+    screening: Screening | None = None
 
 
 @dataclass
@@ -90,13 +112,30 @@ class OptimizeResult:
         return bool(self.kept)
 
 
-def _rank(candidates: list[Candidate]) -> list[Candidate]:
+#: Share of ``optimize``'s time budget that screening may use; families left unscreened are tried after the
+#: screened ones, in the pass's own order.
+SCREEN_SHARE = 0.5
+#: Predicted errors below this count as this much when ordering by MACs saved per squared error (a
+#: rewrite measured as nearly free is not infinitely better than one measured as cheap).
+ERROR_FLOOR = 1e-3
+
+
+def _rank(candidates: list[Candidate], screened: Mapping[str, Screening] | None = None) -> list[Candidate]:
     """Trial order: the pass's priority when it gives one, else estimated MACs saved; ties by node names.
 
     Variants of one rewrite (a ``family``) are tried together, at the position of the family's best
-    priority, the most aggressive first: the first one within budget is the one kept.
+    priority, the most aggressive first: the first one within budget is the one kept. Screened candidates
+    (``screened``: by candidate key) come first, each on its own, by MACs saved per predicted squared
+    error; those not screened follow in the order above.
     """
+    screened = screened or {}
+    first = sorted((c for c in candidates if c.key in screened),
+                   key=lambda c: (-c.cost.macs_saved / max(screened[c.key].predicted, ERROR_FLOOR) ** 2, c.nodes, -c.level))
+    rest = [c for c in candidates if c.key not in screened]
+    return first + _rank_unscreened(rest)
 
+
+def _rank_unscreened(candidates: list[Candidate]) -> list[Candidate]:
     def score(c: Candidate) -> float:
         return c.priority if c.priority is not None else float(c.cost.macs_saved)
 
@@ -111,6 +150,54 @@ def _rank(candidates: list[Candidate]) -> list[Candidate]:
         return (-best[c.family], c.family, -c.level, c.nodes)
 
     return sorted(candidates, key=key)
+
+
+def _screen(
+    p: Pass,
+    model: Model,
+    todo: list[Candidate],
+    judge: Judge,
+    families: dict[str, tuple[float, Candidate] | None],
+    stop_at: float | None,
+) -> dict[str, Screening]:
+    """Measure the mildest variant of every family in ``todo`` not measured yet (alone, on ``model``; until
+    ``stop_at``) into ``families``, and predict every screened family's candidates from it: the measured
+    error times the candidate's own estimate over the measured variant's (the measurement itself where the
+    pass gives no estimate)."""
+    mildest: dict[str, Candidate] = {}
+    potential: dict[str, int] = {}
+    for c in todo:
+        if c.family is None or c.family in families:
+            continue
+        potential[c.family] = max(potential.get(c.family, 0), c.cost.macs_saved)
+        if c.family not in mildest or c.level < mildest[c.family].level:
+            mildest[c.family] = c
+    # Families that could save the most are measured first (what a time limit leaves out matters least).
+    reps = sorted(mildest.values(), key=lambda c: (-potential[c.family], c.nodes))  # type: ignore[index]
+    if reps:
+        try:
+            p.prefetch(model, reps)
+        except Exception as exc:  # a faulty pass must never end the run
+            log.warning("%s.prefetch raised: %s", p.name, exc)
+    for rep in reps:
+        if stop_at is not None and time.perf_counter() > stop_at:
+            break
+        try:
+            trial = model.fork()
+            p.apply(trial, rep)
+            families[rep.family] = (judge.error(trial.commit()), rep)  # type: ignore[index]
+        except Exception as exc:  # judged (and recorded) like any other when its turn comes
+            log.info("%s: screening %s failed: %s", p.name, rep.description, exc)
+            families[rep.family] = None  # type: ignore[index]
+    out: dict[str, Screening] = {}
+    for c in todo:
+        entry = families.get(c.family) if c.family is not None else None
+        if entry is None:
+            continue
+        measured, rep = entry
+        scale = c.error / rep.error if c.error is not None and rep.error else 1.0
+        out[c.key] = Screening(measured, measured * scale, rep.description)
+    return out
 
 
 def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
@@ -157,6 +244,7 @@ def optimize(
     max_model_bytes: int | None = None,
     on_decision: Callable[[Decision, Model], None] | None = None,
     judge: Judge | None = None,
+    screen: bool = True,
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
@@ -165,6 +253,8 @@ def optimize(
     it runs out are recorded as not tried. ``on_decision`` is called
     after each judged candidate with the decision and the model accepted after it (progress, sweeps).
     ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
+    ``screen``: measure lossy families before judging and order by predicted error (see the module
+    docstring); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
     """
     start = time.perf_counter()
     config = config or ValidationConfig()
@@ -196,6 +286,8 @@ def optimize(
         first_decision = len(decisions)
         tried: set[str] = set()
         failed_levels: dict[str, float] = {}  # family -> lowest level that failed numerics
+        families: dict[str, tuple[float, Candidate] | None] = {}  # screened family -> (error, measured variant)
+        screened: dict[str, Screening] = {}
         for _ in range(max_rounds):
             try:
                 found = list(p.find(model))
@@ -204,9 +296,14 @@ def optimize(
                 run.skips.append(Skip(p.name, (), f"find raised {type(exc).__name__}: {exc}"))
                 break
             _record_skips(run, found)
-            todo = _rank([c for c in found if isinstance(c, Candidate) and c.key not in tried])
+            todo = [c for c in found if isinstance(c, Candidate) and c.key not in tried]
             if not todo:
                 break
+            if screen and not p.exact and judge.reference_error() is None:
+                stop_at = None if time_budget_s is None else start + SCREEN_SHARE * time_budget_s
+                screened = _screen(p, model, todo, judge, families, stop_at)
+                log.info("%s: %d families screened; %d candidates with a predicted error", p.name, len(families), len(screened))
+            todo = _rank(todo, screened)
             changed = False
             for cand in todo:
                 if any(model.node(n) is None for n in cand.nodes):
@@ -225,6 +322,8 @@ def optimize(
                     continue
                 began = time.perf_counter()
                 accepted, decision = _try(p, model, cand, judge)
+                if cand.key in screened:
+                    decision = replace(decision, screening=screened[cand.key])
                 paces.append(time.perf_counter() - began)
                 decisions.append(decision)
                 if on_decision is not None:

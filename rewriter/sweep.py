@@ -22,7 +22,7 @@ from rewriter.pipeline import Decision, OptimizeResult, Source, optimize
 from rewriter.shapes import Shape
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.judge import Judge, ValidationConfig
-from rewriter.validation.runtime import deploy_session
+from rewriter.validation.runtime import eval_session
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def sweep(
     result = optimize(original, passes, feeds=feeds, config=config, time_budget_s=time_budget_s, on_decision=record, judge=judge)
     points = []
     for i, (label, model) in enumerate(steps):
-        session = deploy_session(model.proto, config.runtime)
+        session = eval_session(model.proto, config.runtime)
         stats = judge.numerics(model.proto, session)
         metric = None if config.metric is None else judge.metric_value(model.proto, session)
         if i == 0:

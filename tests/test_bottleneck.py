@@ -9,7 +9,9 @@ import pytest
 from passes.bottleneck import (
     Bottleneck,
     ConvGeometry,
+    HeldOut,
     RidgeSolver,
+    column_responses,
     consumer_metric,
     _Site,
     extract_patches,
@@ -20,6 +22,7 @@ from passes.bottleneck import (
     input_basis,
     metric_basis,
     output_basis,
+    project_taps,
     rank_grid,
     ridge_fit,
     ridge_fit_through_relu,
@@ -204,6 +207,47 @@ def test_ridge_prior_pulls_towards_the_projected_weights_when_data_are_scarce() 
         np.testing.assert_allclose(solver.predict(a, c), p @ a.T + c, atol=1e-4)
 
 
+@pytest.mark.parametrize("features", [15, 200])  # more / fewer training rows (120 per fold) than features
+def test_held_out_error_matches_a_ridge_fit_on_the_other_feeds(features: int) -> None:
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(6), 40)
+    p = rng.standard_normal((240, features)).astype(np.float32)
+    z = p @ rng.standard_normal((features, 4)) + 0.3 * rng.standard_normal((240, 4))
+    prior = rng.standard_normal((4, features))
+    held = HeldOut(p, groups, folds=2)
+    errors = held.errors(z, (1e-3, 0.5), prior)
+    for ridge in (1e-3, 0.5):  # the SVD shortcut equals fitting on even feeds, predicting odd ones (and back)
+        num = den = 0.0
+        for f in (0, 1):
+            test = groups % 2 == f
+            a, c = RidgeSolver(p[~test], ridge).fit(z[~test], prior)
+            num += float(((p[test] @ a.T + c - z[test]) ** 2).sum())
+            den += float(((z[test] - z[test].mean(axis=0)) ** 2).sum())
+        assert errors[ridge] == pytest.approx(num / den, rel=1e-3)
+
+
+def test_held_out_ridge_is_small_with_plenty_of_data_and_large_when_data_are_scarce() -> None:
+    rng = np.random.default_rng(4)
+    grid = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 3.0)
+    # Plenty of samples per weight and a clean linear target: no pull towards the (wrong) prior.
+    groups = np.repeat(np.arange(8), 500)
+    p = rng.standard_normal((4000, 6))
+    a_true = rng.standard_normal((3, 6))
+    ridge, err = HeldOut(p, groups).best(p @ a_true.T, grid, prior=np.zeros((3, 6)))
+    assert ridge == 1e-4 and err is not None and err < 1e-6
+    # Fewer samples than weights, truth near the prior: a strong pull predicts unseen feeds far better.
+    groups = np.repeat(np.arange(8), 10)
+    p = rng.standard_normal((80, 200))
+    prior = rng.standard_normal((3, 200))
+    z = p @ (prior + 0.05 * rng.standard_normal((3, 200))).T + rng.standard_normal((80, 3))
+    held = HeldOut(p, groups)
+    ridge, err = held.best(z, grid, prior)
+    scores = held.errors(z, grid, prior)
+    assert ridge >= 0.1 and err == min(scores.values()) < scores[1e-4]
+    # One feed: nothing to hold out, the default comes back.
+    assert HeldOut(p, np.zeros(80, dtype=int)).best(z, grid, prior, default=7.0) == (7.0, None)
+
+
 def test_metric_basis_reconstructs_best_in_the_consumer_norm() -> None:
     o, r = 8, 3
     y = RNG.standard_normal((3000, o)) @ RNG.standard_normal((o, o))
@@ -348,3 +392,14 @@ def const_value_shape(node) -> tuple[int, ...] | None:  # type: ignore[no-untype
 
     v = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     return None if v is None else tuple(v.shape)
+
+
+def test_tap_projection_and_column_responses_equal_their_einsums() -> None:
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal((7, 4 * 3 * 2)).astype(np.float32)
+    v = rng.standard_normal((4, 3)).astype(np.float32)
+    expected = np.einsum("mck,cr->mrk", p.reshape(7, 4, 6), v).reshape(7, -1)
+    np.testing.assert_allclose(project_taps(p, 4, 6, v), expected, rtol=1e-5, atol=1e-5)
+    a = rng.standard_normal((5, 4, 3)).astype(np.float32)
+    expected = np.einsum("mchw,rch->mrw", p.reshape(7, 4, 3, 2), a).reshape(7, -1)
+    np.testing.assert_allclose(column_responses(p, (4, 3, 2), a), expected, rtol=1e-5, atol=1e-5)

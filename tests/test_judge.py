@@ -345,3 +345,28 @@ def test_load_metric_bad_files(tmp_path: Path) -> None:
     raising.write_text("raise RuntimeError('boom at import')\n")
     with pytest.raises(InputError, match="boom at import"):
         load_metric(f"{raising}:fn")
+
+
+def test_quick_error_is_measured_on_the_logits_before_a_softmax() -> None:
+    from tests.helpers import parse
+
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 6] X) => (float[1, 3] P, float[1, 3] Q)
+        <float[6, 3] W> {
+            L = MatMul (X, W)
+            P = Softmax <axis = 1> (L)
+            Q = Relu (L)
+        }
+    """
+    model = Model.from_source(parse(text))
+    judge = Judge(model, None, NO_LATENCY)
+    assert judge.error_tensors() == ["L", "Q"]  # the Softmax's input; Q as it is
+    assert judge.error(model) == 0.0
+    w = numpy_helper.to_array(model.proto.graph.initializer[0])
+    # Logits scaled by 5: an error of 4x their spread (on both tensors).
+    trial = Model.from_source(edited_weight(model.proto, "W", lambda a: a * 5.0))
+    assert judge.error(trial) == pytest.approx(4.0, rel=0.3)
+    small = Model.from_source(edited_weight(model.proto, "W", lambda a: a * 1.01))
+    assert judge.error(small) == pytest.approx(0.01, rel=0.3)
+    assert np.array_equal(w, numpy_helper.to_array(model.proto.graph.initializer[0]))  # the original is untouched

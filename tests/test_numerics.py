@@ -366,3 +366,18 @@ def test_to_dict_is_json_safe() -> None:
     d = s.to_dict()
     assert d["snr_db"] is None and d["max_abs"] == 0.0
     json.dumps(d, allow_nan=False)
+
+
+def test_spread_error_is_relative_to_the_spread_across_feeds() -> None:
+    from rewriter.validation.numerics import spread_error
+
+    ref = [{"y": np.array([1.0, 10.0])}, {"y": np.array([3.0, 10.0])}]  # varies by +-1 in the first element only
+    assert spread_error(ref, ref) == 0.0
+    moved = [{"y": np.array([1.5, 10.0])}, {"y": np.array([3.0, 10.0])}]
+    assert spread_error(ref, moved) == pytest.approx(np.sqrt(0.25 / 2.0))  # 0.5^2 over a spread of 1^2 + 1^2
+    # Several tensors: the mean of their squared relative errors; NaN positions are ignored.
+    two = [{"y": r["y"], "z": np.array([0.0, 2.0, np.nan]) + k} for k, r in enumerate(ref)]
+    moved_two = [{"y": m["y"], "z": t["z"] + np.array([0.0, 1.0, 5.0])} for m, t in zip(moved, two)]
+    assert spread_error(two, moved_two) == pytest.approx(np.sqrt((0.25 / 2.0 + 2.0 / 1.0) / 2))
+    # One feed, or a constant tensor: measured against its magnitude instead.
+    assert spread_error([{"y": np.array([3.0, 4.0])}], [{"y": np.array([3.0, 4.5])}]) == pytest.approx(0.1)

@@ -13,7 +13,7 @@ from rewriter.model import Model
 from rewriter.pipeline import apply_pass, optimize
 from rewriter.validation.judge import ValidationConfig
 from rewriter.validation.latency import TimingOptions
-from tests.helpers import assert_same_outputs, ops
+from tests.helpers import assert_same_outputs, ops, parse
 
 FAST = ValidationConfig(timing=TimingOptions(min_pairs=8, max_pairs=20, time_budget_s=0.5))
 
@@ -114,3 +114,82 @@ def test_apply_pass_is_unguarded_and_reports(sample_model: onnx.ModelProto) -> N
     assert ops(result.model)["Conv"] == ops(sample_model)["Conv"] - 1
     x = np.random.default_rng(0).standard_normal((1, 3, 112, 112)).astype(np.float32)
     assert_same_outputs(sample_model, result.model, feeds=[{"input": x}])
+
+
+# -- screening of lossy passes ----------------------------------------------------------------------------
+CHAIN3 = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 6, 6] X) => (float[1, 3] P)
+    <float[4, 4, 1, 1] WA, float[4, 4, 1, 1] WB, float[4, 4, 1, 1] WC, float[4, 3] WF> {
+        A = Conv (X, WA)
+        B = Conv (A, WB)
+        C = Conv (B, WC)
+        M = ReduceMean <axes = [2, 3], keepdims = 0> (C)
+        L = MatMul (M, WF)
+        P = Softmax <axis = 1> (L)
+    }
+"""
+
+
+class Perturb(Pass):
+    """A fake lossy pass: scales one conv's weight by ``1 + strength * size[conv]``. Its own priority says
+    conv A is the best bet; the truth (the perturbation) makes A the worst and C the best."""
+
+    name = "perturb"
+    summary = "scale a conv's weights"
+    exact = False
+    size = {"A": 0.5, "B": 0.1, "C": 0.01}
+
+    def find(self, model: Model):  # type: ignore[no-untyped-def]
+        for node in model.graph.nodes:
+            label = node.outputs[0].name
+            if node.op != "Conv" or label not in self.size or "_p" in node.name:
+                continue
+            for strength in (1, 2):
+                yield Candidate(self.name, (node.name,), f"perturb {label} x{strength}", Cost(100, 50, 1, 1), {"strength": strength},
+                                priority={"A": 3.0, "B": 2.0, "C": 1.0}[label] * strength, family=label, level=strength, error=float(strength))
+
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        node = model.node(candidate.nodes[0])
+        assert node is not None
+        w = const_value(node.inputs[1])
+        factor = 1 + candidate.options["strength"] * self.size[node.outputs[0].name]
+        node.inputs[1] = constant(NameFactory(model.graph), "p_W", (w * factor).astype(w.dtype))
+        node.name = node.name + "_p"
+
+
+def test_lossy_candidates_are_screened_and_tried_by_measured_error() -> None:
+    from rewriter.validation.numerics import Budget
+
+    loose = ValidationConfig(budget=Budget.parse("cosine>=0.5"), latency=False)
+    model = parse(CHAIN3)
+    screened = optimize(model, [Perturb()], config=loose)
+    order = [d.candidate.description for d in screened.decisions]
+    assert order == ["perturb C x1", "perturb B x1", "perturb A x1"]  # mildest variant of the least harmful conv first
+    for d in screened.decisions:
+        assert d.kept and d.screening is not None and d.screening.screened == d.candidate.description
+        assert d.screening.predicted == d.screening.measured > 0
+    errors = {d.candidate.description: d.screening.measured for d in screened.decisions}  # type: ignore[union-attr]
+    assert errors["perturb C x1"] < errors["perturb B x1"] < errors["perturb A x1"]
+    # Without screening: the pass's own order, each family's most aggressive variant first.
+    plain = optimize(model, [Perturb()], config=loose, screen=False)
+    assert [d.candidate.description for d in plain.decisions] == ["perturb A x2", "perturb B x2", "perturb C x2"]
+    assert all(d.screening is None for d in plain.decisions)
+
+
+def test_screening_predicts_a_familys_variants_from_its_mildest() -> None:
+    from rewriter.pipeline import _screen
+    from rewriter.validation.judge import Judge
+
+    model = Model.from_source(parse(CHAIN3))
+    judge = Judge(model, None, ValidationConfig(latency=False))
+    todo = [c for c in Perturb().find(model) if isinstance(c, Candidate)]
+    families: dict = {}
+    predicted = _screen(Perturb(), model, todo, judge, families, None)
+    assert set(families) == {"A", "B", "C"} and len(predicted) == 6
+    for c in todo:
+        measured, rep = families[c.family]
+        assert rep.level == 1 and predicted[c.key].measured == measured
+        assert predicted[c.key].predicted == pytest.approx(measured * c.level)  # estimate 2 vs 1: twice the error
+    # Already screened families are not measured again; a time limit in the past measures nothing new.
+    assert _screen(Perturb(), model, todo, judge, families, 0.0) == predicted

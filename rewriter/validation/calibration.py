@@ -1,9 +1,10 @@
 """Intermediate activations on calibration feeds, for data-aware passes.
 
 The pipeline hands a :class:`Calibration` to passes through ``Model.calibration``; passes ask for tensors
-by name and never see onnxruntime. Tensors are captured by adding them as extra graph outputs and running
-the model once over all calibration feeds (graph optimizations disabled, so every named tensor exists);
-results are cached per model version and name.
+by name and never see onnxruntime. Tensors are captured by making them the graph outputs of the part of
+the model that computes them (nodes after the last one needed are dropped: a capture from early layers
+costs a fraction of a full run) and running that once over all calibration feeds; results are cached per
+model version and name.
 """
 
 from __future__ import annotations
@@ -18,11 +19,52 @@ from onnx import helper
 
 from rewriter.model import Model
 from rewriter.validation.feeds import Feed
-from rewriter.validation.runtime import reference_session
+from rewriter.validation.runtime import RuntimeOptions, eval_session
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _session(proto: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    """Captures run as deployed (every requested tensor is a graph output, so no fusion hides it), on the
+    CPU, with as many threads as reference sessions may use."""
+    return eval_session(proto, RuntimeOptions())
+
+
+def with_outputs(model: Model, names: Sequence[str], dtypes: Model | None = None) -> onnx.ModelProto:
+    """A model whose outputs are ``names``: only the nodes they need (every graph input kept, so any
+    feed still fits). Graphs with subgraph-carrying nodes keep every node and add the outputs. Element
+    types come from ``dtypes`` (a version whose shapes are already inferred), else from ``model``."""
+    graph = model.proto.graph
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    del proto.graph.output[:]
+    outputs = {o.name: o for o in graph.output}
+    for name in dict.fromkeys(names):
+        if name in outputs:
+            proto.graph.output.append(outputs[name])
+        else:
+            dtype = (dtypes.dtype(name) if dtypes is not None else None) or model.dtype(name) or np.float32
+            proto.graph.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None))
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        proto.graph.output.extend(o for o in graph.output if o.name not in set(names))
+        return proto
+    producers = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    needed: set[int] = set()
+    stack = list(names)
+    while stack:
+        i = producers.get(stack.pop())
+        if i is not None and i not in needed:
+            needed.add(i)
+            stack.extend(graph.node[i].input)
+    del proto.graph.node[:]
+    proto.graph.node.extend(n for i, n in enumerate(graph.node) if i in needed)
+    used = {t for n in proto.graph.node for t in n.input} | set(names) | {i.name for i in graph.input}
+    kept = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return proto
 
 
 class Calibration:
@@ -38,23 +80,13 @@ class Calibration:
         self._cache: dict[tuple[int, str], Any] = {}
         self._moments: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self._keep: dict[int, Model] = {}
-
-    @staticmethod
-    def _with_outputs(model: Model, names: Sequence[str]) -> onnx.ModelProto:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model.proto)
-        existing = {o.name for o in proto.graph.output}
-        for name in names:
-            if name not in existing:
-                dtype = model.dtype(name) or np.float32
-                proto.graph.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None))
-        return proto
+        self._transient: set[tuple[int, str]] = set()
 
     def _capture(self, model: Model, names: Sequence[str]) -> None:
         missing = [n for n in names if (id(model.proto), n) not in self._cache]
         if not missing:
             return
-        session = reference_session(self._with_outputs(model, missing))
+        session = _session(with_outputs(model, missing, self.original))
         out = {n: [] for n in missing}  # type: dict[str, list[np.ndarray]]
         for feed in self.feeds[: self.max_capture_feeds]:
             values = session.run(missing, feed)
@@ -73,8 +105,8 @@ class Calibration:
         key = id(model.proto)
         missing = [n for n in dict.fromkeys(names) if (key, "moments:" + n) not in self._moments]
         if missing:
-            proto = self._with_outputs(model, missing)
-            session = reference_session(proto)
+            proto = with_outputs(model, missing, self.original)
+            session = _session(proto)
             sums = {n: None for n in missing}  # type: dict[str, list | None]
             for feed in self.feeds:
                 for n, v in zip(missing, session.run(missing, feed)):
@@ -102,21 +134,29 @@ class Calibration:
             self._evict(key)
         return {n: self._moments[(key, "moments:" + n)] for n in names}
 
-    def memo(self, model: Model, key: str, compute: Callable[[], T]) -> T:
+    def memo(self, model: Model, key: str, compute: Callable[[], T], *, while_current: bool = False) -> T:
         """``compute()`` once per model version and ``key``: data a pass derives from activations (samples,
-        factorized solvers), kept and evicted like captured tensors (the current version and the original)."""
+        factorized solvers), kept and evicted like captured tensors (the current version and the original).
+        ``while_current``: even for the original, keep it only until another version is worked on (data
+        of the original's *inputs* to a layer, useless once the model has changed)."""
         slot = (id(model.proto), "memo:" + key)
         if slot not in self._cache:
             self._cache[slot] = compute()  # type: ignore[assignment]
+            if while_current:
+                self._transient.add(slot)
             self._keep[id(model.proto)] = model
             self._evict(id(model.proto))
         return self._cache[slot]  # type: ignore[return-value]
+
+    def cached(self, model: Model, key: str) -> bool:
+        """Whether :meth:`memo` holds ``key`` for this version."""
+        return (id(model.proto), "memo:" + key) in self._cache
 
     def map(self, model: Model, names: Sequence[str], fn: Callable[[int, dict[str, np.ndarray]], T]) -> list[T]:
         """``fn(feed_index, {name: tensor})`` for every calibration feed, in one run of ``model``; the tensors
         themselves are not kept (for samples drawn from every feed without holding whole activations)."""
         names = list(dict.fromkeys(names))
-        session = reference_session(self._with_outputs(model, names))
+        session = _session(with_outputs(model, names, self.original))
         return [fn(k, dict(zip(names, session.run(names, feed)))) for k, feed in enumerate(self.feeds)]
 
     def of(self, model: Model, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -132,6 +172,9 @@ class Calibration:
         """Keep the original's tensors and the current version's; a pipeline only moves forward."""
         for key in [k for k in self._keep if k not in (current, id(self.original.proto))]:
             self._drop(key)
+        for slot in [s for s in self._transient if s[0] != current]:
+            self._cache.pop(slot, None)
+            self._transient.discard(slot)
 
     def forget(self, model: Model) -> None:
         """Drop the cached tensors of a model version that is no longer needed."""

@@ -30,11 +30,12 @@ import onnx
 from rewriter.contract import Candidate
 from rewriter.errors import InputError
 from rewriter.model import Model
+from rewriter.validation.calibration import with_outputs
 from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.latency import LatencyComparison, TimingOptions, time_pairs
-from rewriter.validation.numerics import Budget, OutputStats, compare_outputs
+from rewriter.validation.numerics import Budget, OutputStats, compare_outputs, spread_error
 from rewriter.validation.region import RegionError, extract_region, region_feed, region_outputs
-from rewriter.validation.runtime import RuntimeOptions, deploy_session, reference_session, run_feeds
+from rewriter.validation.runtime import RuntimeOptions, deploy_session, eval_session, reference_session, run_feeds
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class Judge:
         self._reference: list[dict] | None = None
         self._reference_error: str | None = None
         self._metric_base: float | None = None
+        self._error_reference: list[dict] | None = None
 
     # -- reference ------------------------------------------------------------------------------------
     def reference_error(self) -> str | None:
@@ -184,7 +186,7 @@ class Judge:
 
     def metric_value(self, proto: onnx.ModelProto, session=None) -> float:  # type: ignore[no-untyped-def]
         assert self.config.metric is not None
-        return float(self.config.metric.fn(session if session is not None else deploy_session(proto, self.config.runtime)))
+        return float(self.config.metric.fn(session if session is not None else eval_session(proto, self.config.runtime)))
 
     def model_latency(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> LatencyComparison:
         rt = self.config.runtime
@@ -200,12 +202,41 @@ class Judge:
         rt = self.config.runtime
         return time_pairs(deploy_session(before.model, rt), deploy_session(after.model, rt), feed, self.config.timing)
 
+    # -- quick error measurement (screening) ----------------------------------------------------------
+    def error_tensors(self) -> list[str]:
+        """Where :meth:`error` looks: each graph output, or -- when a Softmax, LogSoftmax or Sigmoid makes
+        it -- that node's input, the logits (probabilities near 0 or 1 hide how far the scores moved)."""
+        graph = self.original.proto.graph
+        producers = {out: n for n in graph.node for out in n.output}
+        names = []
+        for out in graph.output:
+            node = producers.get(out.name)
+            squash = node is not None and node.op_type in ("Softmax", "LogSoftmax", "Sigmoid") and len(node.input) == 1
+            names.append(node.input[0] if squash else out.name)  # type: ignore[union-attr]
+        return list(dict.fromkeys(names))
+
+    def error(self, trial: Model) -> float:
+        """How far ``trial`` strays from the original on the validation feeds, relative to how much the
+        original's outputs vary across them (:func:`~rewriter.validation.numerics.spread_error` on
+        :meth:`error_tensors`): a quick measurement -- no budget, no latency -- that predicts what a lossy
+        rewrite will cost before it is judged."""
+        names = self.error_tensors()
+
+        def run(model: Model) -> list[dict]:
+            session = eval_session(with_outputs(model, names, self.original), self.config.runtime)
+            return [dict(zip(names, session.run(names, dict(feed)))) for feed in self.feeds.validation]
+
+        if self._error_reference is None:
+            self._error_reference = run(self.original)
+        return spread_error(self._error_reference, run(trial))
+
     # -- the decision ---------------------------------------------------------------------------------
     def judge(self, accepted: Model, trial: Model, candidate: Candidate, exact: bool) -> Verdict:
         start = time.perf_counter()
         cfg = self.config
-        # Lossy budgets dwarf onnxruntime's own rounding: judge them in one deploy session, reused below.
-        session = None if exact else deploy_session(trial.proto, cfg.runtime)
+        # Lossy budgets dwarf onnxruntime's own rounding: judge them in one session with the deploy options
+        # (on every core: numerics, not timing), reused below.
+        session = None if exact else eval_session(trial.proto, cfg.runtime)
         stats = self.numerics(trial.proto, session)
         problems = cfg.budget.failures(stats, exact)
         if problems:

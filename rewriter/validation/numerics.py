@@ -325,3 +325,28 @@ class Budget:
                 if not b.holds(measured):
                     problems.append(f"output {name!r}: {b.metric.replace('_', '-')} = {measured:.6g} violates {b}")
         return problems
+
+
+def spread_error(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """One number for how far ``candidate`` strays from ``reference`` over a set of feeds, relative to how
+    much the reference itself varies across them: per tensor ``t``,
+    ``e_t^2 = sum (c - r)^2 / sum (r - mean_feeds(r))^2`` (the mean over feeds when every feed gives the same
+    shape, else 0), and the result is ``sqrt(mean_t e_t^2)``. Squared errors of independent small rewrites
+    add up, so it is the unit a lossy search's error predictions are made in. Non-finite positions are
+    ignored; a tensor that does not vary at all is measured against its own magnitude."""
+    total = 0.0
+    names = list(reference[0]) if reference else []
+    for name in names:
+        refs = [np.asarray(r[name], np.float64) for r in reference]
+        cands = [np.asarray(c[name], np.float64) for c in candidate]
+        same = all(r.shape == refs[0].shape for r in refs)
+        mean = np.mean(refs, axis=0) if same else 0.0
+        num = den = 0.0
+        for r, c in zip(refs, cands):
+            ok = np.isfinite(r) & np.isfinite(c)
+            num += float(np.sum((c - r)[ok] ** 2))
+            den += float(np.sum(((r - mean) if same else r)[ok] ** 2))
+        if den <= 0:
+            den = max(sum(float(np.sum(r[np.isfinite(r)] ** 2)) for r in refs), 1e-30)
+        total += num / den
+    return math.sqrt(total / max(1, len(names)))

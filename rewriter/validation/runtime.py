@@ -9,6 +9,9 @@ Two flavours are used everywhere:
 
 Reference sessions use onnxruntime's default thread count (every core) unless a caller passes
 ``threads`` or runs inside :func:`reference_threads` -- what a job sharing the machine with others does.
+*Evaluation* sessions (:func:`eval_session`) are deploy sessions built for throughput rather than timing:
+the deploy options with the reference sessions' thread count -- for a lossy rewrite's numerics and task
+metric, which are judged as deployed but need not run on one core.
 """
 
 from __future__ import annotations
@@ -134,6 +137,14 @@ def deploy_session(model: onnx.ModelProto | bytes | str, options: RuntimeOptions
         raise
     except Exception as exc:
         raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def eval_session(model: onnx.ModelProto | bytes | str, options: RuntimeOptions):  # type: ignore[no-untyped-def]
+    """A deploy session (``options``' provider and optimization level) with the thread count of reference
+    sessions (every core, or what :func:`reference_threads` allows): numerics as deployed, computed fast."""
+    from dataclasses import replace
+
+    return deploy_session(model, replace(options, threads=_REFERENCE_THREADS.get()))
 
 
 def run_feeds(session, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
