@@ -239,6 +239,7 @@ MaxPairsOpt = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timi
 TimeBudgetOpt = typer.Option(None, "--time-budget", min=0, help="Seconds the optimization may take (search and closing measurements; candidates left are not tried).")
 MaxModelBytesOpt = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this.")
 ExternalDataOpt = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB).")
+ScreenOpt = typer.Option(True, "--screen/--no-screen", help="Lossy passes: measure each family's mildest rewrite alone first and try candidates by MACs saved per predicted error (off: the pass's own order).")
 FailIfNoSpeedupOpt = typer.Option(False, "--fail-if-no-speedup", help="Gate: exit 1, writing nothing, unless the end-to-end speedup CI lies above 1.")
 
 
@@ -281,6 +282,7 @@ def optimize(
     exact_min_speedup: float = ExactMinSpeedupOpt,
     max_pairs: int = MaxPairsOpt,
     time_budget: Optional[float] = TimeBudgetOpt,
+    screen: bool = ScreenOpt,
     max_model_bytes: Optional[int] = MaxModelBytesOpt,
     in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
     external_data: Optional[bool] = ExternalDataOpt,
@@ -306,7 +308,8 @@ def optimize(
         max_metric_drop=max_metric_drop, min_metric=min_metric, metric_ray_address=metric_ray_address, num_feeds=num_feeds,
         seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph, threads=threads,
         provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
-        time_budget=time_budget, max_model_bytes=max_model_bytes, external_data=external_data, fail_if_no_speedup=fail_if_no_speedup,
+        time_budget=time_budget, screen=screen, max_model_bytes=max_model_bytes, external_data=external_data,
+        fail_if_no_speedup=fail_if_no_speedup,
     )
     outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not _quiet()))
     result, gate = outcome.result, outcome.gate
@@ -390,6 +393,7 @@ def optimize_many_cmd(
     exact_min_speedup: float = ExactMinSpeedupOpt,
     max_pairs: int = MaxPairsOpt,
     time_budget: Optional[float] = TimeBudgetOpt,
+    screen: bool = ScreenOpt,
     max_model_bytes: Optional[int] = MaxModelBytesOpt,
     external_data: Optional[bool] = ExternalDataOpt,
     fail_if_no_speedup: bool = FailIfNoSpeedupOpt,
@@ -403,7 +407,8 @@ def optimize_many_cmd(
         metric=metric, max_metric_drop=max_metric_drop, min_metric=min_metric, metric_ray_address=metric_ray_address,
         num_feeds=num_feeds, seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph,
         threads=threads, provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
-        time_budget=time_budget, max_model_bytes=max_model_bytes, external_data=external_data, fail_if_no_speedup=fail_if_no_speedup,
+        time_budget=time_budget, screen=screen, max_model_bytes=max_model_bytes, external_data=external_data,
+        fail_if_no_speedup=fail_if_no_speedup,
     )
     result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans)
     if not _quiet():
@@ -551,6 +556,7 @@ def sweep(
     threads: int = ThreadsOpt,
     provider: str = ProviderOpt,
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0, help="Seconds of validation the search may spend."),
+    screen: bool = ScreenOpt,
     max_pairs: int = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write the speedup-vs-error curve as a self-contained HTML page."),
@@ -579,7 +585,7 @@ def sweep(
     )
     source = Model.from_source(src, _shapes(input_shape))
     feedset = _feedset(source, feeds, num_feeds, seed, images, image_spec)
-    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=time_budget)
+    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=time_budget, screen=screen)
     if json_path is not None:
         write_json({"model": str(model), **result.to_dict()}, json_path)
     if html is not None:

@@ -57,6 +57,8 @@ class OptimizeOptions:
     exact_min_speedup: float = 0.99
     max_pairs: int = 40
     time_budget: float | None = None
+    #: Screen lossy passes before judging (see rewriter.pipeline).
+    screen: bool = True
     max_model_bytes: int | None = None
     external_data: bool | None = None
     fail_if_no_speedup: bool = False
@@ -169,7 +171,7 @@ def optimize_model(
         image_spec=options.image_spec, count=options.num_feeds, seed=options.seed,
     )
     with progress if progress is not None else nullcontext():
-        result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget)
+        result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget, screen=options.screen)
     untried = sum(d.reason.startswith("not tried: validation time budget") for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)

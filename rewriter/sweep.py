@@ -77,6 +77,7 @@ def sweep(
     feeds: FeedSet | None = None,
     config: ValidationConfig | None = None,
     time_budget_s: float | None = None,
+    screen: bool = True,
 ) -> SweepResult:
     """Run the search once at ``config``'s (loosest) budget and measure every kept lossy step."""
     from rewriter.analysis import analyze
@@ -90,7 +91,8 @@ def sweep(
             steps.append((decision.candidate.description, model))
 
     judge = Judge(original, feeds, config)  # one reference run, for the search and the measurements after it
-    result = optimize(original, passes, feeds=feeds, config=config, time_budget_s=time_budget_s, on_decision=record, judge=judge)
+    result = optimize(original, passes, feeds=feeds, config=config, time_budget_s=time_budget_s, on_decision=record, judge=judge,
+                      screen=screen)
     points = []
     for i, (label, model) in enumerate(steps):
         session = eval_session(model.proto, config.runtime)

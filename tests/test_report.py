@@ -112,6 +112,21 @@ def test_report_of_every_kind_of_decision_matches_the_schema(numerics_only_resul
     assert [p["name"] for p in data["passes"]] == ["raising", "fuse_1x1_chain"]
 
 
+def test_screened_lossy_decisions_match_the_schema(report_validator) -> None:  # type: ignore[no-untyped-def]
+    from rewriter.validation.numerics import Budget
+    from tests.helpers import parse
+    from tests.test_pipeline import CHAIN3, Perturb
+
+    result = optimize(parse(CHAIN3), [Perturb()], config=ValidationConfig(budget=Budget.parse("cosine>=0.5"), latency=False))
+    data = json.loads(json.dumps(build_report(
+        result, input_path=None, input_sha256=None, output_path=None, output_sha256=None, provider="cpu", threads=1,
+        gate=[], pass_options={"perturb": {}}), allow_nan=False))
+    assert_valid(report_validator, data)
+    screened = [d["screening"] for d in data["decisions"]]
+    assert len(screened) == 3 and all(s is not None and s["predicted"] == s["measured"] > 0 for s in screened)
+    assert [s["screened"] for s in screened] == [d["description"] for d in data["decisions"]]
+
+
 def test_schema_rejects_a_report_missing_a_field(numerics_only_result: OptimizeResult, report_validator) -> None:  # type: ignore[no-untyped-def]
     data = build_report(numerics_only_result, input_path=None, input_sha256=None, output_path=None, output_sha256=None, provider="cpu", threads=1)
     del data["decisions"][0]["reason"]
