@@ -691,8 +691,9 @@ class Bottleneck(Pass):
             return np.sort(np.linalg.eigvalsh(matrix.astype(np.float32)).astype(np.float64))[::-1]
 
         if cal is not None and sites:
-            ys = cal.moments(cal.original, [s.conv.outputs[0].name for s in sites])
-            xs = cal.moments(model, [s.conv.inputs[0].name for s in sites])
+            # Estimates only rank candidates (screening measures them): a sparser grid of positions will do.
+            ys = cal.moments(cal.original, [s.conv.outputs[0].name for s in sites], flops_per_feed=1e7)
+            xs = cal.moments(model, [s.conv.inputs[0].name for s in sites], flops_per_feed=1e7)
             taps = self._tap_correlations(model, sites) if "spatial" in self.options.modes else {}
         for site in sites:
             if cal is None:
@@ -839,12 +840,20 @@ class Bottleneck(Pass):
         return cal.memo(cal.original, f"{self.name}:eig:{yname}", eig)[:, :rank], mean, None
 
     def _input_basis(self, model: Model, site: _Site, rank: int) -> np.ndarray:
-        """``V``: leading eigenvectors of the uncentred second moment of the conv's input in ``model``."""
+        """``V``: leading eigenvectors of the uncentred second moment of the conv's input in ``model`` (from
+        the patches' centre taps when refitting: the samples are at hand; else from the channel moments)."""
         cal = model.calibration
         xname = site.conv.inputs[0].name
 
         def eig() -> np.ndarray:
-            values, vectors = np.linalg.eigh(cal.moments(model, [xname])[xname][1])
+            if self.options.refit:
+                o, c, kh, kw = site.w.shape
+                p = self._samples(model, site)[0]
+                centre = np.ascontiguousarray(p.reshape(len(p), c, kh * kw)[:, :, (kh // 2) * kw + kw // 2])
+                second = gram(centre).astype(np.float64) / max(1, len(centre))
+            else:
+                second = cal.moments(model, [xname])[xname][1]
+            values, vectors = np.linalg.eigh(second)
             return vectors[:, np.argsort(values)[::-1]]
 
         return cal.memo(model, f"{self.name}:eig:{xname}", eig)[:, :rank]

@@ -193,3 +193,20 @@ def test_screening_predicts_a_familys_variants_from_its_mildest() -> None:
         assert predicted[c.key].predicted == pytest.approx(measured * c.level)  # estimate 2 vs 1: twice the error
     # Already screened families are not measured again; a time limit in the past measures nothing new.
     assert _screen(Perturb(), model, todo, judge, families, 0.0) == predicted
+
+
+def test_rank_floors_tiny_predicted_errors_at_a_low_quantile_of_the_measured_ones() -> None:
+    from rewriter.pipeline import Screening, _rank
+
+    def cand(name: str, saved: int) -> Candidate:
+        return Candidate("p", (name,), name, Cost(1000, 1000 - saved, 0, 0), family=name)
+
+    others = [cand(f"o{i}", 1) for i in range(20)]
+    tiny, big = cand("tiny", 100), cand("big", 300)
+    screened = {c.key: Screening(0.02 + 0.01 * i, 0.02 + 0.01 * i, c.description) for i, c in enumerate(others)}
+    screened[tiny.key] = Screening(1e-4, 1e-4, "tiny")  # measured as (nearly) free: below the floor (0.03)
+    screened[big.key] = Screening(0.02, 0.02, "big")
+    order = [c.description for c in _rank(others + [tiny, big], screened)]
+    assert order[:2] == ["big", "tiny"]  # 300 saved at the floor's error beats 100 saved "for free"
+    unscreened = cand("unscreened", 999)
+    assert _rank([unscreened, tiny], screened)[-1] is unscreened  # screened candidates come first
