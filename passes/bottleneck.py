@@ -661,6 +661,7 @@ class Bottleneck(Pass):
                         family=f"{node.name}:{mode}",
                         level=-rank,
                         error=err,
+                        kind=mode,
                     )
             if not found:
                 yield Skip(self.name, (node.name,), "no rank in the grid lowers MACs")
@@ -757,7 +758,12 @@ class Bottleneck(Pass):
         if model.calibration is None and not self._warned:
             log.warning("bottleneck: no calibration data; using weight-only SVD, which loses much more accuracy on trained networks")
             self._warned = True
-        layers = self._factorize(model, site, mode, rank)
+        cal = model.calibration
+        if cal is None:
+            layers = self._factorize(model, site, mode, rank)
+        else:  # the same fit whenever the conv's inputs are computed the same way (e.g. screened, then judged)
+            key = f"{self.name}:layers:{site.conv.name}:{mode}:{rank}:{hash(self.options)}:{cal.lineage(model, site.conv.inputs[0].name)}"
+            layers = cal.lasting(key, lambda: self._factorize(model, site, mode, rank))
         self._rewrite(model, site, layers)
 
     def _samples(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -781,17 +787,26 @@ class Bottleneck(Pass):
 
         def gather(version: Model, todo: list[_Site], tensor: Callable[[_Site], str], key: Callable[[_Site], str],
                    take: Callable[[_Site, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray],
-                   while_current: bool) -> list[np.ndarray]:
+                   inputs: bool) -> list[np.ndarray]:
+            # Inputs: this version's (until it changes), and -- by the lineage of the tensor -- for later
+            # versions that compute it the same way (rewrites downstream of it leave it as it was).
+            lasting = {key(s): f"{key(s)}:{cal.lineage(version, tensor(s))}" for s in todo} if inputs else {}
+            for s in todo:
+                if inputs and not cal.cached(version, key(s)) and cal.has_lasting(lasting[key(s)]):
+                    found = cal.lasting(lasting[key(s)], lambda: _gone(key(s)))
+                    cal.memo(version, key(s), lambda found=found: found, while_current=True)
             missing = [s for s in {key(s): s for s in todo}.values() if not cal.cached(version, key(s))]
             if missing:
                 per_feed_rows = cal.map(version, [tensor(s) for s in missing],
                                         lambda k, t: [take(s, t[tensor(s)], positions(s, k)).astype(np.float32) for s in missing])
                 for i, s in enumerate(missing):
                     rows = np.concatenate([feed[i] for feed in per_feed_rows])
-                    cal.memo(version, key(s), lambda rows=rows: rows, while_current=while_current)
+                    cal.memo(version, key(s), lambda rows=rows: rows, while_current=inputs)
+                    if inputs:
+                        cal.lasting(lasting[key(s)], lambda rows=rows: rows)
             return [cal.memo(version, key(s), lambda: _gone(key(s))) for s in todo]
 
-        # Targets: the original's outputs (kept for the whole run); inputs: this version's (until it changes).
+        # Targets: the original's outputs (kept for the whole run); inputs: this version's.
         ys = gather(cal.original, sites, lambda s: s.conv.outputs[0].name, lambda s: tag + "y:" + s.conv.outputs[0].name,
                     lambda s, t, pos: channels_last(t, pos), False)
         xs = gather(model, sites, lambda s: s.conv.inputs[0].name, lambda s: tag + "x:" + s.conv.name,

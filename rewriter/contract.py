@@ -75,6 +75,9 @@ class Candidate:
     #: The pass's own estimate of the relative error this rewrite adds (lossy passes), comparable between
     #: variants of one family: the pipeline scales a family's measured error by it (see ``screen``).
     error: float | None = None
+    #: Estimates of one kind are on one scale (the bottleneck pass: one per mode); screening rescales each
+    #: kind by what it measures before trusting estimates across kinds.
+    kind: str = ""
 
     @property
     def key(self) -> str:

@@ -34,7 +34,7 @@ from rewriter.shapes import Shape
 from rewriter.validation.calibration import Calibration
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.judge import Judge, ValidationConfig, Verdict
-from rewriter.validation.latency import LatencyComparison
+from rewriter.validation.latency import LatencyComparison, pooled
 from rewriter.validation.numerics import OutputStats
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class OptimizeResult:
 #: Share of ``optimize``'s time budget that screening may use; families left unscreened are tried after the
 #: screened ones, in the pass's own order.
 SCREEN_SHARE = 0.5
+#: Screening re-orders the families still to measure after every this many measurements.
+RESCREEN_EVERY = 6
 #: Predicted errors below this count as this much when ordering by MACs saved per squared error (a
 #: rewrite measured as nearly free is not infinitely better than one measured as cheap).
 ERROR_FLOOR = 1e-3
@@ -170,28 +172,46 @@ def _screen(
     """Measure the mildest variant of every family in ``todo`` not measured yet (alone, on ``model``; until
     ``stop_at``) into ``families``, and predict every screened family's candidates from it: the measured
     error times the candidate's own estimate over the measured variant's (the measurement itself where the
-    pass gives no estimate)."""
+    pass gives no estimate).
+
+    Families are measured in order of promise: at first the pass's own, then -- as measurements come in --
+    by MACs saved per squared estimated error with each ``kind`` of estimate rescaled by what was measured
+    for its kind so far (estimates of different kinds, e.g. modes of a factorization, are seldom on one
+    scale). What a time limit leaves unmeasured is then what looks least promising.
+    """
+    variants: dict[str, list[Candidate]] = {}
     mildest: dict[str, Candidate] = {}
     for c in todo:
-        if c.family is not None and c.family not in families and (c.family not in mildest or c.level < mildest[c.family].level):
+        if c.family is None or c.family in families:
+            continue
+        variants.setdefault(c.family, []).append(c)
+        if c.family not in mildest or c.level < mildest[c.family].level:
             mildest[c.family] = c
-    # In the pass's own order of promise: what a time limit leaves unmeasured is what the pass rates lowest.
-    reps = _rank_unscreened(list(mildest.values()))
-    if reps:
+    queue = _rank_unscreened(list(mildest.values()))
+    if queue:
         try:
-            p.prefetch(model, reps)
+            p.prefetch(model, queue)
         except Exception as exc:  # a faulty pass must never end the run
             log.warning("%s.prefetch raised: %s", p.name, exc)
-    for rep in reps:
+    ratios: dict[str, list[float]] = {}
+    measured_count = 0
+    while queue:
         if stop_at is not None and time.perf_counter() > stop_at:
             break
+        rep = queue.pop(0)
         try:
             trial = model.fork()
             p.apply(trial, rep)
-            families[rep.family] = (judge.error(trial.commit()), rep)  # type: ignore[index]
+            error = judge.error(trial.commit())
+            families[rep.family] = (error, rep)  # type: ignore[index]
+            if rep.error:
+                ratios.setdefault(rep.kind, []).append(error / rep.error)
         except Exception as exc:  # judged (and recorded) like any other when its turn comes
             log.info("%s: screening %s failed: %s", p.name, rep.description, exc)
             families[rep.family] = None  # type: ignore[index]
+        measured_count += 1
+        if ratios and measured_count % RESCREEN_EVERY == 0:
+            queue = _by_calibrated_estimate(queue, variants, ratios)
     out: dict[str, Screening] = {}
     for c in todo:
         entry = families.get(c.family) if c.family is not None else None
@@ -201,6 +221,45 @@ def _screen(
         scale = c.error / rep.error if c.error is not None and rep.error else 1.0
         out[c.key] = Screening(measured, measured * scale, rep.description)
     return out
+
+
+def _by_calibrated_estimate(queue: list[Candidate], variants: Mapping[str, list[Candidate]], ratios: Mapping[str, list[float]]) -> list[Candidate]:
+    """``queue`` (families' mildest variants) reordered by the best MACs saved per squared estimated error of
+    each family's variants, every estimate times the median measured/estimated ratio of its kind (of all
+    kinds, for a kind not measured yet)."""
+    everything = sorted(r for rs in ratios.values() for r in rs)
+    overall = everything[len(everything) // 2]
+    factor = {kind: sorted(rs)[len(rs) // 2] for kind, rs in ratios.items()}
+
+    def promise(rep: Candidate) -> float:
+        best = 0.0
+        for v in variants.get(rep.family or "", [rep]):
+            if v.error is None:
+                continue
+            predicted = max(v.error * factor.get(v.kind, overall), ERROR_FLOOR)
+            best = max(best, v.cost.macs_saved / predicted ** 2)
+        return best
+
+    return sorted(queue, key=lambda c: (-promise(c), c.nodes))
+
+
+#: Extra whole-model measurements, pooled with the first, when its interval and its point estimate disagree.
+CONFIRMATIONS = 2
+
+
+def _settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool) -> LatencyComparison:
+    """The whole-model comparison a pass is kept or undone on. Where the interval leaves the call open
+    while the point estimate takes a side (a noisy machine), more pairs are measured and pooled, up to
+    ``CONFIRMATIONS`` times: one unlucky measurement must not undo a whole search."""
+    lat = judge.model_latency(base.proto, model.proto)
+    for _ in range(CONFIRMATIONS):
+        ci = lat.ci
+        open_call = (not ci.slower(threshold) and ci.speedup < threshold) if exact else (not ci.faster(threshold) and ci.speedup > threshold)
+        if not open_call:
+            break
+        log.info("whole-model speedup %s is not settled; measuring more pairs", ci)
+        lat = pooled(lat, judge.model_latency(base.proto, model.proto), seed=judge.config.timing.seed)
+    return lat
 
 
 def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
@@ -342,7 +401,8 @@ def optimize(
                 break
         mine = decisions[first_decision:]
         if model is not before_pass and config.latency:
-            lat = judge.model_latency(before_pass.proto, model.proto)
+            threshold = config.exact_min_speedup if p.exact else config.lossy_min_speedup
+            lat = _settled(judge, before_pass, model, threshold, p.exact)
             run.model_latency = lat
             if before_pass is original:
                 measured = (model, lat)  # the same pair the final comparison would time

@@ -104,3 +104,24 @@ def test_while_current_memo_of_the_original_goes_once_another_version_is_worked_
     v1 = model.fork().commit()
     calib.memo(v1, "inputs", lambda: 3, while_current=True)
     assert not calib.cached(model, "inputs") and calib.cached(model, "targets") and calib.cached(v1, "inputs")
+
+
+def test_lineage_changes_only_with_what_computes_the_tensor() -> None:
+    model, _, calib = _setup()
+    a, r, y = (calib.lineage(model, t) for t in ("A", "R", "Y"))
+    assert len({a, r, y}) == 3 and calib.lineage(model.fork().commit(), "R") == r
+    # Rename the last conv (what a rewrite does to what it touches): R, upstream of it, keeps its lineage.
+    edited = model.fork()
+    edited.graph.nodes[-1].name = "fresh"
+    v1 = edited.commit()
+    assert calib.lineage(v1, "R") == r and calib.lineage(v1, "Y") != y
+
+
+def test_lasting_values_are_bounded_by_bytes_least_recently_used_first() -> None:
+    _, _, calib = _setup()
+    calib.lasting_bytes = 3100
+    for k in range(3):
+        calib.lasting(f"k{k}", lambda: np.zeros(125))  # 1000 bytes each
+    calib.lasting("k0", lambda: None)  # a hit: k0 becomes the most recent
+    calib.lasting("k3", lambda: [np.zeros(125), (np.zeros(1),)])
+    assert [calib.has_lasting(f"k{k}") for k in range(4)] == [True, False, True, True]

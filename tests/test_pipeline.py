@@ -210,3 +210,46 @@ def test_rank_floors_tiny_predicted_errors_at_a_low_quantile_of_the_measured_one
     assert order[:2] == ["big", "tiny"]  # 300 saved at the floor's error beats 100 saved "for free"
     unscreened = cand("unscreened", 999)
     assert _rank([unscreened, tiny], screened)[-1] is unscreened  # screened candidates come first
+
+
+def test_screening_queue_rescales_each_kind_of_estimate_by_what_it_measured() -> None:
+    from rewriter.pipeline import _by_calibrated_estimate
+
+    def cand(name: str, kind: str, error: float) -> Candidate:
+        return Candidate("p", (name,), name, Cost(1000, 900, 0, 0), family=name, error=error, kind=kind)
+
+    optimistic = [cand(f"a{i}", "a", 0.01) for i in range(3)]  # estimated 0.01, measured ~0.1
+    honest = [cand(f"b{i}", "b", 0.03) for i in range(3)]  # estimated 0.03, measured ~0.03
+    queue = optimistic + honest
+    variants = {c.family: [c] for c in queue}
+    assert [c.kind for c in _by_calibrated_estimate(queue, variants, {"a": [10.0], "b": [1.0]})] == ["b"] * 3 + ["a"] * 3
+    # A kind not measured yet is scaled by the median of all measurements.
+    assert [c.kind for c in _by_calibrated_estimate(queue, variants, {"b": [1.0, 5.0, 6.0]})][:3] == ["a"] * 3
+
+
+def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
+    from types import SimpleNamespace
+
+    from rewriter.pipeline import CONFIRMATIONS, _settled
+    from rewriter.validation.latency import LatencyComparison
+    from rewriter.validation.stats import bootstrap_speedup
+
+    rng = np.random.default_rng(0)
+
+    def comparison(noise: float) -> LatencyComparison:  # the candidate 10% faster, under timer noise
+        a = tuple(float(v) for v in 1.0 * np.exp(noise * rng.standard_normal(12)))
+        b = tuple(float(v) for v in 0.9 * np.exp(noise * rng.standard_normal(12)))
+        return LatencyComparison(float(np.median(a)), float(np.median(b)), bootstrap_speedup(a, b), 1, (a, b))
+
+    queue = [comparison(0.4)] + [comparison(0.02) for _ in range(CONFIRMATIONS)]
+    while not (queue[0].ci.speedup > 1.0 and queue[0].ci.low <= 1.0):  # an open call: faster, not shown
+        queue[0] = comparison(0.4)
+    calls = []
+    judge = SimpleNamespace(config=ValidationConfig(), model_latency=lambda base, cand: calls.append(1) or queue[len(calls) - 1])
+    model = Model.from_source(parse(CHAIN3))
+    settled = _settled(judge, model, model, 1.0, exact=False)  # type: ignore[arg-type]
+    assert len(calls) >= 2 and settled.ci.pairs == 12 * len(calls) and settled.ci.faster(1.0)
+    # A clear first measurement is taken as it is.
+    calls.clear()
+    queue[0] = comparison(0.02)
+    assert _settled(judge, model, model, 1.0, exact=False).ci.pairs == 12 and len(calls) == 1  # type: ignore[arg-type]

@@ -9,7 +9,9 @@ model version and name.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -24,6 +26,15 @@ from rewriter.validation.runtime import RuntimeOptions, eval_session
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the arrays in ``value`` (nested lists and tuples)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _session(proto: onnx.ModelProto):  # type: ignore[no-untyped-def]
@@ -81,6 +92,9 @@ class Calibration:
         self._moments: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self._keep: dict[int, Model] = {}
         self._transient: set[tuple[int, str]] = set()
+        self._lasting: OrderedDict[str, Any] = OrderedDict()
+        #: Bytes of arrays :meth:`lasting` keeps.
+        self.lasting_bytes = 256 << 20
 
     def _capture(self, model: Model, names: Sequence[str]) -> None:
         missing = [n for n in names if (id(model.proto), n) not in self._cache]
@@ -147,6 +161,39 @@ class Calibration:
             self._keep[id(model.proto)] = model
             self._evict(id(model.proto))
         return self._cache[slot]  # type: ignore[return-value]
+
+    def lineage(self, model: Model, tensor: str) -> str:
+        """A digest of everything that computes ``tensor`` in ``model``: the names, ops and inputs of all the
+        nodes upstream of it. Rewrites give new nodes fresh names (the pass contract), so two versions
+        with the same lineage for a tensor give it the same values on the calibration feeds."""
+        graph = model.proto.graph
+        producers = {out: n for n in graph.node for out in n.output if out}
+        seen: set[str] = set()
+        parts: list[str] = []
+        stack = [tensor]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            parts.append(f"{node.name}|{node.op_type}|{','.join(node.input)}")
+            stack.extend(node.input)
+        return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:32]
+
+    def lasting(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per ``key`` across versions (key it by :meth:`lineage`), the least recently
+        used entries dropped beyond ``lasting_bytes`` of arrays."""
+        if key in self._lasting:
+            self._lasting.move_to_end(key)
+            return self._lasting[key]  # type: ignore[no-any-return]
+        value = compute()
+        self._lasting[key] = value
+        while len(self._lasting) > 1 and sum(_nbytes(v) for v in self._lasting.values()) > self.lasting_bytes:
+            self._lasting.popitem(last=False)
+        return value
+
+    def has_lasting(self, key: str) -> bool:
+        return key in self._lasting
 
     def cached(self, model: Model, key: str) -> bool:
         """Whether :meth:`memo` holds ``key`` for this version."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,8 @@ class LatencyComparison:
     candidate_median_s: float
     ci: RatioCI
     repeats_per_sample: int
+    #: The paired per-run times behind the figures (for :func:`pooled`); not reported.
+    samples: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, float | int]:
         return {
@@ -112,7 +114,18 @@ def time_pairs(base_session, candidate_session, feed: Mapping[str, np.ndarray], 
                 a.append(_sample(base_session, names_a, feed_a, repeats))
             i += 1
     ci = bootstrap_speedup(a, b, seed=opts.seed)
-    return LatencyComparison(float(np.median(a)), float(np.median(b)), ci, repeats)
+    return LatencyComparison(float(np.median(a)), float(np.median(b)), ci, repeats, (tuple(a), tuple(b)))
+
+
+def pooled(first: LatencyComparison, second: LatencyComparison, seed: int = 0) -> LatencyComparison:
+    """One comparison from the pairs of two measurements of the same two sessions (per-run times, so
+    samples of different repeat counts pool)."""
+    if first.samples is None or second.samples is None:
+        raise ValueError("pooled() needs comparisons that kept their samples")
+    a = first.samples[0] + second.samples[0]
+    b = first.samples[1] + second.samples[1]
+    ci = bootstrap_speedup(a, b, seed=seed)
+    return LatencyComparison(float(np.median(a)), float(np.median(b)), ci, max(first.repeats_per_sample, second.repeats_per_sample), (a, b))
 
 
 @dataclass(frozen=True)
