@@ -62,9 +62,9 @@ def main() -> None:
             "top1": top1(result.model, x_test, y_test),
             "speedup": lat.ci.speedup,
             "ci95": [lat.ci.low, lat.ci.high],
-            "kept": len(result.kept),
+            "kept": len(result.in_model),
             "macs": [result.before.total_macs, result.after.total_macs],
-            "kept_rewrites": [d.candidate.description for d in result.kept],
+            "kept_rewrites": [d.candidate.description for d in result.in_model],
             "search_seconds": round(seconds, 1),
         })
     text = json.dumps({"model": "digits_cnn (trained, 98.1% held-out top-1)", "batch": BATCH, "rows": rows}, indent=2)

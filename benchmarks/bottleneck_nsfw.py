@@ -100,7 +100,7 @@ def main() -> None:
             "scores": stats(scores(session, val), ref),
             "scores_unseen_crops": stats(scores(session, unseen), ref_unseen),
             "tried": sum(1 for d in result.decisions if not d.reason.startswith("not tried")),
-            "kept": [d.candidate.description for d in result.kept],
+            "kept": [d.candidate.description for d in result.in_model],
             "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "reason": d.reason,
                            "predicted_error": None if d.screening is None else round(d.screening.predicted, 5)}
                           for d in result.decisions if not d.reason.startswith("not tried")],

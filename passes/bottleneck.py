@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -613,7 +613,8 @@ class Bottleneck(Pass):
         return n * hi * wi * c * r1 + n * ho * wo * (r2 * r1 * kh * kw + o * r2)  # type: ignore[misc]
 
     def find(self, model: Model) -> Iterator[Candidate | Skip]:
-        opts = self.options
+        """Variants of every dense conv; and, for convs this pass factorized before, the variants that would
+        lower MACs further, as replacements of that factorization (see :meth:`refresh`)."""
         sites: list[_Site] = []
         for node in list(model.graph.nodes):
             site = self._site(model, node)
@@ -621,50 +622,62 @@ class Bottleneck(Pass):
                 yield Skip(self.name, (node.name,), site)
             elif site is not None:
                 sites.append(site)
-        proxies = self._error_proxies(model, sites)
+        redone = {n.name.split(MARK)[0] for n in model.graph.nodes if MARK in n.name}
+        again = [found[0] for name in sorted(redone) if (found := self._original(model, name)) is not None]
+        proxies = self._error_proxies(model, sites + again)
         for site in sites:
-            node = site.conv
-            before = node_cost(model, node)
-            o, c = site.w.shape[:2]
-            errors = proxies[node.name]
             found = False
-            kh, kw = site.geo.kernel
-            pointwise = kh == 1 and kw == 1
-            for mode in opts.modes:
-                if pointwise and mode not in opts.pointwise_modes:
-                    continue
-                if mode == "spatial":
-                    if kh == 1 or kw == 1:
-                        continue
-                    full = min(c * kh, o * kw)
-                    grid = [r for r in {round_rank(f * min(c, o), opts.rank_multiple, full) for f in opts.spatial_fractions} if r < full]
-                else:
-                    full = {"output": o, "input": c, "tucker": min(o, c)}[mode]
-                    grid = rank_grid(full, opts.rank_fractions, opts.rank_multiple)
-                for rank in sorted(grid):
-                    knob = (rank, rank) if mode == "tucker" else rank
-                    macs = self._macs(model, site, mode, knob)  # type: ignore[arg-type]
-                    if macs >= before.macs:
-                        continue
-                    params = self._params(site, mode, knob)  # type: ignore[arg-type]
-                    err = errors(mode, rank)
-                    found = True
-                    yield Candidate(
-                        self.name,
-                        (node.name,),
-                        (f"spatial separation of {node.name} ({c}->{o}, {kh}x{kw} -> {kh}x1, 1x{kw})" if mode == "spatial" else
-                         f"{mode}-side bottleneck of {node.name} ({c}->{o}, {kh}x{kw})") + f" at rank {rank} (est. rel. error {err:.3g})",
-                        Cost(before.macs, macs, before.params, params),
-                        {"mode": mode, "rank": rank},
-                        # MACs saved per unit of squared error: squared errors of independent layers add up.
-                        priority=(before.macs - macs) / max(err, 1e-3) ** 2,
-                        family=f"{node.name}:{mode}",
-                        level=-rank,
-                        error=err,
-                        kind=mode,
-                    )
+            for cand in self._variants(model, site, proxies[site.conv.name]):
+                found = True
+                yield cand
             if not found:
-                yield Skip(self.name, (node.name,), "no rank in the grid lowers MACs")
+                yield Skip(self.name, (site.conv.name,), "no rank in the grid lowers MACs")
+        for site in again:
+            for cand in self._variants(model, site, proxies[site.conv.name]):
+                fresh = self.refresh(model, cand)
+                if fresh is not None:
+                    yield fresh
+
+    def _variants(self, model: Model, site: _Site, errors: Callable[[str, int], float]) -> Iterator[Candidate]:
+        """Every mode and rank of the grid that lowers the conv's MACs, as candidates."""
+        opts = self.options
+        node = site.conv
+        before = node_cost(model, node)
+        o, c = site.w.shape[:2]
+        kh, kw = site.geo.kernel
+        pointwise = kh == 1 and kw == 1
+        for mode in opts.modes:
+            if pointwise and mode not in opts.pointwise_modes:
+                continue
+            if mode == "spatial":
+                if kh == 1 or kw == 1:
+                    continue
+                full = min(c * kh, o * kw)
+                grid = [r for r in {round_rank(f * min(c, o), opts.rank_multiple, full) for f in opts.spatial_fractions} if r < full]
+            else:
+                full = {"output": o, "input": c, "tucker": min(o, c)}[mode]
+                grid = rank_grid(full, opts.rank_fractions, opts.rank_multiple)
+            for rank in sorted(grid):
+                knob = (rank, rank) if mode == "tucker" else rank
+                macs = self._macs(model, site, mode, knob)  # type: ignore[arg-type]
+                if macs >= before.macs:
+                    continue
+                params = self._params(site, mode, knob)  # type: ignore[arg-type]
+                err = errors(mode, rank)
+                yield Candidate(
+                    self.name,
+                    (node.name,),
+                    (f"spatial separation of {node.name} ({c}->{o}, {kh}x{kw} -> {kh}x1, 1x{kw})" if mode == "spatial" else
+                     f"{mode}-side bottleneck of {node.name} ({c}->{o}, {kh}x{kw})") + f" at rank {rank} (est. rel. error {err:.3g})",
+                    Cost(before.macs, macs, before.params, params),
+                    {"mode": mode, "rank": rank},
+                    # MACs saved per unit of squared error: squared errors of independent layers add up.
+                    priority=(before.macs - macs) / max(err, 1e-3) ** 2,
+                    family=f"{node.name}:{mode}",
+                    level=-rank,
+                    error=err,
+                    kind=mode,
+                )
 
     def _params(self, site: _Site, mode: str, rank: int | tuple[int, int]) -> int:
         o, c, kh, kw = site.w.shape
@@ -749,12 +762,68 @@ class Bottleneck(Pass):
         return error
 
     # -- apply ---------------------------------------------------------------------------------------
-    def apply(self, model: Model, candidate: Candidate) -> None:
-        node = model.node(candidate.nodes[0])
-        site = self._site(model, node) if node is not None else None
-        if not isinstance(site, _Site):
-            raise RewriteError(f"bottleneck: {candidate.nodes[0]} is no longer a dense conv to factorize")
+    def _group(self, model: Model, conv_name: str) -> list[gs.Node] | None:
+        """The convs this pass put in place of ``conv_name``, input to output, while they still form the chain
+        it made (each read only by the next)."""
+        prefix = f"{conv_name}{MARK}"
+        nodes = [n for n in model.graph.nodes if n.name.startswith(prefix) and n.op == "Conv" and n.inputs and n.outputs]
+        produced = {n.outputs[0].name: n for n in nodes}
+        heads = [n for n in nodes if n.inputs[0].name not in produced]
+        if len(heads) != 1:
+            return None
+        chain = heads
+        while len(chain) < len(nodes):
+            readers = [r for r in chain[-1].outputs[0].outputs if r in nodes]
+            if len(readers) != 1 or len(chain[-1].outputs[0].outputs) != 1:
+                return None
+            chain.append(readers[0])
+        return chain
+
+    def _original(self, model: Model, conv_name: str) -> tuple[_Site, list[gs.Node]] | None:
+        """The original conv ``conv_name`` (from ``model.root``) and the chain that replaced it in ``model``."""
+        root = model.root
+        node = root.node(conv_name) if root is not model else None
+        site = self._site(root, node) if node is not None else None
+        group = self._group(model, conv_name)
+        if not isinstance(site, _Site) or not group:
+            return None
+        if group[0].inputs[0].name != site.conv.inputs[0].name or group[-1].outputs[0].name != site.conv.outputs[0].name:
+            return None
+        return site, group
+
+    def refresh(self, model: Model, candidate: Candidate) -> Candidate | None:
+        """A variant of a conv this pass already factorized, as a replacement of that factorization (from the
+        original weights) -- offered only where it lowers MACs further."""
+        if len(candidate.nodes) != 1 or MARK in candidate.nodes[0]:
+            return None
+        found = self._original(model, candidate.nodes[0])
+        if found is None:
+            return None
+        site, group = found
         mode, rank = str(candidate.options["mode"]), int(candidate.options["rank"])
+        knob = (rank, rank) if mode == "tucker" else rank
+        costs = [node_cost(model, n) for n in group]
+        before = sum(c.macs for c in costs)
+        macs = self._macs(model, site, mode, knob)  # type: ignore[arg-type]
+        if macs >= before:
+            return None
+        return replace(candidate, nodes=tuple(n.name for n in group),
+                       description=f"{candidate.description}, in place of its earlier factorization",
+                       cost=Cost(before, macs, sum(c.params for c in costs), self._params(site, mode, knob)))  # type: ignore[arg-type]
+
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        mode, rank = str(candidate.options["mode"]), int(candidate.options["rank"])
+        if MARK in candidate.nodes[0]:  # re-factorizing a conv factorized before (see refresh)
+            found = self._original(model, candidate.nodes[0].split(MARK)[0])
+            if found is None or tuple(n.name for n in found[1]) != candidate.nodes:
+                raise RewriteError(f"bottleneck: the factorization {candidate.nodes} is no longer in the graph")
+            site, old = found
+        else:
+            node = model.node(candidate.nodes[0])
+            found_site = self._site(model, node) if node is not None else None
+            if not isinstance(found_site, _Site):
+                raise RewriteError(f"bottleneck: {candidate.nodes[0]} is no longer a dense conv to factorize")
+            site, old = found_site, [found_site.conv]
         if model.calibration is None and not self._warned:
             log.warning("bottleneck: no calibration data; using weight-only SVD, which loses much more accuracy on trained networks")
             self._warned = True
@@ -764,7 +833,7 @@ class Bottleneck(Pass):
         else:  # the same fit whenever the conv's inputs are computed the same way (e.g. screened, then judged)
             key = f"{self.name}:layers:{site.conv.name}:{mode}:{rank}:{hash(self.options)}:{cal.lineage(model, site.conv.inputs[0].name)}"
             layers = cal.lasting(key, lambda: self._factorize(model, site, mode, rank))
-        self._rewrite(model, site, layers)
+        self._rewrite(model, site, layers, old)
 
     def _samples(self, model: Model, site: _Site) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(patches [m, C*kh*kw], y [m, O], feed [m])``: the conv's input patches in ``model`` and its
@@ -961,12 +1030,15 @@ class Bottleneck(Pass):
         w1, core, b_core, w3, b3 = factor_tucker(w, b, v, weight_output_basis(w, rank), None)
         return [(w1.reshape(rank, c, 1, 1), None, POINTWISE), (core, b_core, geo), (w3.reshape(o, rank, 1, 1), b3, POINTWISE)]
 
-    def _rewrite(self, model: Model, site: _Site, layers: list[Layer]) -> None:
+    def _rewrite(self, model: Model, site: _Site, layers: list[Layer], old: list[gs.Node] | None = None) -> None:
+        """``layers`` in place of ``old`` (the conv by default, or the chain that replaced it before), named after the conv."""
         names = NameFactory(model.graph)
         conv = site.conv
+        old = old or [conv]
         dtype = site.w.dtype
         new_nodes = []
-        current = conv.inputs[0]
+        current = old[0].inputs[0]
+        outputs = list(old[-1].outputs)
         for i, (w, b, g) in enumerate(layers):
             last = i == len(layers) - 1
             inputs = [current, constant(names, f"{conv.name}{MARK}{i}_W", w.astype(dtype))]
@@ -974,7 +1046,7 @@ class Bottleneck(Pass):
                 inputs.append(constant(names, f"{conv.name}{MARK}{i}_B", np.asarray(b).astype(dtype)))
             attrs = {"kernel_shape": list(g.kernel), "strides": list(g.strides), "pads": list(g.pads),
                      "dilations": list(g.dilations), "group": 1}
-            out = list(conv.outputs) if last else [gs.Variable(names(f"{conv.name}{MARK}{i}_out"), dtype=dtype)]
+            out = outputs if last else [gs.Variable(names(f"{conv.name}{MARK}{i}_out"), dtype=dtype)]
             new_nodes.append(gs.Node("Conv", name=names(f"{conv.name}{MARK}{i}"), attrs=attrs, inputs=inputs, outputs=out))
             current = out[0]
-        replace_nodes(model.graph, [conv], new_nodes)
+        replace_nodes(model.graph, old, new_nodes)

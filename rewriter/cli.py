@@ -328,8 +328,9 @@ def optimize(
         _print_optimize(result)
     if gate:
         raise GateFailed("gate failed, no output written: " + "; ".join(gate))
-    kept = len(result.kept)
-    out.print(f"wrote {output}: {kept} rewrite(s) kept, {len(result.decisions) - kept} rolled back"
+    kept, replaced = len(result.in_model), len(result.kept) - len(result.in_model)
+    out.print(f"wrote {output}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
+              + f", {len(result.decisions) - len(result.kept)} rolled back"
               + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else ""))
 
 

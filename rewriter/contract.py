@@ -110,6 +110,12 @@ class Pass(abc.ABC):
     def apply(self, model: Model, candidate: Candidate) -> None:
         """Apply one candidate to ``model.graph`` (a fork). Raise :class:`RewriteError` if it is stale."""
 
+    def refresh(self, model: Model, candidate: Candidate) -> Candidate | None:
+        """A candidate whose nodes an earlier rewrite of *this pass* replaced, re-expressed against
+        ``model`` (e.g. a more aggressive variant replacing a milder one already kept), or ``None`` when
+        it no longer applies. Default: ``None``."""
+        return None
+
     def prefetch(self, model: Model, candidates: list[Candidate]) -> None:
         """Called before several of ``candidates`` are applied, each alone, to forks of ``model``: a
         data-aware pass can gather the calibration data they need in one run. Default: nothing."""

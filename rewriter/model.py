@@ -55,6 +55,9 @@ class Model:
         #: Activations on calibration feeds (a ``rewriter.validation.calibration.Calibration``), set by the
         #: pipeline for data-aware passes; ``None`` when no calibration data was given.
         self.calibration: Any = None
+        #: The version this one descends from by forks and commits (itself for a loaded model): where a
+        #: pass finds the original of something it rewrote before.
+        self.root: Model = self
 
     @classmethod
     def from_source(
@@ -127,6 +130,7 @@ class Model:
         """An editable copy: a fresh graph view over the same proto (weights are loaded lazily, not copied)."""
         child = Model(self.proto, self.input_shapes, self._info)
         child.calibration = self.calibration
+        child.root = self.root
         return child
 
     def commit(self) -> Model:
@@ -134,4 +138,5 @@ class Model:
         proto = to_onnx(finalize(self.graph), self.proto)
         child = Model(proto, self.input_shapes)
         child.calibration = self.calibration
+        child.root = self.root
         return child

@@ -73,6 +73,8 @@ class Decision:
     reason: str
     verdict: Verdict | None = None
     screening: Screening | None = None
+    #: Kept, then replaced by a later kept rewrite of the nodes it made (not in the output model as such).
+    superseded: bool = False
 
 
 @dataclass
@@ -105,7 +107,13 @@ class OptimizeResult:
 
     @property
     def kept(self) -> list[Decision]:
+        """Every kept decision, in order (what a plan replays)."""
         return [d for d in self.decisions if d.kept]
+
+    @property
+    def in_model(self) -> list[Decision]:
+        """The kept decisions whose rewrites are in the output model (kept, not replaced later)."""
+        return [d for d in self.decisions if d.kept and not d.superseded]
 
     @property
     def changed(self) -> bool:
@@ -243,6 +251,20 @@ def _by_calibrated_estimate(queue: list[Candidate], variants: Mapping[str, list[
     return sorted(queue, key=lambda c: (-promise(c), c.nodes))
 
 
+def _note_replaced(decisions: list[Decision], created: dict[str, int], cand: Candidate, index: int, before: Model, after: Model) -> None:
+    """Record which nodes the kept decision ``index`` made; where it replaced only nodes that earlier kept
+    decisions made (a stronger variant in place of a milder one), say so in their reasons (they stay kept:
+    a plan replays them in order, and the later one rewrites their nodes)."""
+    earlier = {created[n] for n in cand.nodes if n in created}
+    if earlier and all(n in created for n in cand.nodes):
+        for j in sorted(earlier):
+            decisions[j] = replace(decisions[j], reason=f"{decisions[j].reason}; later replaced by: {cand.description}", superseded=True)
+    old = {n.name for n in before.proto.graph.node}
+    for n in after.proto.graph.node:
+        if n.name not in old:
+            created[n.name] = index
+
+
 #: Extra whole-model measurements, pooled with the first, when its interval and its point estimate disagree.
 CONFIRMATIONS = 2
 
@@ -349,6 +371,7 @@ def optimize(
         tried: set[str] = set()
         failed_levels: dict[str, float] = {}  # family -> lowest level that failed numerics
         families: dict[str, tuple[float, Candidate] | None] = {}  # screened family -> (error, measured variant)
+        created: dict[str, int] = {}  # node name -> the decision whose rewrite made it
         screened: dict[str, Screening] = {}
         for _ in range(max_rounds):
             if deadline is not None and time.perf_counter() > deadline and decisions[first_decision:]:
@@ -370,8 +393,15 @@ def optimize(
             todo = _rank(todo, screened)
             changed = False
             for cand in todo:
+                prediction = screened.get(cand.key)
                 if any(model.node(n) is None for n in cand.nodes):
-                    continue  # consumed by an earlier rewrite this round; found afresh next round
+                    # consumed by an earlier rewrite this round: the pass may re-express it (a stronger
+                    # variant replacing a milder one it kept), else it is found afresh next round
+                    fresh = p.refresh(model, cand)
+                    if fresh is None or fresh.key in tried or any(model.node(n) is None for n in fresh.nodes):
+                        continue
+                    tried.add(cand.key)
+                    cand = fresh
                 tried.add(cand.key)
                 pace = max(paces[-8:], default=0.0)
                 if deadline is not None and time.perf_counter() + pace > deadline:
@@ -386,8 +416,8 @@ def optimize(
                     continue
                 began = time.perf_counter()
                 accepted, decision = _try(p, model, cand, judge)
-                if cand.key in screened:
-                    decision = replace(decision, screening=screened[cand.key])
+                if prediction is not None:
+                    decision = replace(decision, screening=prediction)
                 paces.append(time.perf_counter() - began)
                 decisions.append(decision)
                 if on_decision is not None:
@@ -396,6 +426,7 @@ def optimize(
                     failed_levels[cand.family] = min(cand.level, failed_levels.get(cand.family, float("inf")))
                 log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
                 if accepted is not None:
+                    _note_replaced(decisions, created, cand, len(decisions) - 1, model, accepted)
                     model, changed = accepted, True
             if not changed:
                 break

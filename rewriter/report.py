@@ -104,6 +104,7 @@ def decision_dict(d: Decision, run: PassRun | None = None) -> dict[str, Any]:
         "metric": None if v is None else v.metric,
         "seconds": 0.0 if v is None else round(v.seconds, 4),
         "screening": None if d.screening is None else d.screening.to_dict(),
+        "superseded": d.superseded,
     }
 
 

@@ -37,6 +37,7 @@ from passes.bottleneck import (
 )
 import onnx_graphsurgeon as gs
 
+from rewriter.contract import Candidate
 from rewriter.model import Model
 from rewriter.pipeline import apply_pass
 from tests.helpers import assert_same_outputs, ops, parse, run_reference
@@ -403,3 +404,57 @@ def test_tap_projection_and_column_responses_equal_their_einsums() -> None:
     a = rng.standard_normal((5, 4, 3)).astype(np.float32)
     expected = np.einsum("mchw,rch->mrw", p.reshape(7, 4, 3, 2), a).reshape(7, -1)
     np.testing.assert_allclose(column_responses(p, (4, 3, 2), a), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stronger_variant_replaces_a_milder_one_kept_before_and_the_plan_replays_it() -> None:
+    from dataclasses import replace as dc_replace
+
+    from rewriter.plan import apply_plan, plan_from_result
+    from rewriter.pipeline import optimize
+    from rewriter.validation.judge import ValidationConfig
+    from rewriter.validation.numerics import Budget
+
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 32, 8, 8] X) => (float[1, 32, 8, 8] Y)
+        <float[32, 32, 3, 3] W, float[32] B> {
+            A = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (X, W, B)
+            Y = Relu (A)
+        }
+    """
+    options = {"modes": ("output",), "rank_fractions": (0.5, 0.75), "rank_multiple": 8}
+
+    class MildFirst(Bottleneck):
+        """Rank 24 tried before rank 16 (separate families), so 16 arrives once 24 has replaced the conv."""
+
+        def find(self, model):  # type: ignore[no-untyped-def]
+            for c in super().find(model):
+                yield dc_replace(c, family=f"{c.family}:{c.options['rank']}", priority=float(c.options["rank"])) if isinstance(c, Candidate) else c
+
+    original = Model.from_source(parse(text))
+    bneck = MildFirst(**options)
+    r24, r16 = sorted((c for c in bneck.find(original) if isinstance(c, Candidate)), key=lambda c: -c.options["rank"])
+    first = original.fork()
+    bneck.apply(first, r24)
+    first = first.commit()
+    assert bneck.refresh(first, r24) is None  # no fewer MACs than what is there
+    fresh = bneck.refresh(first, r16)
+    assert fresh is not None and all("_bneck" in n for n in fresh.nodes) and len(fresh.nodes) == 2
+    assert fresh.cost.macs_before == r24.cost.macs_after and fresh.cost.macs_after == r16.cost.macs_after
+    second = first.fork()
+    bneck.apply(second, fresh)
+    second = second.commit()
+    direct = original.fork()
+    bneck.apply(direct, r16)  # the same as factorizing the original at rank 16 straight away
+    assert_same_outputs(direct.commit().proto, second.proto, rtol=0, atol=0)
+    assert ops(second.proto) == {"Conv": 2, "Relu": 1}
+
+    result = optimize(parse(text), [MildFirst(**options)], config=ValidationConfig(budget=Budget.parse("cosine>=0.1"), latency=False), screen=False)
+    kept = [d for d in result.decisions if d.kept]
+    assert [d.candidate.options["rank"] for d in kept] == [24, 16]
+    assert kept[0].reason.endswith("later replaced by: " + kept[1].candidate.description) and kept[0].superseded
+    assert result.in_model == kept[1:]
+    assert "in place of its earlier factorization" in kept[1].candidate.description
+    plan = plan_from_result(result, input_sha256=None, pass_options={"bottleneck": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}})
+    replayed = apply_plan(parse(text), plan, available={"bottleneck": MildFirst})
+    assert len(replayed.applied) == 2 and replayed.model.SerializeToString() == result.model.SerializeToString()
