@@ -373,15 +373,19 @@ def optimize(
         families: dict[str, tuple[float, Candidate] | None] = {}  # screened family -> (error, measured variant)
         created: dict[str, int] = {}  # node name -> the decision whose rewrite made it
         screened: dict[str, Screening] = {}
-        for _ in range(max_rounds):
-            if deadline is not None and time.perf_counter() > deadline and decisions[first_decision:]:
-                break  # out of time: another round could only record its candidates as not tried
+        find_seconds = 0.0
+        for round_index in range(max_rounds):
+            if deadline is not None and decisions[first_decision:] and time.perf_counter() + find_seconds + max(paces[-8:], default=0.0) > deadline:
+                break  # no time for another find and one candidate: a new round could only list them as not tried
+            log.debug("%s: round %d at %.1f s", p.name, round_index + 1, time.perf_counter() - start)
+            began_find = time.perf_counter()
             try:
                 found = list(p.find(model))
             except Exception as exc:
                 log.warning("%s.find raised: %s", p.name, exc)
                 run.skips.append(Skip(p.name, (), f"find raised {type(exc).__name__}: {exc}"))
                 break
+            find_seconds = time.perf_counter() - began_find
             _record_skips(run, found)
             todo = [c for c in found if isinstance(c, Candidate) and c.key not in tried]
             if not todo:
