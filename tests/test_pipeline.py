@@ -178,7 +178,7 @@ def test_lossy_candidates_are_screened_and_tried_by_measured_error() -> None:
 
 
 def test_screening_predicts_a_familys_variants_from_its_mildest() -> None:
-    from rewriter.pipeline import _screen
+    from rewriter.search import screen_candidates as _screen
     from rewriter.validation.judge import Judge
 
     model = Model.from_source(parse(CHAIN3))
@@ -196,7 +196,7 @@ def test_screening_predicts_a_familys_variants_from_its_mildest() -> None:
 
 
 def test_rank_floors_tiny_predicted_errors_at_a_low_quantile_of_the_measured_ones() -> None:
-    from rewriter.pipeline import Screening, _rank
+    from rewriter.search import Screening, rank as _rank
 
     def cand(name: str, saved: int) -> Candidate:
         return Candidate("p", (name,), name, Cost(1000, 1000 - saved, 0, 0), family=name)
@@ -213,7 +213,7 @@ def test_rank_floors_tiny_predicted_errors_at_a_low_quantile_of_the_measured_one
 
 
 def test_screening_queue_rescales_each_kind_of_estimate_by_what_it_measured() -> None:
-    from rewriter.pipeline import _by_calibrated_estimate
+    from rewriter.search import by_calibrated_estimate as _by_calibrated_estimate
 
     def cand(name: str, kind: str, error: float) -> Candidate:
         return Candidate("p", (name,), name, Cost(1000, 900, 0, 0), family=name, error=error, kind=kind)
