@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=120.0)
     parser.add_argument("--repeat", type=int, default=1, help="independent searches (timing noise makes each run differ)")
     parser.add_argument("--modes", default="output,input,spatial", help="bottleneck modes to search")
+    parser.add_argument("--target-speedup", type=float, default=None, help="stop the search once the model is measured this much faster")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
@@ -86,7 +87,7 @@ def main() -> None:
     for _ in range(args.repeat):
         start = time.perf_counter()
         result = optimize(original, [Bottleneck(include_pointwise=True, modes=tuple(args.modes.split(",")))], feeds=feeds, config=config,
-                          time_budget_s=args.time_budget)
+                          time_budget_s=args.time_budget, target_speedup=args.target_speedup)
         seconds = time.perf_counter() - start
         session = reference_session(result.model)
         lat = Judge(original, feeds, ValidationConfig(timing=TimingOptions(min_pairs=100, max_pairs=400, time_budget_s=60))).model_latency(
@@ -99,6 +100,7 @@ def main() -> None:
             "macs": [result.before.total_macs, result.after.total_macs],
             "scores": stats(scores(session, val), ref),
             "scores_unseen_crops": stats(scores(session, unseen), ref_unseen),
+            "target_reached": result.target_reached,
             "tried": sum(1 for d in result.decisions if not d.reason.startswith("not tried")),
             "kept": [d.candidate.description for d in result.in_model],
             "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "reason": d.reason,
@@ -113,6 +115,7 @@ def main() -> None:
                  f"of {', '.join(VALIDATION_PHOTOS)} (numerics and screening on every other one); {args.unseen} unseen crops of the "
                  "validation photographs (seed 2) for scores_unseen_crops",
         "time_budget_s": args.time_budget,
+        "target_speedup": args.target_speedup,
         "summary": {
             "speedup": [round(r["speedup"], 3) for r in runs],
             "ci95_low": [round(r["ci95"][0], 3) for r in runs],

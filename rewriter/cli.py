@@ -237,6 +237,7 @@ MinSpeedupOpt = typer.Option(1.0, "--min-speedup", help="Lossy rewrites are kept
 ExactMinSpeedupOpt = typer.Option(0.99, "--exact-min-speedup", help="Exact rewrites are rolled back if the speedup CI lies wholly below this.")
 MaxPairsOpt = typer.Option(40, "--max-pairs", min=4, help="Most interleaved timing pairs per comparison.")
 TimeBudgetOpt = typer.Option(None, "--time-budget", min=0, help="Seconds the optimization may take (search and closing measurements; candidates left are not tried).")
+TargetSpeedupOpt = typer.Option(None, "--target-speedup", help="Lossy passes stop once the whole model is measured this much faster than the input (95% CI lower bound), leaving the rest of the error budget unspent; with --fail-if-no-speedup, the gate requires it.")
 MaxModelBytesOpt = typer.Option(None, "--max-model-bytes", min=1, help="Refuse models (file plus external data) larger than this.")
 ExternalDataOpt = typer.Option(None, "--external-data/--no-external-data", help="Store weights in OUTPUT.data (default: only over 2 GiB).")
 ScreenOpt = typer.Option(True, "--screen/--no-screen", help="Lossy passes: measure each family's mildest rewrite alone first and try candidates by MACs saved per predicted error (off: the pass's own order).")
@@ -282,6 +283,7 @@ def optimize(
     exact_min_speedup: float = ExactMinSpeedupOpt,
     max_pairs: int = MaxPairsOpt,
     time_budget: Optional[float] = TimeBudgetOpt,
+    target_speedup: Optional[float] = TargetSpeedupOpt,
     screen: bool = ScreenOpt,
     max_model_bytes: Optional[int] = MaxModelBytesOpt,
     in_place: bool = typer.Option(False, "--in-place", help="Allow -o to be the input file."),
@@ -308,7 +310,8 @@ def optimize(
         max_metric_drop=max_metric_drop, min_metric=min_metric, metric_ray_address=metric_ray_address, num_feeds=num_feeds,
         seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph, threads=threads,
         provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
-        time_budget=time_budget, screen=screen, max_model_bytes=max_model_bytes, external_data=external_data,
+        time_budget=time_budget, target_speedup=target_speedup, screen=screen, max_model_bytes=max_model_bytes,
+        external_data=external_data,
         fail_if_no_speedup=fail_if_no_speedup,
     )
     outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not _quiet()))
@@ -361,6 +364,9 @@ def _print_optimize(result) -> None:  # type: ignore[no-untyped-def]
     )
     for name, s in result.final_numerics.items():
         out.print(f"output {name}: max abs err {s.max_abs:.3g}, cosine {s.cosine:.6f}" + (f", top-1 agreement {s.top1:.3f}" if s.top1 is not None else ""))
+    if result.target_speedup is not None:
+        shown = result.final_latency.ci if result.final_latency is not None else "nothing kept"
+        out.print(f"target speedup {result.target_speedup:g}x: {'reached' if result.target_reached else 'not reached'} ({shown})")
 
 
 @app.command(name="optimize-many")
@@ -394,6 +400,7 @@ def optimize_many_cmd(
     exact_min_speedup: float = ExactMinSpeedupOpt,
     max_pairs: int = MaxPairsOpt,
     time_budget: Optional[float] = TimeBudgetOpt,
+    target_speedup: Optional[float] = TargetSpeedupOpt,
     screen: bool = ScreenOpt,
     max_model_bytes: Optional[int] = MaxModelBytesOpt,
     external_data: Optional[bool] = ExternalDataOpt,
@@ -408,7 +415,8 @@ def optimize_many_cmd(
         metric=metric, max_metric_drop=max_metric_drop, min_metric=min_metric, metric_ray_address=metric_ray_address,
         num_feeds=num_feeds, seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph,
         threads=threads, provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
-        time_budget=time_budget, screen=screen, max_model_bytes=max_model_bytes, external_data=external_data,
+        time_budget=time_budget, target_speedup=target_speedup, screen=screen, max_model_bytes=max_model_bytes,
+        external_data=external_data,
         fail_if_no_speedup=fail_if_no_speedup,
     )
     result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans)

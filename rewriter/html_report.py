@@ -340,6 +340,13 @@ def _cards(report: Mapping[str, Any]) -> str:
     return '<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in items) + "</div>"
 
 
+def _target_html(target: Any) -> str:
+    """``; target speedup 1.3x reached`` (or not reached) from the report's ``target_speedup``."""
+    if not isinstance(target, dict):
+        return ""
+    return f"; target speedup {_e(target.get('speedup'))}x {'reached' if target.get('reached') else 'not reached'}"
+
+
 def render_html(
     report: Mapping[str, Any],
     *,
@@ -364,7 +371,8 @@ def render_html(
         + "</p>",
         f"<p>input <code>{_e(inp.get('path'))}</code> sha256 <code>{_e(inp.get('sha256'))}</code><br>"
         f"output <code>{_e(out.get('path') or '(not written)')}</code> sha256 <code>{_e(out.get('sha256') or '-')}</code><br>"
-        f"budget <code>{_e(report.get('budget', '-'))}</code>; feeds {_e(report.get('feeds', '-'))}</p>",
+        f"budget <code>{_e(report.get('budget', '-'))}</code>; feeds {_e(report.get('feeds', '-'))}"
+        + _target_html(report.get("target_speedup")) + "</p>",
         _cards(report),
         "<h2>MACs per layer</h2>",
         bar_chart_svg(layers, lambda r: (r.macs_before, r.macs_after), _fmt_int, "MACs per layer") if layers else '<p class="muted">No layer data.</p>',

@@ -57,8 +57,10 @@ class OptimizeOptions:
     exact_min_speedup: float = 0.99
     max_pairs: int = 40
     time_budget: float | None = None
-    #: Screen lossy passes before judging (see rewriter.pipeline).
+    #: Screen lossy passes before judging (see rewriter.search).
     screen: bool = True
+    #: Stop lossy passes once the whole model is measured this much faster (CI lower bound).
+    target_speedup: float | None = None
     max_model_bytes: int | None = None
     external_data: bool | None = None
     fail_if_no_speedup: bool = False
@@ -73,6 +75,11 @@ class OptimizeOptions:
         """Usage errors that need no model (:class:`InputError`)."""
         if self.fail_if_no_speedup and not self.latency:
             raise InputError("--fail-if-no-speedup needs latency measurement; drop --no-latency")
+        if self.target_speedup is not None:
+            if not self.target_speedup > 1.0:
+                raise InputError(f"--target-speedup must be above 1 (got {self.target_speedup:g})")
+            if not self.latency:
+                raise InputError("--target-speedup needs latency measurement; drop --no-latency")
 
     def build_passes(self) -> list[Pass]:
         from rewriter.config import build_passes
@@ -171,9 +178,13 @@ def optimize_model(
         image_spec=options.image_spec, count=options.num_feeds, seed=options.seed,
     )
     with progress if progress is not None else nullcontext():
-        result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget, screen=options.screen)
+        result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget, screen=options.screen,
+                                   target_speedup=options.target_speedup)
     untried = sum(d.reason.startswith("not tried: validation time budget") for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)
+    if result.target_reached is False:
+        log.warning("target speedup %gx not reached: %s", options.target_speedup,
+                    result.final_latency.ci if result.final_latency is not None else "no rewrite was kept")
     gate = gate_failures(result, config, require_speedup=options.fail_if_no_speedup)
     return OptimizeOutcome(result, options, config, feedset, input_sha, gate)

@@ -11,6 +11,9 @@ Lossy passes are screened before judging and tried by MACs saved per predicted s
 :mod:`rewriter.search`). A candidate whose nodes the same pass already replaced -- a stronger variant of a
 conv factorized mildly before -- is re-expressed by the pass (:meth:`Pass.refresh`) and judged in its turn
 as a replacement; the earlier decision is then marked superseded.
+
+With a ``target_speedup``, lossy passes stop once the whole model is measured that much faster than the
+original (lower bound of the 95% CI): the rest of the error budget is left unspent (:class:`Target`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,15 @@ class OptimizeResult:
     budget: str
     feeds: str
     seconds: float
+    #: ``optimize``'s ``target_speedup``; ``None`` when none was asked for.
+    target_speedup: float | None = None
+
+    @property
+    def target_reached(self) -> bool | None:
+        """Whether the final end-to-end CI lies at or above the target (``None``: no target)."""
+        if self.target_speedup is None:
+            return None
+        return self.final_latency is not None and self.final_latency.ci.low >= self.target_speedup
 
     @property
     def kept(self) -> list[Decision]:
@@ -123,11 +135,12 @@ def _note_replaced(decisions: list[Decision], created: dict[str, int], cand: Can
 CONFIRMATIONS = 2
 
 
-def _settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool) -> LatencyComparison:
+def _settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool, first: LatencyComparison | None = None) -> LatencyComparison:
     """The whole-model comparison a pass is kept or undone on. Where the interval leaves the call open
     while the point estimate takes a side (a noisy machine), more pairs are measured and pooled, up to
-    ``CONFIRMATIONS`` times: one unlucky measurement must not undo a whole search."""
-    lat = judge.model_latency(base.proto, model.proto)
+    ``CONFIRMATIONS`` times: one unlucky measurement must not undo a whole search. ``first``: a
+    measurement of this very pair already taken (it is not repeated)."""
+    lat = first if first is not None else judge.model_latency(base.proto, model.proto)
     for _ in range(CONFIRMATIONS):
         ci = lat.ci
         open_call = (not ci.slower(threshold) and ci.speedup < threshold) if exact else (not ci.faster(threshold) and ci.speedup > threshold)
@@ -136,6 +149,48 @@ def _settled(judge: Judge, base: Model, model: Model, threshold: float, exact: b
         log.info("whole-model speedup %s is not settled; measuring more pairs", ci)
         lat = pooled(lat, judge.model_latency(base.proto, model.proto), seed=judge.config.timing.seed)
     return lat
+
+
+@dataclass
+class Target:
+    """A lossy search's progress towards ``target_speedup``, with few whole-model measurements.
+
+    After each kept lossy rewrite its measured saving (base minus candidate median of its verdict's
+    timing: the region's, or the whole model's) is added up, and the whole model is measured against the
+    original only when the last such measurement, shortened by the savings since, predicts the target:
+    ``T_orig / (T_last - sum(saved)) * low/median of the last interval >= target``. The first kept
+    rewrite is always measured (there is no ``T_orig`` before). Reached when a measured interval's lower
+    bound is at or above the target.
+    """
+
+    speedup: float
+    last: LatencyComparison | None = None
+    model: Model | None = None  # the model ``last`` measured
+    saved_s: float = 0.0
+    checks: int = 0
+    reached: bool = False
+
+    def predicted_low(self) -> float | None:
+        """The predicted lower bound of the current model's speedup, or ``None`` before any measurement."""
+        if self.last is None:
+            return None
+        left = self.last.candidate_median_s - self.saved_s
+        if left <= 0.0:
+            return float("inf")
+        return self.last.base_median_s / left * (self.last.ci.low / self.last.ci.speedup)
+
+    def after_kept(self, verdict: Verdict | None, judge: Judge, original: Model, model: Model) -> None:
+        """Account for one kept rewrite (``model`` is the model with it); measure when the target is predicted."""
+        lat = verdict.latency if verdict is not None else None
+        if lat is not None:
+            self.saved_s += max(0.0, lat.base_median_s - lat.candidate_median_s)
+        predicted = self.predicted_low()
+        if predicted is not None and predicted < self.speedup:
+            return
+        self.last = judge.model_latency(original.proto, model.proto)
+        self.model, self.saved_s, self.checks = model, 0.0, self.checks + 1
+        self.reached = self.last.ci.low >= self.speedup
+        log.info("target %gx: whole model at %s after a kept rewrite%s", self.speedup, self.last.ci, " (reached)" if self.reached else "")
 
 
 def _record_skips(run: PassRun, found: Sequence[Candidate | Skip]) -> None:
@@ -183,6 +238,7 @@ def optimize(
     on_decision: Callable[[Decision, Model], None] | None = None,
     judge: Judge | None = None,
     screen: bool = True,
+    target_speedup: float | None = None,
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
@@ -193,9 +249,16 @@ def optimize(
     ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
     ``screen``: measure lossy families before judging and order by predicted error (see the module
     docstring); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
+    ``target_speedup``: lossy passes stop once the whole model is measured at least this much faster
+    than the source (CI lower bound; see :class:`Target`); needs latency measurement.
     """
     start = time.perf_counter()
     config = config or ValidationConfig()
+    if target_speedup is not None and not target_speedup > 1.0:
+        raise ValueError(f"optimize: target_speedup must be above 1, not {target_speedup!r}")
+    if target_speedup is not None and not config.latency:
+        raise ValueError("optimize: target_speedup needs latency measurement (config.latency)")
+    target = None if target_speedup is None else Target(target_speedup)
     selected = resolve_passes(passes)
     original = _as_model(source, input_shapes, max_model_bytes)
     if judge is None:
@@ -229,6 +292,10 @@ def optimize(
         screened: dict[str, Screening] = {}
         find_seconds = 0.0
         for round_index in range(max_rounds):
+            if target is not None and target.reached and not p.exact:
+                if round_index == 0:
+                    run.skips.append(Skip(p.name, (), f"not run: target speedup {target.speedup:g}x already reached"))
+                break
             if deadline is not None and decisions[first_decision:] and time.perf_counter() + find_seconds + max(paces[-8:], default=0.0) > deadline:
                 break  # no time for another find and one candidate: a new round could only list them as not tried
             log.debug("%s: round %d at %.1f s", p.name, round_index + 1, time.perf_counter() - start)
@@ -261,6 +328,9 @@ def optimize(
                     tried.add(cand.key)
                     cand = fresh
                 tried.add(cand.key)
+                if target is not None and target.reached and not p.exact:
+                    decisions.append(Decision(cand, p.exact, False, f"not tried: target speedup {target.speedup:g}x reached ({target.last.ci if target.last else ''})"))
+                    continue
                 pace = max(paces[-8:], default=0.0)
                 if deadline is not None and time.perf_counter() + pace > deadline:
                     decisions.append(Decision(cand, p.exact, False, "not tried: validation time budget exhausted"))
@@ -286,12 +356,15 @@ def optimize(
                 if accepted is not None:
                     _note_replaced(decisions, created, cand, len(decisions) - 1, model, accepted)
                     model, changed = accepted, True
+                    if target is not None and not p.exact:
+                        target.after_kept(decision.verdict, judge, original, model)
             if not changed:
                 break
         mine = decisions[first_decision:]
         if model is not before_pass and config.latency:
             threshold = config.exact_min_speedup if p.exact else config.lossy_min_speedup
-            lat = _settled(judge, before_pass, model, threshold, p.exact)
+            first = target.last if target is not None and target.model is model and before_pass is original else None
+            lat = _settled(judge, before_pass, model, threshold, p.exact, first)
             run.model_latency = lat
             if before_pass is original:
                 measured = (model, lat)  # the same pair the final comparison would time
@@ -300,6 +373,8 @@ def optimize(
                 run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
                 log.info("%s: %s", p.name, run.reverted)
                 model = before_pass
+                if target is not None and not p.exact:
+                    target.last, target.model, target.saved_s, target.reached = None, None, 0.0, False
                 for i, d in enumerate(mine):
                     if d.kept:
                         decisions[first_decision + i] = replace(d, kept=False, reason=f"{d.reason}; {run.reverted}")
@@ -307,6 +382,8 @@ def optimize(
         run.kept = sum(d.kept for d in mine)
         run.rolled_back = sum(not d.kept for d in mine)
     changed = model is not original
+    if target is not None and target.model is model and target.last is not None and (measured is None or measured[0] is not model):
+        measured = (model, target.last)  # the target check timed this very pair
     final_numerics = judge.numerics(model.proto) if changed else {}
     if changed and config.latency:
         final_latency = measured[1] if measured is not None and measured[0] is model else judge.model_latency(original.proto, model.proto)
@@ -326,6 +403,7 @@ def optimize(
         budget=config.budget.describe(exact=not any_lossy),
         feeds=judge.feeds.source,
         seconds=time.perf_counter() - start,
+        target_speedup=target_speedup,
     )
 
 

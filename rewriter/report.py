@@ -120,7 +120,8 @@ def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
 
 def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool = False) -> list[str]:
     """The final gate before an output is written: end-to-end numerics against the budget, not slower
-    than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1."""
+    than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1 -- or at or
+    above the run's target speedup, when it had one."""
     any_lossy = any(not d.exact for d in result.decisions)
     gate = list(config.budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
     lat = result.final_latency
@@ -131,6 +132,8 @@ def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool 
             gate.append("no end-to-end speedup: " + ("no rewrite was kept" if not result.changed else "latency was not measured"))
         elif not lat.ci.faster(1.0):
             gate.append(f"no end-to-end speedup shown: {lat.ci} (the 95% CI must lie above 1)")
+        elif result.target_reached is False:
+            gate.append(f"target speedup {result.target_speedup:g}x not shown: {lat.ci} (the 95% CI must lie at or above it)")
     return gate
 
 
@@ -160,6 +163,7 @@ def build_report(
         "output": {"path": output_path, "sha256": output_sha256},
         "input_shapes": {k: list(v) for k, v in result.input_shapes.items()},
         "budget": result.budget,
+        "target_speedup": None if result.target_speedup is None else {"speedup": result.target_speedup, "reached": result.target_reached},
         "feeds": result.feeds,
         "passes": [
             {

@@ -246,6 +246,8 @@ def test_unusable_inputs_exit_2_with_one_line(
         (["--input-shape", "input:1x4x112x112"], "the model fixes it to 3"),
         (["--input-shape", "image:1x3x112x112"], "'image', which is not an input"),
         (["--max-error", "cosine<=0.9"], "cosine is bounded with >="),
+        (["--target-speedup", "1.5"], "--target-speedup needs latency measurement"),
+        (["--target-speedup", "0.9"], "--target-speedup must be above 1"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(args: list[str], expected: str, sample_path: Path, tmp_path: Path) -> None:

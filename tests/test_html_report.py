@@ -113,6 +113,8 @@ def test_html_escapes_names_and_renders_without_layers_or_sweep() -> None:
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;b&gt;numerics&lt;/b&gt;" in page and "d &amp; e" in page
     assert "gate failed" in page and "<svg" not in page
+    assert "target speedup" not in page
+    assert "target speedup 1.3x not reached" in render_html({**report, "target_speedup": {"speedup": 1.3, "reached": False}})
 
 
 def test_optimize_html_option(sample_path: Path, tmp_path: Path) -> None:

@@ -253,3 +253,70 @@ def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
     calls.clear()
     queue[0] = comparison(0.02)
     assert _settled(judge, model, model, 1.0, exact=False).ci.pairs == 12 and len(calls) == 1  # type: ignore[arg-type]
+
+
+class ClockedJudge:
+    """A :class:`Judge` whose timings are a model, not a clock: the whole model takes 10 ms less 1 ms
+    per perturbed conv; each rewrite's region saves 1 ms. Counts whole-model measurements."""
+
+    @staticmethod
+    def make(model: Model, config: ValidationConfig):  # type: ignore[no-untyped-def]
+        from rewriter.validation.judge import Judge
+        from rewriter.validation.latency import LatencyComparison
+        from rewriter.validation.stats import RatioCI
+
+        def comparison(base_ms: float, cand_ms: float) -> LatencyComparison:
+            ratio = base_ms / cand_ms
+            return LatencyComparison(base_ms / 1e3, cand_ms / 1e3, RatioCI(ratio, 0.99 * ratio, 1.01 * ratio, 20), 1)
+
+        def millis(proto: onnx.ModelProto) -> float:
+            return 10.0 - sum("_p" in n.name for n in proto.graph.node)
+
+        class Clocked(Judge):
+            calls = 0
+
+            def model_latency(self, base, candidate):  # type: ignore[no-untyped-def]
+                Clocked.calls += 1
+                return comparison(millis(base), millis(candidate))
+
+            def region_latency(self, accepted, trial, candidate):  # type: ignore[no-untyped-def]
+                return comparison(2.0, 1.0)
+
+        return Clocked(model, None, config)
+
+
+@pytest.mark.parametrize("target, kept, reached, model_timings", [
+    (1.2, 2, True, 2),  # measured after the 1st kept (1.11x) and when 1.25x is predicted (2nd): reached
+    (2.0, 3, False, 2),  # after the 1st, then only at the pass's end (1.43x predicted never reaches 2x)
+])
+def test_target_speedup_stops_the_lossy_search_once_measured(target: float, kept: int, reached: bool, model_timings: int) -> None:
+    from rewriter.report import build_report, gate_failures
+    from rewriter.validation.numerics import Budget
+
+    config = ValidationConfig(budget=Budget.parse("cosine>=0.5"))
+    model = Model.from_source(parse(CHAIN3))
+    judge = ClockedJudge.make(model, config)
+    result = optimize(model, [Perturb()], config=config, judge=judge, target_speedup=target)
+    assert len(result.kept) == kept and result.target_reached is reached
+    assert type(judge).calls == model_timings  # the pass's closing check and the final one reuse the last
+    assert result.final_latency is not None and result.final_latency.ci.speedup == pytest.approx(10 / (10 - kept))
+    untried = [d for d in result.decisions if d.reason.startswith("not tried: target speedup")]
+    assert {d.candidate.family for d in untried} == ({"A"} if reached else set())  # C and B kept, A's variants left
+    report = build_report(result, input_path=None, input_sha256=None, output_path=None, output_sha256=None, provider="cpu", threads=1)
+    assert report["target_speedup"] == {"speedup": target, "reached": reached}
+    gate = gate_failures(result, config, require_speedup=True)
+    assert gate == ([] if reached else [f"target speedup {target:g}x not shown: {result.final_latency.ci} (the 95% CI must lie at or above it)"])
+
+
+def test_target_speedup_reached_skips_later_lossy_passes_and_needs_latency() -> None:
+    from rewriter.validation.numerics import Budget
+
+    config = ValidationConfig(budget=Budget.parse("cosine>=0.5"))
+    model = Model.from_source(parse(CHAIN3))
+    result = optimize(model, [Perturb(), Perturb()], config=config, judge=ClockedJudge.make(model, config), target_speedup=1.05)
+    assert len(result.kept) == 1 and result.target_reached
+    assert [s.reason for s in result.passes[1].skips] == ["not run: target speedup 1.05x already reached"]
+    with pytest.raises(ValueError, match="above 1"):
+        optimize(model, [Perturb()], config=config, target_speedup=1.0)
+    with pytest.raises(ValueError, match="latency"):
+        optimize(model, [Perturb()], config=ValidationConfig(latency=False), target_speedup=1.5)

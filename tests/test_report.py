@@ -75,10 +75,14 @@ def numerics_only_result(sample_model: onnx.ModelProto) -> OptimizeResult:
 # -- schema --------------------------------------------------------------------------------------------
 def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path: Path, report_validator) -> None:  # type: ignore[no-untyped-def]
     output, report = tmp_path / "opt.onnx", tmp_path / "report.json"
-    result = invoke("optimize", sample_path, "-o", output, "--report", report, "--passes", "fuse_1x1_chain", "--max-pairs", "6")
+    result = invoke("optimize", sample_path, "-o", output, "--report", report, "--passes", "fuse_1x1_chain", "--max-pairs", "6",
+                    "--target-speedup", "1.01")
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert_valid(report_validator, data)
+    target = data["target_speedup"]  # the exact pass is not stopped by it; the report says where the run ended
+    assert target["speedup"] == 1.01 and target["reached"] == (data["totals"]["final_latency"]["ci_low"] >= 1.01)
+    assert "target speedup 1.01x: " in result.output
     assert data["schema_version"] == SCHEMA_VERSION == 2
     env = data["environment"]
     assert env["provider"] == "cpu" and env["threads"] == 1 and env["onnxruntime"] and env["cpu"]
