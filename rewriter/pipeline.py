@@ -167,7 +167,6 @@ class Target:
     last: LatencyComparison | None = None
     model: Model | None = None  # the model ``last`` measured
     saved_s: float = 0.0
-    checks: int = 0
     reached: bool = False
 
     def predicted_low(self) -> float | None:
@@ -188,7 +187,7 @@ class Target:
         if predicted is not None and predicted < self.speedup:
             return
         self.last = judge.model_latency(original.proto, model.proto)
-        self.model, self.saved_s, self.checks = model, 0.0, self.checks + 1
+        self.model, self.saved_s = model, 0.0
         self.reached = self.last.ci.low >= self.speedup
         log.info("target %gx: whole model at %s after a kept rewrite%s", self.speedup, self.last.ci, " (reached)" if self.reached else "")
 
