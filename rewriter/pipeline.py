@@ -12,6 +12,12 @@ Lossy passes are screened before judging and tried by MACs saved per predicted s
 conv factorized mildly before -- is re-expressed by the pass (:meth:`Pass.refresh`) and judged in its turn
 as a replacement; the earlier decision is then marked superseded.
 
+Exact passes prove a round's candidates together: all of them are applied to one fork and its numerics
+checked once (:class:`RoundProof`); within the exact budget, each candidate is then judged on latency
+alone, in turn. Where the round fails, each candidate is proven alone, as lossy ones are. (Rewrites later
+rolled back for latency leave a model the round did not prove; the closing end-to-end numerics and the
+gate check it.)
+
 With a ``target_speedup``, lossy passes stop once the whole model is measured that much faster than the
 original (lower bound of the 95% CI): the rest of the error budget is left unspent (:class:`Target`).
 """
@@ -205,7 +211,51 @@ def _accuracy_failure(verdict: Verdict) -> bool:
     return not verdict.keep and verdict.latency is None
 
 
-def _try(p: Pass, accepted: Model, candidate: Candidate, judge: Judge) -> tuple[Model | None, Decision]:
+@dataclass(frozen=True)
+class RoundProof:
+    """An exact pass's round proven together: every candidate applied in turn (each to the model the one
+    before made, as the one-by-one path does while it keeps them all), and the numerics of the result."""
+
+    numerics: dict[str, OutputStats]
+    order: tuple[str, ...]  # candidate keys, in the order applied
+
+    def covers(self, kept: Sequence[str], key: str) -> bool:
+        """Whether the one-by-one path, having kept ``kept`` this round, is about to build the next model of
+        the proof (so far it built the same ones)."""
+        n = len(kept)
+        return n < len(self.order) and self.order[n] == key and tuple(kept) == self.order[:n]
+
+
+def _prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge) -> RoundProof | None:
+    """Apply every candidate of an exact pass's round in turn (skipping those whose nodes an earlier one
+    consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
+    rewrite raises, or there is nothing to share (fewer than two candidates): they are proven alone."""
+    if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
+        return None
+    current, order = model, []
+    try:
+        for cand in todo:
+            if any(current.node(n) is None for n in cand.nodes):
+                continue
+            trial = current.fork()
+            p.apply(trial, cand)
+            current = trial.commit()
+            order.append(cand.key)
+        if len(order) < 2:
+            return None
+        stats = judge.numerics(current.proto)
+    except Exception as exc:  # the one-by-one path records which rewrite fails, and why
+        log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)
+        return None
+    failures = judge.config.budget.failures(stats, exact=True)
+    if failures:
+        log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(order), "; ".join(failures))
+        return None
+    log.info("%s: %d rewrites proven exact together", p.name, len(order))
+    return RoundProof(stats, tuple(order))
+
+
+def _try(p: Pass, accepted: Model, candidate: Candidate, judge: Judge, proven: dict[str, OutputStats] | None = None) -> tuple[Model | None, Decision]:
     trial = accepted.fork()
     try:
         p.apply(trial, candidate)
@@ -216,7 +266,7 @@ def _try(p: Pass, accepted: Model, candidate: Candidate, judge: Judge) -> tuple[
         log.warning("%s raised on %s: %s", p.name, candidate.nodes, exc)
         return None, Decision(candidate, p.exact, False, f"rewrite raised {type(exc).__name__}: {exc}")
     try:
-        verdict = judge.judge(accepted, committed, candidate, p.exact)
+        verdict = judge.judge(accepted, committed, candidate, p.exact, proven)
     except Exception as exc:
         log.warning("validation of %s on %s failed: %s", p.name, candidate.nodes, exc)
         return None, Decision(candidate, p.exact, False, f"validation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -315,6 +365,8 @@ def optimize(
                 screened = screen_candidates(p, model, todo, judge, families, stop_at)
                 log.info("%s: %d families screened; %d candidates with a predicted error", p.name, len(families), len(screened))
             todo = rank(todo, screened)
+            round_proof = _prove_round(p, model, todo, judge)
+            round_kept: list[str] = []
             changed = False
             for cand in todo:
                 prediction = screened.get(cand.key)
@@ -342,7 +394,10 @@ def optimize(
                     decisions.append(Decision(cand, p.exact, False, "not tried: a milder variant already failed the numerics budget"))
                     continue
                 began = time.perf_counter()
-                accepted, decision = _try(p, model, cand, judge)
+                # The round's proof holds while this path builds the same models (after a rollback or a
+                # refreshed candidate the rest are proven alone).
+                proven = round_proof.numerics if round_proof is not None and round_proof.covers(round_kept, cand.key) else None
+                accepted, decision = _try(p, model, cand, judge, proven)
                 if prediction is not None:
                     decision = replace(decision, screening=prediction)
                 paces.append(time.perf_counter() - began)
@@ -355,6 +410,7 @@ def optimize(
                 if accepted is not None:
                     _note_replaced(decisions, created, cand, len(decisions) - 1, model, accepted)
                     model, changed = accepted, True
+                    round_kept.append(cand.key)
                     if target is not None and not p.exact:
                         target.after_kept(decision.verdict, judge, original, model)
             if not changed:

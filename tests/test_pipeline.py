@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from passes.fold_batchnorm import FoldBatchNorm
 from passes.fuse_1x1_chain import Chain, Fuse1x1Chain
 from rewriter.contract import Candidate, Cost, Pass, Skip
 from rewriter.graph import NameFactory, constant, const_value
@@ -320,3 +321,94 @@ def test_target_speedup_reached_skips_later_lossy_passes_and_needs_latency() -> 
         optimize(model, [Perturb()], config=config, target_speedup=1.0)
     with pytest.raises(ValueError, match="latency"):
         optimize(model, [Perturb()], config=ValidationConfig(latency=False), target_speedup=1.5)
+
+
+# -- exact rounds proven together ---------------------------------------------------------------------------
+THREE_BN = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 8, 8] X) => (float[1, 4, 8, 8] Y)
+    <float[4, 4, 3, 3] W1, float[4] s1, float[4] b1, float[4] m1, float[4] var1,
+     float[4, 4, 3, 3] W2, float[4] s2, float[4] b2, float[4] m2, float[4] var2,
+     float[4, 4, 3, 3] W3, float[4] s3, float[4] b3, float[4] m3, float[4] var3> {
+        C1 = Conv <pads = [1, 1, 1, 1]> (X, W1)
+        N1 = BatchNormalization (C1, s1, b1, m1, var1)
+        R1 = Relu (N1)
+        C2 = Conv <pads = [1, 1, 1, 1]> (R1, W2)
+        N2 = BatchNormalization (C2, s2, b2, m2, var2)
+        R2 = Relu (N2)
+        C3 = Conv <pads = [1, 1, 1, 1]> (R2, W3)
+        Y = BatchNormalization (C3, s3, b3, m3, var3)
+    }
+"""
+
+
+class CorruptingFold(FoldBatchNorm):
+    """fold_batchnorm that folds the middle BN wrongly (the folded conv's weight doubled): one bad rewrite."""
+
+    name = "corrupting_fold"
+
+    def apply(self, model: Model, candidate: Candidate) -> None:
+        super().apply(model, candidate)
+        if "Conv_3" in candidate.nodes:
+            (relu,) = [n for n in model.graph.nodes if n.op == "Relu" and n.outputs[0].name == "R2"]
+            conv = relu.inputs[0].inputs[0]  # the folded conv feeding it
+            w = const_value(conv.inputs[1])
+            conv.inputs[1] = constant(NameFactory(model.graph), "bad_W", (w * 2).astype(w.dtype))
+
+
+def _count_numerics(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from rewriter.validation.judge import Judge
+
+    calls: list[int] = []
+    real = Judge.numerics
+
+    def counted(self, proto, session=None):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, proto, session)
+
+    monkeypatch.setattr(Judge, "numerics", counted)
+    return calls
+
+
+def test_an_exact_round_is_proven_with_one_numerics_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_numerics(monkeypatch)
+    model = parse(THREE_BN, seed=1)  # seed 0 draws a graph where one exact fold alone rounds just past allclose
+    result = optimize(model, ["fold_batchnorm"], config=ValidationConfig(latency=False))
+    assert len(result.kept) == 3 and ops(result.model).get("BatchNormalization", 0) == 0
+    assert all(d.reason == "numerics proven with its round (latency not measured)" for d in result.decisions)
+    assert all(s.allclose_ratio <= 1.0 for d in result.decisions for s in d.verdict.numerics.values())  # type: ignore[union-attr]
+    assert len(calls) == 2  # the round's proof and the closing end-to-end numerics
+    assert_same_outputs(model, result.model)
+
+
+def test_a_round_that_fails_together_is_proven_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_numerics(monkeypatch)
+    model = parse(THREE_BN, seed=1)  # seed 0 draws a graph where one exact fold alone rounds just past allclose
+    result = optimize(model, [CorruptingFold()], config=ValidationConfig(latency=False))
+    verdicts = {d.candidate.nodes: (d.kept, d.reason) for d in result.decisions}
+    assert len(result.decisions) == 3 and len(result.kept) == 2
+    (bad,) = [d for d in result.decisions if not d.kept]
+    assert "Conv_3" in bad.candidate.nodes and bad.reason.startswith("numerics:")
+    assert all(reason == "numerics within budget (latency not measured)" for kept, reason in verdicts.values() if kept)
+    assert len(calls) == 1 + 3 + 1  # the failed round, each alone, the closing numerics
+    assert_same_outputs(model, result.model)  # the two good folds are exact
+
+
+def test_round_proof_covers_the_candidates_it_applied_and_only_exact_rounds() -> None:
+    from rewriter.pipeline import _prove_round
+    from rewriter.validation.judge import Judge
+
+    model = Model.from_source(parse(THREE_BN, seed=1))
+    judge = Judge(model, None, ValidationConfig(latency=False))
+    todo = [c for c in FoldBatchNorm().find(model) if isinstance(c, Candidate)]
+    proof = _prove_round(FoldBatchNorm(), model, todo, judge)
+    assert proof is not None and proof.order == tuple(c.key for c in todo)
+    assert all(s.allclose_ratio <= 1.0 for s in proof.numerics.values())
+    a, b, c = proof.order
+    assert proof.covers([], a) and proof.covers([a], b) and proof.covers([a, b], c)
+    assert not proof.covers([], b) and not proof.covers([b], c) and not proof.covers([a, b, c], "more")  # the path left the proof
+    assert _prove_round(FoldBatchNorm(), model, todo[:1], judge) is None  # nothing to share
+    again = _prove_round(FoldBatchNorm(), model, todo + todo, judge)  # consumed ones are skipped, not applied twice
+    assert again is not None and again.order == proof.order
+    assert _prove_round(Perturb(), model, todo, judge) is None  # lossy passes are judged one by one
+    assert _prove_round(CorruptingFold(), model, todo, judge) is None  # fails together

@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,13 +231,21 @@ class Judge:
         return spread_error(self._error_reference, run(trial))
 
     # -- the decision ---------------------------------------------------------------------------------
-    def judge(self, accepted: Model, trial: Model, candidate: Candidate, exact: bool) -> Verdict:
+    def judge(self, accepted: Model, trial: Model, candidate: Candidate, exact: bool,
+              proven: Mapping[str, OutputStats] | None = None) -> Verdict:
+        """Keep or roll back ``trial`` (``accepted`` with ``candidate`` applied): numerics against the
+        original, the task metric (lossy), then latency against ``accepted``. ``proven``: exact rewrites
+        only -- the numerics of a model that holds this rewrite and the others of its round, already
+        within the exact budget (:meth:`Judge.numerics` is then not run again)."""
         start = time.perf_counter()
         cfg = self.config
+        if proven is not None and not exact:
+            raise ValueError("judge: only exact rewrites can be proven with their round")
         # Lossy budgets dwarf onnxruntime's own rounding: judge them in one session with the deploy options
         # (on every core: numerics, not timing), reused below.
         session = None if exact else eval_session(trial.proto, cfg.runtime)
-        stats = self.numerics(trial.proto, session)
+        stats = dict(proven) if proven is not None else self.numerics(trial.proto, session)
+        how = "exact" if proven is None else "exact (numerics proven with its round)"
         problems = cfg.budget.failures(stats, exact)
         if problems:
             return Verdict(False, "numerics: " + "; ".join(problems), stats, seconds=time.perf_counter() - start)
@@ -248,7 +256,8 @@ class Judge:
             if why is not None:
                 return Verdict(False, why, stats, metric=metric, seconds=time.perf_counter() - start)
         if not cfg.latency:
-            return Verdict(True, "numerics within budget (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
+            within = "numerics within budget" if proven is None else "numerics proven with its round"
+            return Verdict(True, f"{within} (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
         scope = "subgraph"
         lat: LatencyComparison | None = None
         if cfg.subgraph_latency:
@@ -263,14 +272,14 @@ class Judge:
         if exact and not speculative(accepted, trial, candidate):
             if ci.slower(cfg.exact_min_speedup):
                 return Verdict(False, f"slower: {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
-            return Verdict(True, f"exact, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+            return Verdict(True, f"{how}, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
         if exact and not ci.faster(cfg.lossy_min_speedup):
             return Verdict(
                 False, f"lowers neither MACs nor node count, and no speedup shown: {scope} speedup {ci}",
                 stats, lat, scope, metric, time.perf_counter() - start,
             )
         if exact:
-            return Verdict(True, f"exact, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+            return Verdict(True, f"{how}, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
         if not ci.faster(cfg.lossy_min_speedup):
             return Verdict(
                 False, f"no speedup shown: {scope} speedup {ci} (needs CI above {cfg.lossy_min_speedup:g})",
