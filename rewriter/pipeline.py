@@ -226,15 +226,18 @@ class RoundProof:
         return n < len(self.order) and self.order[n] == key and tuple(kept) == self.order[:n]
 
 
-def _prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge) -> RoundProof | None:
+def _prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, deadline: float | None = None) -> RoundProof | None:
     """Apply every candidate of an exact pass's round in turn (skipping those whose nodes an earlier one
     consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
-    rewrite raises, or there is nothing to share (fewer than two candidates): they are proven alone."""
+    rewrite raises, the ``deadline`` passes, or there is nothing to share (fewer than two candidates):
+    they are then proven alone."""
     if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
         return None
     current, order = model, []
     try:
         for cand in todo:
+            if deadline is not None and time.perf_counter() > deadline:
+                return None
             if any(current.node(n) is None for n in cand.nodes):
                 continue
             trial = current.fork()
@@ -365,7 +368,7 @@ def optimize(
                 screened = screen_candidates(p, model, todo, judge, families, stop_at)
                 log.info("%s: %d families screened; %d candidates with a predicted error", p.name, len(families), len(screened))
             todo = rank(todo, screened)
-            round_proof = _prove_round(p, model, todo, judge)
+            round_proof = _prove_round(p, model, todo, judge, deadline)
             round_kept: list[str] = []
             changed = False
             for cand in todo:

@@ -412,3 +412,4 @@ def test_round_proof_covers_the_candidates_it_applied_and_only_exact_rounds() ->
     assert again is not None and again.order == proof.order
     assert _prove_round(Perturb(), model, todo, judge) is None  # lossy passes are judged one by one
     assert _prove_round(CorruptingFold(), model, todo, judge) is None  # fails together
+    assert _prove_round(FoldBatchNorm(), model, todo, judge, deadline=0.0) is None  # no time left: each alone
