@@ -311,8 +311,7 @@ def optimize(
         seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph, threads=threads,
         provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
         time_budget=time_budget, target_speedup=target_speedup, screen=screen, max_model_bytes=max_model_bytes,
-        external_data=external_data,
-        fail_if_no_speedup=fail_if_no_speedup,
+        external_data=external_data, fail_if_no_speedup=fail_if_no_speedup,
     )
     outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not _quiet()))
     result, gate = outcome.result, outcome.gate
@@ -416,8 +415,7 @@ def optimize_many_cmd(
         num_feeds=num_feeds, seed=seed, max_error=max_error, rtol=rtol, atol=atol, latency=latency, subgraph=subgraph,
         threads=threads, provider=provider, min_speedup=min_speedup, exact_min_speedup=exact_min_speedup, max_pairs=max_pairs,
         time_budget=time_budget, target_speedup=target_speedup, screen=screen, max_model_bytes=max_model_bytes,
-        external_data=external_data,
-        fail_if_no_speedup=fail_if_no_speedup,
+        external_data=external_data, fail_if_no_speedup=fail_if_no_speedup,
     )
     result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans)
     if not _quiet():
