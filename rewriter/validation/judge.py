@@ -223,7 +223,8 @@ class Judge:
         names = self.error_tensors()
 
         def run(model: Model) -> list[dict]:
-            return run_feeds(eval_session(with_outputs(model, names, self.original), self.config.runtime), self.feeds.validation)
+            session = eval_session(with_outputs(model, names, self.original), self.config.runtime)
+            return [dict(zip(names, session.run(names, dict(feed)))) for feed in self.feeds.validation]
 
         if self._error_reference is None:
             self._error_reference = run(self.original)
