@@ -164,18 +164,6 @@ def _last_line(text: str) -> str:
 # -- the worker: our pipeline and onnxruntime's offline optimizer, run inside the child ---------------
 
 
-def _reason_kind(reason: str) -> str:
-    if "pass undone" in reason:
-        return "pass undone (whole model not shown faster)"
-    for prefix, kind in (("numerics", "over the numerics budget"), ("no speedup shown", "no speedup shown"),
-                         ("slower", "slower"), ("lowers neither", "no MAC/node saving, no speedup shown"),
-                         ("not tried: validation time budget", "not tried (time cap)"), ("not tried", "not tried"),
-                         ("rewrite raised", "rewrite raised"), ("validation failed", "validation failed"), ("stale", "stale")):
-        if reason.startswith(prefix):
-            return kind
-    return reason.split(":")[0][:60]
-
-
 def _result_summary(result: Any, seconds: float) -> dict[str, Any]:
     decisions = result.decisions
     return {
@@ -183,7 +171,7 @@ def _result_summary(result: Any, seconds: float) -> dict[str, Any]:
         "candidates": len(decisions),
         "kept": len(result.kept),
         "kept_by_pass": dict(Counter(d.candidate.pass_name for d in result.kept)),
-        "not_kept": dict(Counter(_reason_kind(d.reason) for d in decisions if not d.kept)),
+        "not_kept": dict(Counter(d.outcome.value for d in decisions if not d.kept)),
         "judge_seconds": round(sum(d.verdict.seconds for d in decisions if d.verdict is not None), 2),
         "skips": dict(Counter(s.reason[:80] for p in result.passes for s in p.skips).most_common(4)),
         "reverted": [f"{p.name}: {p.reverted}" for p in result.passes if p.reverted],
@@ -579,7 +567,7 @@ def _targets(results: list[ModelResult], meta: dict[str, Any]) -> dict[str, Any]
         lrow = by.get("ours-lossy", {})
         if "wall_s" in lrow:
             s = lrow.get("summary") or {}
-            not_tried = sum(n for k, n in s.get("not_kept", {}).items() if k.startswith("not tried (time"))
+            not_tried = s.get("not_kept", {}).get("not_tried_time", 0)
             lossy.append({"model": r.name, "size_mb": round(r.size_bytes / 2**20, 1), "macs": r.macs, "wall_s": lrow["wall_s"],
                           "candidates": s.get("candidates"), "kept": s.get("kept"), "not_tried_time_cap": not_tried,
                           "error": lrow.get("error"), "resnet50_size": r.name in RESNET50_SIZE})

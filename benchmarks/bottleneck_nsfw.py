@@ -101,11 +101,11 @@ def main() -> None:
             "scores": stats(scores(session, val), ref),
             "scores_unseen_crops": stats(scores(session, unseen), ref_unseen),
             "target_reached": result.target_reached,
-            "tried": sum(1 for d in result.decisions if not d.reason.startswith("not tried")),
+            "tried": sum(1 for d in result.decisions if d.tried),
             "kept": [d.candidate.description for d in result.in_model],
-            "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "reason": d.reason,
+            "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "outcome": d.outcome.value, "reason": d.reason,
                            "predicted_error": None if d.screening is None else round(d.screening.predicted, 5)}
-                          for d in result.decisions if not d.reason.startswith("not tried")],
+                          for d in result.decisions if d.tried],
         })
         log.info("run %d: %.3fx [%.3f, %.3f] in %.0f s", len(runs), lat.ci.speedup, lat.ci.low, lat.ci.high, seconds)
     out = {

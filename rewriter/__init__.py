@@ -17,6 +17,7 @@ from rewriter.fleet import FleetResult, ModelResult, optimize_many
 from rewriter.io import load_model, save_model, sha256_file
 from rewriter.job import OptimizeOptions, OptimizeOutcome, optimize_model
 from rewriter.model import Model
+from rewriter.outcome import Outcome
 from rewriter.pipeline import Decision, OptimizeResult, PassResult, apply_pass, optimize
 from rewriter.plan import ApplyResult, Plan, apply_plan, plan_from_result
 from rewriter.registry import available_passes, default_passes, resolve_passes
@@ -37,6 +38,7 @@ __all__ = [
     "OptimizeOptions",
     "OptimizeOutcome",
     "OptimizeResult",
+    "Outcome",
     "Pass",
     "PassResult",
     "Plan",

@@ -287,7 +287,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .muted{color:#718096;font-size:12px}.pass{color:#22543d;background:#c6f6d5}.fail{color:#742a2a;background:#fed7d7}
 .badge{display:inline-block;padding:2px 8px;border-radius:4px;font-weight:600;font-size:13px}
 table{border-collapse:collapse;font-size:12px;margin-top:6px}th,td{border:1px solid #e2e8f0;padding:4px 6px;text-align:left;vertical-align:top}
-th{background:#f7fafc}td.n{text-align:right;font-variant-numeric:tabular-nums}tr.kept td{background:#f0fff4}tr.rolled_back td{background:#fffaf0}
+th{background:#f7fafc}td.n{text-align:right;font-variant-numeric:tabular-nums}tr.kept td{background:#f0fff4}tr.rolled_back td{background:#fffaf0}tr.not_tried td{color:#718096}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:10px}.card{border:1px solid #e2e8f0;border-radius:6px;padding:8px 12px;min-width:150px}
 .card b{display:block;font-size:16px}.card span{color:#718096;font-size:12px}
 svg text{font-family:inherit}svg .lb{font-size:11px;fill:#2d3748}svg .vl{font-size:11px;fill:#4a5568}svg .lg{font-size:11px;fill:#4a5568}
@@ -304,6 +304,14 @@ def _worst(numerics: Mapping[str, Mapping[str, Any]]) -> str:
     return f"{max_abs:.2e}" + (f" / {min(cosines):.6f}" if cosines else "")
 
 
+def _kind(d: Mapping[str, Any]) -> str:
+    """``kept``, ``rolled_back`` or ``not_tried`` (reports before schema 3 had no ``not_tried``)."""
+    kind = d.get("decision")
+    if kind in ("kept", "rolled_back", "not_tried"):
+        return str(kind)
+    return "kept" if d.get("kept") else "rolled_back"
+
+
 def _decision_table(decisions: Sequence[Mapping[str, Any]]) -> str:
     if not decisions:
         return '<p class="muted">No candidate was found: nothing to decide.</p>'
@@ -313,6 +321,7 @@ def _decision_table(decisions: Sequence[Mapping[str, Any]]) -> str:
         c = d.get("cost", {})
         lat = d.get("latency")
         lat_txt = "-" if not lat else f"{_ci(lat)} ({lat.get('scope')})"
+        kind = _kind(d)
         cells = [
             f'<td class="n">{i}</td>', f"<td>{_e(d['pass'])}</td>", f"<td>{_e(', '.join(d['nodes']))}</td>",
             f"<td>{_e(d.get('description', ''))}</td>",
@@ -320,9 +329,9 @@ def _decision_table(decisions: Sequence[Mapping[str, Any]]) -> str:
             f'<td class="n">{_fmt_int(c.get("params_before"))} \u2192 {_fmt_int(c.get("params_after"))}</td>',
             f'<td class="n">{_e(_worst(d.get("numerics") or {}))}</td>', f'<td class="n">{_e(lat_txt)}</td>',
             f'<td class="n">{_e(_ci(d.get("end_to_end")))}</td>',
-            f"<td><b>{'kept' if d['kept'] else 'rolled back'}</b></td>", f"<td>{_e(d.get('reason', ''))}</td>",
+            f"<td><b>{_e(kind.replace('_', ' '))}</b></td>", f"<td>{_e(d.get('reason', ''))}</td>",
         ]
-        rows.append(f'<tr class="{"kept" if d["kept"] else "rolled_back"}">' + "".join(cells) + "</tr>")
+        rows.append(f'<tr class="{_e(kind)}">' + "".join(cells) + "</tr>")
     rows.append("</tbody></table>")
     return "".join(rows)
 
@@ -334,7 +343,7 @@ def _cards(report: Mapping[str, Any]) -> str:
         ("nodes", f"{t.get('nodes_before', '-')} \u2192 {t.get('nodes_after', '-')}"),
         ("MACs", f"{_fmt_int(t.get('macs_before'))} \u2192 {_fmt_int(t.get('macs_after'))}"),
         ("params", f"{_fmt_int(t.get('params_before'))} \u2192 {_fmt_int(t.get('params_after'))}"),
-        ("rewrites kept / rolled back", f"{t.get('kept', 0)} / {t.get('rolled_back', 0)}"),
+        ("rewrites kept / rolled back / not tried", f"{t.get('kept', 0)} / {t.get('rolled_back', 0)} / {t.get('not_tried', 0)}"),
         ("end-to-end speedup [95% CI]", _ci(final) if final else "not measured"),
     ]
     return '<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in items) + "</div>"

@@ -17,6 +17,7 @@ from typing import Any
 
 from rewriter.contract import Pass
 from rewriter.errors import InputError
+from rewriter.outcome import Outcome
 from rewriter.pipeline import OptimizeResult
 from rewriter.plan import Plan
 from rewriter.shapes import Shape
@@ -180,7 +181,7 @@ def optimize_model(
     with progress if progress is not None else nullcontext():
         result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget, screen=options.screen,
                                    target_speedup=options.target_speedup)
-    untried = sum(d.reason.startswith("not tried: validation time budget") for d in result.decisions)
+    untried = sum(d.outcome is Outcome.NOT_TRIED_TIME for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)
     if result.target_reached is False:

@@ -43,6 +43,7 @@ from rewriter.contract import Candidate, Pass, RewriteError
 from rewriter.errors import InputError
 from rewriter.io import sha256_file
 from rewriter.model import Model
+from rewriter.trial import apply_candidate
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +264,8 @@ def apply_plan(
             raise InputError(f"{where}: {p.name}.find raised {type(exc).__name__}: {exc}") from None
         if not found:
             raise InputError(f"{where}: the pass finds no such rewrite in this model")
-        trial = model.fork()
         try:
-            p.apply(trial, found[0])
-            model = trial.commit()
+            model = apply_candidate(p, model, found[0])
         except RewriteError as exc:
             raise InputError(f"{where}: cannot be applied: {exc}") from None
         applied.append(found[0])

@@ -1,14 +1,18 @@
 """The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and the human-output helpers.
 
-Schema version 2 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
+Schema version 3 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
 provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``input_shapes``, ``budget``, ``feeds``,
 ``passes`` (per pass: its options, kept, rolled back, skips with reasons, whole-model latency, whether it
 was undone), ``decisions`` (per candidate: pass, nodes, description, options, MACs/params before and
-after, ``decision`` and ``reason``, numerics per output, latency with its 95% CI and scope, and the
+after, ``decision`` (``kept`` / ``rolled_back`` / ``not_tried``), ``outcome`` (the
+:class:`~rewriter.outcome.Outcome` value) and ``reason``, numerics per output, latency with its 95% CI and scope, and the
 end-to-end latency of its pass), ``totals`` (ops, nodes, MACs, params before/after, final numerics,
 final end-to-end speedup with CI), ``gate`` (passed, failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
+
+Changes from version 2: decisions carry ``outcome``; candidates never tried are ``decision: not_tried``
+(no longer ``rolled_back``) and are counted in ``not_tried`` of their pass and of the totals.
 
 Changes from version 1: ``gate`` and ``pareto`` are part of the report; every decision has the same
 keys (``decision``, ``numerics``, ``latency``, ``end_to_end``, ``metric``, ``seconds``; empty or null
@@ -31,7 +35,7 @@ from typing import Any
 from rewriter.pipeline import Decision, OptimizeResult, PassRun
 from rewriter.validation.latency import LatencyComparison
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,8 @@ def decision_dict(d: Decision, run: PassRun | None = None) -> dict[str, Any]:
         "options": dict(c.options),
         "cost": asdict(c.cost),
         "kept": d.kept,
-        "decision": "kept" if d.kept else "rolled_back",
+        "decision": d.outcome.kind,
+        "outcome": d.outcome.value,
         "reason": d.reason,
         "numerics": {} if v is None else {k: s.to_dict() for k, s in v.numerics.items()},
         "latency": None if v is None else _latency(v.latency, v.latency_scope),
@@ -110,10 +115,10 @@ def decision_dict(d: Decision, run: PassRun | None = None) -> dict[str, Any]:
 
 def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
     """The run of the pass each decision belongs to: decisions are recorded pass by pass, in order, and
-    each run counts its own (kept + rolled back)."""
+    each run counts its own (kept + rolled back + not tried)."""
     owners: list[PassRun | None] = []
     for run in result.passes:
-        owners.extend([run] * (run.kept + run.rolled_back))
+        owners.extend([run] * (run.kept + run.rolled_back + run.not_tried))
     owners = owners[: len(result.decisions)] + [None] * (len(result.decisions) - len(owners))
     return [r if r is not None and r.name == d.candidate.pass_name else None for r, d in zip(owners, result.decisions)]
 
@@ -150,7 +155,7 @@ def build_report(
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     pareto: Sequence[ParetoPoint] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema version 2). ``gate``: the final gate's failures."""
+    """The report as a JSON-ready dict (schema version 3). ``gate``: the final gate's failures."""
     before, after = result.before, result.after
     options = pass_options or {}
     owners = _pass_of_each_decision(result)
@@ -172,6 +177,7 @@ def build_report(
                 "options": dict(options.get(r.name, {})),
                 "kept": r.kept,
                 "rolled_back": r.rolled_back,
+                "not_tried": r.not_tried,
                 "reverted": r.reverted,
                 "model_latency": _latency(r.model_latency, "model"),
                 "skips": [{"nodes": list(s.nodes), "reason": s.reason} for s in r.skips],
@@ -189,7 +195,8 @@ def build_report(
             "params_before": before.total_params,
             "params_after": after.total_params,
             "kept": len(result.kept),
-            "rolled_back": len(result.decisions) - len(result.kept),
+            "rolled_back": len(result.rolled_back),
+            "not_tried": len(result.not_tried),
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
             "final_latency": _latency(result.final_latency, "model"),
         },
@@ -262,7 +269,7 @@ def _json_default(obj: Any) -> Any:
 
 # -- human output ------------------------------------------------------------------------------------
 class _DecisionCounter(logging.Handler):
-    """Advances a progress task on each decision the pipeline logs ("kept ..." / "rolled back ...")."""
+    """Advances a progress task on each decision the search logs ("kept ..." / "rolled back ...")."""
 
     def __init__(self, progress: Any, task: Any, width: int) -> None:
         super().__init__(logging.INFO)
@@ -286,7 +293,7 @@ def decision_progress(console: Any, enabled: bool) -> Iterator[None]:
     """A rich progress line on ``console`` (stderr) counting judged candidates, while the body runs.
 
     Off unless ``enabled`` (the CLI enables it only when stderr is a terminal and ``--quiet`` is not
-    given), so logs and CI output stay plain. It listens to the pipeline's per-decision INFO records
+    given), so logs and CI output stay plain. It listens to the search's per-decision INFO records
     without letting them through to the other handlers unless those were already at INFO.
     """
     if not enabled:
@@ -294,7 +301,7 @@ def decision_progress(console: Any, enabled: bool) -> Iterator[None]:
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    pipeline_log = logging.getLogger("rewriter.pipeline")
+    pipeline_log = logging.getLogger("rewriter.search")  # where each decision is logged
     parent = logging.getLogger("rewriter")
     effective = parent.getEffectiveLevel()
     saved_handlers = [(h, h.level) for h in parent.handlers]

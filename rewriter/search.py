@@ -1,167 +1,345 @@
-"""The order a pass's candidates are judged in: the pass's own, or -- for lossy passes -- screened.
+"""The search: one pass's rounds of find -> order -> try -> decide over the accepted model.
 
-Lossy rewrites spend one shared error budget, so their order decides how far a search gets. *Screening*
-applies the mildest variant of each family (one conv in one mode, say) alone and measures its error
-quickly on the validation feeds (:meth:`~rewriter.validation.judge.Judge.error`: outputs -- logits where
-a Softmax ends the model -- relative to how much they vary); the family's other variants are predicted by
-scaling that measurement with the pass's own estimates. Candidates are then judged by MACs saved per
-predicted squared error, so cheap savings come first and the budget is not spent early on aggressive
-rewrites of sensitive layers.
+A :class:`PassSearch` owns one pass's state across its rounds: the candidates it tried, the variant levels
+that failed numerics per family, the screened families, which decision made which node (to mark a milder
+variant superseded by a stronger one), and the pass's :class:`~rewriter.decision.PassRun`. What the passes
+of one run share -- the original model, the judge, the :class:`~rewriter.deadline.Deadline`, the speedup
+:class:`Target`, the decision list -- is a :class:`SearchState`. Every candidate goes through
+:func:`~rewriter.trial.try_candidate`; a candidate the search does not try is recorded with a not-tried
+:class:`~rewriter.outcome.Outcome` saying why.
+
+Lossy passes are screened before judging and tried by MACs saved per predicted squared error (see
+:mod:`rewriter.screening`). A candidate whose nodes the same pass already replaced -- a stronger variant of
+a conv factorized mildly before -- is re-expressed by the pass (:meth:`Pass.refresh`) and judged in its turn
+as a replacement; the earlier decision is then marked superseded.
+
+Exact passes prove a round's candidates together (:func:`prove_round`): all of them are applied in turn and
+the result's numerics checked once; within the exact budget, each candidate is then judged on latency alone.
+Where the round fails, each candidate is proven alone, as lossy ones are.
+
+After its rounds, a pass that changed the model is checked end to end (:meth:`PassSearch.close`): where the
+whole model is not shown to pay, the pass is undone and its kept decisions say so.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
-from rewriter.contract import Candidate, Pass
+from rewriter.contract import Candidate, Pass, Skip
+from rewriter.deadline import Deadline
+from rewriter.decision import Decision, PassRun, not_tried
 from rewriter.model import Model
-from rewriter.validation.judge import Judge
+from rewriter.outcome import Outcome
+from rewriter.screening import Screening, rank, screen_candidates
+from rewriter.trial import apply_candidate, try_candidate
+from rewriter.validation.judge import Judge, Verdict
+from rewriter.validation.latency import LatencyComparison, pooled
+from rewriter.validation.numerics import OutputStats
 
 log = logging.getLogger(__name__)
 
+#: Extra whole-model measurements, pooled with the first, when its interval and its point estimate disagree.
+CONFIRMATIONS = 2
+
+
+def settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool,
+            first: LatencyComparison | None = None) -> LatencyComparison:
+    """The whole-model comparison a pass is kept or undone on. Where the interval leaves the call open
+    while the point estimate takes a side (a noisy machine), more pairs are measured and pooled, up to
+    ``CONFIRMATIONS`` times and while the judge's deadline has time left: one unlucky measurement must not
+    undo a whole search. ``first``: a measurement of this very pair already taken (it is not repeated)."""
+    lat = first if first is not None else judge.model_latency(base.proto, model.proto)
+    for _ in range(CONFIRMATIONS):
+        ci = lat.ci
+        open_call = (not ci.slower(threshold) and ci.speedup < threshold) if exact else (not ci.faster(threshold) and ci.speedup > threshold)
+        if not open_call or judge.deadline.over():
+            break
+        log.info("whole-model speedup %s is not settled; measuring more pairs", ci)
+        lat = pooled(lat, judge.model_latency(base.proto, model.proto), seed=judge.config.timing.seed)
+    return lat
+
+
+@dataclass
+class Target:
+    """A lossy search's progress towards ``target_speedup``, with few whole-model measurements.
+
+    After each kept lossy rewrite its measured saving (base minus candidate median of its verdict's
+    timing: the region's, or the whole model's) is added up, and the whole model is measured against the
+    original only when the last such measurement, shortened by the savings since, predicts the target:
+    ``T_orig / (T_last - sum(saved)) * low/median of the last interval >= target``. The first kept
+    rewrite is always measured (there is no ``T_orig`` before). Reached when a measured interval's lower
+    bound is at or above the target.
+    """
+
+    speedup: float
+    last: LatencyComparison | None = None
+    model: Model | None = None  # the model ``last`` measured
+    saved_s: float = 0.0
+    reached: bool = False
+
+    def predicted_low(self) -> float | None:
+        """The predicted lower bound of the current model's speedup, or ``None`` before any measurement."""
+        if self.last is None:
+            return None
+        left = self.last.candidate_median_s - self.saved_s
+        if left <= 0.0:
+            return float("inf")
+        return self.last.base_median_s / left * (self.last.ci.low / self.last.ci.speedup)
+
+    def after_kept(self, verdict: Verdict | None, judge: Judge, original: Model, model: Model) -> None:
+        """Account for one kept rewrite (``model`` is the model with it); measure when the target is predicted."""
+        lat = verdict.latency if verdict is not None else None
+        if lat is not None:
+            self.saved_s += max(0.0, lat.base_median_s - lat.candidate_median_s)
+        predicted = self.predicted_low()
+        if predicted is not None and predicted < self.speedup:
+            return
+        self.last = judge.model_latency(original.proto, model.proto)
+        self.model, self.saved_s = model, 0.0
+        self.reached = self.last.ci.low >= self.speedup
+        log.info("target %gx: whole model at %s after a kept rewrite%s", self.speedup, self.last.ci, " (reached)" if self.reached else "")
+
+    def reset(self) -> None:
+        """Forget the measurements (the model they were taken on was undone)."""
+        self.last, self.model, self.saved_s, self.reached = None, None, 0.0, False
+
 
 @dataclass(frozen=True)
-class Screening:
-    """A lossy candidate's error predicted before judging: its family's mildest variant measured alone
-    (``measured``, :meth:`Judge.error`) and this candidate's share of it (``predicted``)."""
+class RoundProof:
+    """An exact pass's round proven together: every candidate applied in turn (each to the model the one
+    before made, as the one-by-one path does while it keeps them all), and the numerics of the result."""
 
-    measured: float
-    predicted: float
-    screened: str  # description of the candidate that was measured
+    numerics: dict[str, OutputStats]
+    order: tuple[str, ...]  # candidate keys, in the order applied
 
-    def to_dict(self) -> dict[str, float | str]:
-        return {"measured": self.measured, "predicted": self.predicted, "screened": self.screened}
-
-
-#: Share of ``optimize``'s time budget that screening may use; families left unscreened are tried after the
-#: screened ones, in the pass's own order.
-SCREEN_SHARE = 0.5
-#: Screening re-orders the families still to measure after every this many measurements.
-RESCREEN_EVERY = 6
-#: Predicted errors below this count as this much when ordering by MACs saved per squared error (a
-#: rewrite measured as nearly free is not infinitely better than one measured as cheap).
-ERROR_FLOOR = 1e-3
-#: ... and so do those below this quantile of the errors the screening measured: below it measurements are
-#: mostly noise, and between rewrites that are nearly free the larger saving should come first (on
-#: open-nsfw's measured candidates this ordering reaches 1-2% more MACs saved within the same budget).
-FLOOR_QUANTILE = 0.1
+    def covers(self, kept: Sequence[str], key: str) -> bool:
+        """Whether the one-by-one path, having kept ``kept`` this round, is about to build the next model of
+        the proof (so far it built the same ones)."""
+        n = len(kept)
+        return n < len(self.order) and self.order[n] == key and tuple(kept) == self.order[:n]
 
 
-def rank(candidates: list[Candidate], screened: Mapping[str, Screening] | None = None) -> list[Candidate]:
-    """Trial order: the pass's priority when it gives one, else estimated MACs saved; ties by node names.
-
-    Variants of one rewrite (a ``family``) are tried together, at the position of the family's best
-    priority, the most aggressive first: the first one within budget is the one kept. Screened candidates
-    (``screened``: by candidate key) come first, each on its own, by MACs saved per predicted squared
-    error (errors floored at ``FLOOR_QUANTILE`` of those measured); those not screened follow in the
-    order above.
-    """
-    screened = screened or {}
-    measured = sorted({s.measured for s in screened.values()})
-    floor = max(ERROR_FLOOR, measured[int(FLOOR_QUANTILE * (len(measured) - 1))] if measured else 0.0)
-    first = sorted((c for c in candidates if c.key in screened),
-                   key=lambda c: (-c.cost.macs_saved / max(screened[c.key].predicted, floor) ** 2, c.nodes, -c.level))
-    rest = [c for c in candidates if c.key not in screened]
-    return first + rank_unscreened(rest)
-
-
-def rank_unscreened(candidates: list[Candidate]) -> list[Candidate]:
-    def score(c: Candidate) -> float:
-        return c.priority if c.priority is not None else float(c.cost.macs_saved)
-
-    best: dict[str, float] = {}
-    for c in candidates:
-        if c.family is not None:
-            best[c.family] = max(best.get(c.family, float("-inf")), score(c))
-
-    def key(c: Candidate) -> tuple:
-        if c.family is None:
-            return (-score(c), "", 0.0, c.nodes)
-        return (-best[c.family], c.family, -c.level, c.nodes)
-
-    return sorted(candidates, key=key)
-
-
-def screen_candidates(
-    p: Pass,
-    model: Model,
-    todo: list[Candidate],
-    judge: Judge,
-    families: dict[str, tuple[float, Candidate] | None],
-    stop_at: float | None,
-) -> dict[str, Screening]:
-    """Measure the mildest variant of every family in ``todo`` not measured yet (alone, on ``model``; until
-    ``stop_at``) into ``families``, and predict every screened family's candidates from it: the measured
-    error times the candidate's own estimate over the measured variant's (the measurement itself where the
-    pass gives no estimate).
-
-    Families are measured in order of promise: at first the pass's own, then -- as measurements come in --
-    by MACs saved per squared estimated error with each ``kind`` of estimate rescaled by what was measured
-    for its kind so far (estimates of different kinds, e.g. modes of a factorization, are seldom on one
-    scale). What a time limit leaves unmeasured is then what looks least promising.
-    """
-    variants: dict[str, list[Candidate]] = {}
-    mildest: dict[str, Candidate] = {}
-    for c in todo:
-        if c.family is None or c.family in families:
-            continue
-        variants.setdefault(c.family, []).append(c)
-        if c.family not in mildest or c.level < mildest[c.family].level:
-            mildest[c.family] = c
-    queue = rank_unscreened(list(mildest.values()))
-    if queue:
-        try:
-            p.prefetch(model, queue)
-        except Exception as exc:  # a faulty pass must never end the run
-            log.warning("%s.prefetch raised: %s", p.name, exc)
-    ratios: dict[str, list[float]] = {}
-    measured_count = 0
-    while queue:
-        if stop_at is not None and time.perf_counter() > stop_at:
-            break
-        rep = queue.pop(0)
-        try:
-            trial = model.fork()
-            p.apply(trial, rep)
-            error = judge.error(trial.commit())
-            families[rep.family] = (error, rep)  # type: ignore[index]
-            if rep.error:
-                ratios.setdefault(rep.kind, []).append(error / rep.error)
-        except Exception as exc:  # judged (and recorded) like any other when its turn comes
-            log.info("%s: screening %s failed: %s", p.name, rep.description, exc)
-            families[rep.family] = None  # type: ignore[index]
-        measured_count += 1
-        if ratios and measured_count % RESCREEN_EVERY == 0:
-            queue = by_calibrated_estimate(queue, variants, ratios)
-    out: dict[str, Screening] = {}
-    for c in todo:
-        entry = families.get(c.family) if c.family is not None else None
-        if entry is None:
-            continue
-        measured, rep = entry
-        scale = c.error / rep.error if c.error is not None and rep.error else 1.0
-        out[c.key] = Screening(measured, measured * scale, rep.description)
-    return out
-
-
-def by_calibrated_estimate(queue: list[Candidate], variants: Mapping[str, list[Candidate]], ratios: Mapping[str, list[float]]) -> list[Candidate]:
-    """``queue`` (families' mildest variants) reordered by the best MACs saved per squared estimated error of
-    each family's variants, every estimate times the median measured/estimated ratio of its kind (of all
-    kinds, for a kind not measured yet)."""
-    everything = sorted(r for rs in ratios.values() for r in rs)
-    overall = everything[len(everything) // 2]
-    factor = {kind: sorted(rs)[len(rs) // 2] for kind, rs in ratios.items()}
-
-    def promise(rep: Candidate) -> float:
-        best = 0.0
-        for v in variants.get(rep.family or "", [rep]):
-            if v.error is None:
+def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, deadline: Deadline | None = None) -> RoundProof | None:
+    """Apply every candidate of an exact pass's round in turn (skipping those whose nodes an earlier one
+    consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
+    rewrite raises, the search's ``deadline`` passes, or there is nothing to share (fewer than two
+    candidates): they are then proven alone."""
+    if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
+        return None
+    current, order = model, []
+    try:
+        for cand in todo:
+            if deadline is not None and deadline.search_over():
+                return None
+            if any(current.node(n) is None for n in cand.nodes):
                 continue
-            predicted = max(v.error * factor.get(v.kind, overall), ERROR_FLOOR)
-            best = max(best, v.cost.macs_saved / predicted ** 2)
-        return best
+            current = apply_candidate(p, current, cand)
+            order.append(cand.key)
+        if len(order) < 2:
+            return None
+        stats = judge.numerics(current.proto)
+    except Exception as exc:  # the one-by-one path records which rewrite fails, and why
+        log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)
+        return None
+    failures = judge.config.budget.failures(stats, exact=True)
+    if failures:
+        log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(order), "; ".join(failures))
+        return None
+    log.info("%s: %d rewrites proven exact together", p.name, len(order))
+    return RoundProof(stats, tuple(order))
 
-    return sorted(queue, key=lambda c: (-promise(c), c.nodes))
+
+@dataclass
+class SearchState:
+    """What the passes of one run share."""
+
+    original: Model
+    judge: Judge
+    deadline: Deadline
+    target: Target | None = None
+    screen: bool = True
+    #: Called after each judged candidate with its decision and the model accepted after it.
+    on_decision: Callable[[Decision, Model], None] | None = None
+    decisions: list[Decision] = field(default_factory=list)
+
+
+class PassSearch:
+    """One pass's search over rounds (see the module docstring)."""
+
+    def __init__(self, p: Pass, state: SearchState) -> None:
+        self.p = p
+        self.state = state
+        self.run = PassRun(p.name, p.exact)
+        self.first = len(state.decisions)  # this pass's decisions are state.decisions[first:]
+        self.tried: set[str] = set()
+        self.failed_levels: dict[str, float] = {}  # family -> lowest level that failed for accuracy
+        self.families: dict[str, tuple[float, Candidate] | None] = {}  # screened family -> (error, measured variant)
+        self.created: dict[str, int] = {}  # node name -> index of the decision whose rewrite made it
+        self.screened: dict[str, Screening] = {}
+        self.find_seconds = 0.0
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return self.state.decisions[self.first:]
+
+    def _target_reached(self) -> bool:
+        target = self.state.target
+        return target is not None and target.reached and not self.p.exact
+
+    # -- rounds ----------------------------------------------------------------------------------------
+    def search(self, model: Model, max_rounds: int) -> Model:
+        """Run up to ``max_rounds`` rounds from ``model``; the model accepted at the end."""
+        for round_index in range(max_rounds):
+            if self._target_reached():
+                if round_index == 0:
+                    self.run.skips.append(Skip(self.p.name, (), f"not run: target speedup {self.state.target.speedup:g}x already reached"))  # type: ignore[union-attr]
+                break
+            if self.decisions and not self.state.deadline.fits(self.find_seconds):
+                break  # no time for another find and one candidate: a new round could only list them as not tried
+            log.debug("%s: round %d at %.1f s", self.p.name, round_index + 1, self.state.deadline.elapsed())
+            todo = self._find(model)
+            if not todo:
+                break
+            model, changed = self._round(model, todo)
+            if not changed:
+                break
+        return model
+
+    def _find(self, model: Model) -> list[Candidate]:
+        """The pass's candidates not tried yet (its skips recorded); none when ``find`` raises."""
+        began = time.perf_counter()
+        try:
+            found = list(self.p.find(model))
+        except Exception as exc:
+            log.warning("%s.find raised: %s", self.p.name, exc)
+            self.run.skips.append(Skip(self.p.name, (), f"find raised {type(exc).__name__}: {exc}"))
+            return []
+        self.find_seconds = time.perf_counter() - began
+        seen = {(s.nodes, s.reason) for s in self.run.skips}
+        for s in found:
+            if isinstance(s, Skip) and (s.nodes, s.reason) not in seen:
+                self.run.skips.append(s)
+                seen.add((s.nodes, s.reason))
+        return [c for c in found if isinstance(c, Candidate) and c.key not in self.tried]
+
+    def _order(self, model: Model, todo: list[Candidate]) -> list[Candidate]:
+        """The round's trial order: screened (lossy passes, when on), then ranked."""
+        judge = self.state.judge
+        if self.state.screen and not self.p.exact and judge.reference_error() is None:
+            self.screened = screen_candidates(self.p, model, todo, judge, self.families, self.state.deadline.screen_end)
+            log.info("%s: %d families screened; %d candidates with a predicted error", self.p.name, len(self.families), len(self.screened))
+        return rank(todo, self.screened)
+
+    def _round(self, model: Model, todo: list[Candidate]) -> tuple[Model, bool]:
+        """Try every candidate of one round in order; the accepted model and whether it changed."""
+        todo = self._order(model, todo)
+        proof = prove_round(self.p, model, todo, self.state.judge, self.state.deadline)
+        round_kept: list[str] = []
+        changed = False
+        for cand in todo:
+            current = self._current(model, cand)
+            if current is None:
+                continue
+            self.tried.add(current.key)
+            skipped = self._not_tried(current)
+            if skipped is not None:
+                self.state.decisions.append(skipped)
+                continue
+            # The round's proof holds while this path builds the same models (after a rollback or a
+            # refreshed candidate the rest are proven alone).
+            proven = proof.numerics if proof is not None and proof.covers(round_kept, current.key) else None
+            accepted = self._try(model, current, proven)
+            if accepted is not None:
+                model, changed = accepted, True
+                round_kept.append(current.key)
+        return model, changed
+
+    def _current(self, model: Model, cand: Candidate) -> Candidate | None:
+        """``cand`` as it applies to ``model`` now: itself, or -- when an earlier rewrite of this round
+        consumed its nodes -- the pass's re-expression of it (a stronger variant replacing a milder one
+        kept), else ``None`` (it is found afresh next round)."""
+        if all(model.node(n) is not None for n in cand.nodes):
+            return cand
+        fresh = self.p.refresh(model, cand)
+        if fresh is None or fresh.key in self.tried or any(model.node(n) is None for n in fresh.nodes):
+            return None
+        self.tried.add(cand.key)
+        return fresh
+
+    def _not_tried(self, cand: Candidate) -> Decision | None:
+        """The decision for a candidate the search will not try now, or ``None`` to try it."""
+        target, exact = self.state.target, self.p.exact
+        if target is not None and target.reached and not exact:
+            last = target.last.ci if target.last else ""
+            return not_tried(cand, exact, Outcome.NOT_TRIED_TARGET, f"target speedup {target.speedup:g}x reached ({last})")
+        if not self.state.deadline.fits():
+            return not_tried(cand, exact, Outcome.NOT_TRIED_TIME, "validation time budget exhausted")
+        unusable = self.state.judge.reference_error()
+        if unusable is not None:
+            return not_tried(cand, exact, Outcome.NOT_TRIED_UNVALIDATED, f"no rewrite can be validated ({unusable})")
+        if cand.family is not None and cand.level >= self.failed_levels.get(cand.family, float("inf")):
+            return not_tried(cand, exact, Outcome.NOT_TRIED_DOMINATED, "a milder variant already failed the numerics budget")
+        return None
+
+    def _try(self, model: Model, cand: Candidate, proven: dict[str, OutputStats] | None) -> Model | None:
+        """Try one candidate on ``model`` and record the decision; the new accepted model when kept."""
+        state = self.state
+        trial = try_candidate(self.p, model, cand, state.judge, proven)
+        decision = trial.decision
+        prediction = self.screened.get(cand.key)
+        if prediction is not None:
+            decision = replace(decision, screening=prediction)
+        state.deadline.record(trial.seconds)
+        state.decisions.append(decision)
+        if state.on_decision is not None:
+            state.on_decision(decision, trial.model if trial.model is not None else model)
+        if cand.family is not None and decision.outcome.accuracy:
+            self.failed_levels[cand.family] = min(cand.level, self.failed_levels.get(cand.family, float("inf")))
+        log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
+        if trial.model is None:
+            return None
+        self._note_replaced(cand, len(state.decisions) - 1, model, trial.model)
+        if state.target is not None and not self.p.exact:
+            state.target.after_kept(decision.verdict, state.judge, state.original, trial.model)
+        return trial.model
+
+    def _note_replaced(self, cand: Candidate, index: int, before: Model, after: Model) -> None:
+        """Record which nodes the kept decision ``index`` made; where it replaced only nodes that earlier kept
+        decisions made (a stronger variant in place of a milder one), mark those superseded (they stay kept:
+        a plan replays them in order, and the later one rewrites their nodes)."""
+        decisions, created = self.state.decisions, self.created
+        earlier = {created[n] for n in cand.nodes if n in created}
+        if earlier and all(n in created for n in cand.nodes):
+            for j in sorted(earlier):
+                decisions[j] = decisions[j].superseded_by(cand.description)
+        old = {n.name for n in before.proto.graph.node}
+        for n in after.proto.graph.node:
+            if n.name not in old:
+                created[n.name] = index
+
+    # -- the pass's end ----------------------------------------------------------------------------------
+    def close(self, before_pass: Model, model: Model) -> Model:
+        """Check the pass end to end (``model`` against ``before_pass``) when it changed the model and latency
+        is measured; undo it when the whole model does not pay. Sets the run's counts; the model kept."""
+        state, config = self.state, self.state.judge.config
+        if model is not before_pass and config.latency:
+            exact, target = self.p.exact, state.target
+            threshold = config.exact_min_speedup if exact else config.lossy_min_speedup
+            first = target.last if target is not None and target.model is model and before_pass is state.original else None
+            lat = settled(state.judge, before_pass, model, threshold, exact, first)
+            self.run.model_latency = lat
+            undo = lat.ci.slower(config.exact_min_speedup) if exact else not lat.ci.faster(config.lossy_min_speedup)
+            if undo:
+                self.run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
+                log.info("%s: %s", self.p.name, self.run.reverted)
+                model = before_pass
+                if target is not None and not exact:
+                    target.reset()
+                for i in range(self.first, len(state.decisions)):
+                    if state.decisions[i].kept:
+                        state.decisions[i] = state.decisions[i].undone(self.run.reverted)
+        self.run.count(self.decisions)
+        return model

@@ -83,7 +83,7 @@ def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path:
     target = data["target_speedup"]  # the exact pass is not stopped by it; the report says where the run ended
     assert target["speedup"] == 1.01 and target["reached"] == (data["totals"]["final_latency"]["ci_low"] >= 1.01)
     assert "target speedup 1.01x: " in result.output
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     env = data["environment"]
     assert env["provider"] == "cpu" and env["threads"] == 1 and env["onnxruntime"] and env["cpu"]
     assert data["input"]["sha256"] == sha256_file(sample_path)
@@ -108,9 +108,9 @@ def test_report_of_every_kind_of_decision_matches_the_schema(numerics_only_resul
     data = json.loads(json.dumps(data, allow_nan=False))  # what write_json writes
     assert_valid(report_validator, data)
     raised, fused = data["decisions"]
-    assert raised["decision"] == "rolled_back" and "deliberate failure" in raised["reason"]
+    assert raised["decision"] == "rolled_back" and raised["outcome"] == "raised" and "deliberate failure" in raised["reason"]
     assert raised["numerics"] == {} and raised["latency"] is None and raised["end_to_end"] is None
-    assert fused["decision"] == "kept" and fused["latency"] is None  # --no-latency
+    assert fused["decision"] == fused["outcome"] == "kept" and fused["latency"] is None  # --no-latency
     assert data["gate"] == {"passed": False, "failures": ["numerics: made up"]}
     assert data["pareto"][0] == {"speedup": 1.4, "error": 1e-3, "label": "rank 16"}
     assert [p["name"] for p in data["passes"]] == ["raising", "fuse_1x1_chain"]
@@ -119,7 +119,7 @@ def test_report_of_every_kind_of_decision_matches_the_schema(numerics_only_resul
 def test_screened_lossy_decisions_match_the_schema(report_validator) -> None:  # type: ignore[no-untyped-def]
     from rewriter.validation.numerics import Budget
     from tests.helpers import parse
-    from tests.test_pipeline import CHAIN3, Perturb
+    from tests.search_fixtures import CHAIN3, Perturb
 
     result = optimize(parse(CHAIN3), [Perturb()], config=ValidationConfig(budget=Budget.parse("cosine>=0.5"), latency=False))
     data = json.loads(json.dumps(build_report(
@@ -231,7 +231,7 @@ def test_quiet_prints_only_the_result(sample_path: Path, tmp_path: Path) -> None
 def test_progress_counts_decisions_on_a_terminal_and_restores_logging() -> None:
     from rich.console import Console
 
-    pipeline_log = logging.getLogger("rewriter.pipeline")
+    pipeline_log = logging.getLogger("rewriter.search")
     parent = logging.getLogger("rewriter")
     sink = io.StringIO()
     handler = logging.StreamHandler(sink)

@@ -28,14 +28,17 @@ from typing import Any
 import onnx
 
 from rewriter.contract import Candidate
+from rewriter.deadline import Deadline
 from rewriter.errors import InputError
 from rewriter.model import Model
+from rewriter.outcome import Outcome
 from rewriter.validation.calibration import with_outputs
 from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.latency import LatencyComparison, TimingOptions, time_pairs
 from rewriter.validation.numerics import Budget, OutputStats, compare_outputs, spread_error
 from rewriter.validation.region import RegionError, extract_region, region_feed, region_outputs
 from rewriter.validation.runtime import RuntimeOptions, deploy_session, eval_session, reference_session, run_feeds
+from rewriter.validation.stats import RatioCI
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +112,13 @@ class Verdict:
     latency_scope: str | None = None  # "subgraph" | "model"
     metric: float | None = None
     seconds: float = 0.0
+    #: What the verdict means for the candidate: ``KEPT``, or the check that refused it.
+    outcome: Outcome = Outcome.KEPT
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "keep": self.keep,
+            "outcome": self.outcome.value,
             "reason": self.reason,
             "numerics": {k: v.to_dict() for k, v in self.numerics.items()},
             "latency": None if self.latency is None else {"scope": self.latency_scope, **self.latency.to_dict()},
@@ -140,9 +146,12 @@ def speculative(accepted: Model, trial: Model, candidate: Candidate) -> bool:
 class Judge:
     """Holds the original model's reference outputs and judges rewrites against them."""
 
-    def __init__(self, original: Model, feeds: FeedSet | None = None, config: ValidationConfig | None = None) -> None:
+    def __init__(self, original: Model, feeds: FeedSet | None = None, config: ValidationConfig | None = None,
+                 deadline: Deadline | None = None) -> None:
         self.original = original
         self.config = config or ValidationConfig()
+        #: The run's time budget (unbounded by default): what the judge's own extra measurements may spend.
+        self.deadline = deadline or Deadline()
         self.feeds = feeds or FeedSet.random(input_specs(original.proto, original.input_shapes))
         if not self.feeds.validation:
             raise InputError("no validation feeds")
@@ -245,44 +254,46 @@ class Judge:
         # (on every core: numerics, not timing), reused below.
         session = None if exact else eval_session(trial.proto, cfg.runtime)
         stats = dict(proven) if proven is not None else self.numerics(trial.proto, session)
-        how = "exact" if proven is None else "exact (numerics proven with its round)"
         problems = cfg.budget.failures(stats, exact)
         if problems:
-            return Verdict(False, "numerics: " + "; ".join(problems), stats, seconds=time.perf_counter() - start)
+            return Verdict(False, "numerics: " + "; ".join(problems), stats, seconds=time.perf_counter() - start,
+                           outcome=Outcome.NUMERICS)
         metric = None
         if cfg.metric is not None and not exact:
             metric = self.metric_value(trial.proto, session)
             why = cfg.metric.failure(self.metric_baseline or 0.0, metric)
             if why is not None:
-                return Verdict(False, why, stats, metric=metric, seconds=time.perf_counter() - start)
+                return Verdict(False, why, stats, metric=metric, seconds=time.perf_counter() - start, outcome=Outcome.METRIC)
         if not cfg.latency:
             within = "numerics within budget" if proven is None else "numerics proven with its round"
             return Verdict(True, f"{within} (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
-        scope = "subgraph"
-        lat: LatencyComparison | None = None
-        if cfg.subgraph_latency:
+        lat, scope = self._latency(accepted, trial, candidate)
+        refusal = self._latency_refusal(lat.ci, exact, speculative(accepted, trial, candidate) if exact else True, scope)
+        seconds = time.perf_counter() - start
+        if refusal is not None:
+            return Verdict(False, refusal, stats, lat, scope, metric, seconds, Outcome.LATENCY)
+        how = ("exact" if proven is None else "exact (numerics proven with its round)") if exact else "within budget"
+        return Verdict(True, f"{how}, {scope} speedup {lat.ci}", stats, lat, scope, metric, seconds)
+
+    def _latency(self, accepted: Model, trial: Model, candidate: Candidate) -> tuple[LatencyComparison, str]:
+        """The rewrite's latency against ``accepted``: its region alone when it can be extracted (and
+        ``subgraph_latency`` is on), else the whole model; with the scope used."""
+        if self.config.subgraph_latency:
             try:
-                lat = self.region_latency(accepted, trial, candidate)
+                return self.region_latency(accepted, trial, candidate), "subgraph"
             except (RegionError, InputError) as exc:
                 log.info("%s: region timing unavailable (%s); timing the whole model", candidate.pass_name, exc)
-        if lat is None:
-            scope = "model"
-            lat = self.model_latency(accepted.proto, trial.proto)
-        ci = lat.ci
-        if exact and not speculative(accepted, trial, candidate):
-            if ci.slower(cfg.exact_min_speedup):
-                return Verdict(False, f"slower: {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
-            return Verdict(True, f"{how}, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
-        if exact and not ci.faster(cfg.lossy_min_speedup):
-            return Verdict(
-                False, f"lowers neither MACs nor node count, and no speedup shown: {scope} speedup {ci}",
-                stats, lat, scope, metric, time.perf_counter() - start,
-            )
+        return self.model_latency(accepted.proto, trial.proto), "model"
+
+    def _latency_refusal(self, ci: RatioCI, exact: bool, needs_speedup: bool, scope: str) -> str | None:
+        """Why a rewrite's speedup ``ci`` does not pay, or ``None``: an exact rewrite must not be shown slower
+        than ``exact_min_speedup``; a lossy one -- or an exact one that lowers neither MACs nor the node
+        count (``needs_speedup``) -- must be shown faster than ``lossy_min_speedup``."""
+        cfg = self.config
+        if exact and not needs_speedup:
+            return f"slower: {scope} speedup {ci}" if ci.slower(cfg.exact_min_speedup) else None
+        if ci.faster(cfg.lossy_min_speedup):
+            return None
         if exact:
-            return Verdict(True, f"{how}, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
-        if not ci.faster(cfg.lossy_min_speedup):
-            return Verdict(
-                False, f"no speedup shown: {scope} speedup {ci} (needs CI above {cfg.lossy_min_speedup:g})",
-                stats, lat, scope, metric, time.perf_counter() - start,
-            )
-        return Verdict(True, f"within budget, {scope} speedup {ci}", stats, lat, scope, metric, time.perf_counter() - start)
+            return f"lowers neither MACs nor node count, and no speedup shown: {scope} speedup {ci}"
+        return f"no speedup shown: {scope} speedup {ci} (needs CI above {cfg.lossy_min_speedup:g})"

@@ -1,0 +1,70 @@
+"""The records a search leaves: one :class:`Decision` per candidate, one :class:`PassRun` per pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from rewriter.contract import Candidate, Skip
+from rewriter.outcome import Outcome
+from rewriter.screening import Screening
+from rewriter.validation.judge import Verdict
+from rewriter.validation.latency import LatencyComparison
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one candidate: ``outcome`` is the value to read, ``reason`` the sentence for people."""
+
+    candidate: Candidate
+    exact: bool
+    outcome: Outcome
+    reason: str
+    verdict: Verdict | None = None
+    screening: Screening | None = None
+
+    @property
+    def kept(self) -> bool:
+        """Kept (a plan replays it), including those later replaced (``superseded``)."""
+        return self.outcome.kept
+
+    @property
+    def superseded(self) -> bool:
+        """Kept, then replaced by a later kept rewrite of the nodes it made (not in the output model as such)."""
+        return self.outcome is Outcome.SUPERSEDED
+
+    @property
+    def tried(self) -> bool:
+        return self.outcome.tried
+
+    def superseded_by(self, description: str) -> Decision:
+        return replace(self, outcome=Outcome.SUPERSEDED, reason=f"{self.reason}; later replaced by: {description}")
+
+    def undone(self, why: str) -> Decision:
+        """This kept decision undone with its whole pass."""
+        return replace(self, outcome=Outcome.PASS_UNDONE, reason=f"{self.reason}; {why}")
+
+
+def not_tried(candidate: Candidate, exact: bool, outcome: Outcome, why: str) -> Decision:
+    """A candidate the search never judged, and why."""
+    assert not outcome.tried, outcome
+    return Decision(candidate, exact, outcome, f"not tried: {why}")
+
+
+@dataclass
+class PassRun:
+    """One pass's part of the run."""
+
+    name: str
+    exact: bool
+    kept: int = 0
+    rolled_back: int = 0
+    not_tried: int = 0
+    skips: list[Skip] = field(default_factory=list)
+    model_latency: LatencyComparison | None = None
+    reverted: str | None = None
+
+    def count(self, decisions: list[Decision]) -> None:
+        """Set the counts from this pass's decisions."""
+        self.kept = sum(d.kept for d in decisions)
+        self.not_tried = sum(not d.tried for d in decisions)
+        self.rolled_back = len(decisions) - self.kept - self.not_tried
