@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from rewriter.contract import Candidate, Skip
 from rewriter.outcome import Outcome
-from rewriter.screening import Screening
 from rewriter.validation.judge import Verdict
 from rewriter.validation.latency import LatencyComparison
+
+if TYPE_CHECKING:  # screening tries candidates (rewriter.trial), which makes decisions
+    from rewriter.screening import Screening
 
 
 @dataclass(frozen=True)

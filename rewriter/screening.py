@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from rewriter.contract import Candidate, Pass
 from rewriter.model import Model
+from rewriter.trial import apply_candidate
 from rewriter.validation.judge import Judge
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,7 @@ def screen_candidates(
             break
         rep = queue.pop(0)
         try:
-            trial = model.fork()
-            p.apply(trial, rep)
-            error = judge.error(trial.commit())
+            error = judge.error(apply_candidate(p, model, rep))
             families[rep.family] = (error, rep)  # type: ignore[index]
             if rep.error:
                 ratios.setdefault(rep.kind, []).append(error / rep.error)
