@@ -30,6 +30,7 @@ from typing import Any
 
 from rewriter.pipeline import Decision, OptimizeResult, PassRun
 from rewriter.validation.latency import LatencyComparison
+from rewriter.version import __version__
 
 SCHEMA_VERSION = 2
 
@@ -61,8 +62,6 @@ def environment(provider: str, threads: int) -> dict[str, Any]:
     import numpy
     import onnx
     import onnxruntime
-
-    from rewriter import __version__
 
     return {
         "tool_version": __version__,
