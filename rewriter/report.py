@@ -21,13 +21,12 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from rewriter.io import check_destination, write_atomically
 from rewriter.pipeline import Decision, OptimizeResult, PassRun
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
@@ -200,53 +199,24 @@ def build_report(
 
 def check_output_paths(*paths: str | os.PathLike[str] | None) -> None:
     """Fail early (before any work) when an output file's folder is missing or the path is a folder."""
-    from rewriter.errors import InputError
-
     for path in paths:
-        if path is None:
-            continue
-        p = Path(path)
-        folder = p.parent if str(p.parent) else Path(".")
-        if not folder.is_dir():
-            raise InputError(f"{p}: output folder {folder} does not exist")
-        if p.is_dir():
-            raise InputError(f"{p}: is a directory")
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    check_output_paths(path)
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        if path is not None:
+            check_destination(path)
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write JSON atomically (:func:`rewriter.io.write_atomically`: temp file in the same folder, then ``os.replace``)."""
 
     def write(fh: Any) -> None:
         json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
         fh.write("\n")
 
-    _atomic_write(path, write)
+    write_atomically(path, write, text=True)
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> None:
-    """Write a text file atomically."""
-    _atomic_write(path, lambda fh: fh.write(text))
+    """Write a UTF-8 text file atomically."""
+    write_atomically(path, lambda fh: fh.write(text), text=True)
 
 
 def _json_default(obj: Any) -> Any:
