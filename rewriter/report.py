@@ -1,4 +1,4 @@
-"""The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and the human-output helpers.
+"""The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and its atomic file writers.
 
 Schema version 2 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
@@ -18,11 +18,9 @@ when not measured); passes carry their ``options``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -114,25 +112,6 @@ def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
         owners.extend([run] * (run.kept + run.rolled_back))
     owners = owners[: len(result.decisions)] + [None] * (len(result.decisions) - len(owners))
     return [r if r is not None and r.name == d.candidate.pass_name else None for r, d in zip(owners, result.decisions)]
-
-
-def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool = False) -> list[str]:
-    """The final gate before an output is written: end-to-end numerics against the budget, not slower
-    than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1 -- or at or
-    above the run's target speedup, when it had one."""
-    any_lossy = any(not d.exact for d in result.decisions)
-    gate = list(config.budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
-    lat = result.final_latency
-    if lat is not None and lat.ci.slower(config.exact_min_speedup):
-        gate.append(f"optimized model is slower than the input: speedup {lat.ci}")
-    if require_speedup:
-        if lat is None:
-            gate.append("no end-to-end speedup: " + ("no rewrite was kept" if not result.changed else "latency was not measured"))
-        elif not lat.ci.faster(1.0):
-            gate.append(f"no end-to-end speedup shown: {lat.ci} (the 95% CI must lie above 1)")
-        elif result.target_reached is False:
-            gate.append(f"target speedup {result.target_speedup:g}x not shown: {lat.ci} (the 95% CI must lie at or above it)")
-    return gate
 
 
 def build_report(
@@ -227,59 +206,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
-
-
-# -- human output ------------------------------------------------------------------------------------
-class _DecisionCounter(logging.Handler):
-    """Advances a progress task on each decision the pipeline logs ("kept ..." / "rolled back ...")."""
-
-    def __init__(self, progress: Any, task: Any, width: int) -> None:
-        super().__init__(logging.INFO)
-        self.progress, self.task, self.width, self.count = progress, task, width, 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage().splitlines()[0] if record.getMessage() else ""
-            if text.startswith(("kept ", "rolled back ")):
-                self.count += 1
-                line = f"{self.count} candidate(s) judged; last: {text}"
-                if len(line) > self.width:
-                    line = line[: max(self.width - 1, 0)] + "\u2026"
-                self.progress.update(self.task, advance=1, description=line)
-        except Exception:
-            self.handleError(record)
-
-
-@contextmanager
-def decision_progress(console: Any, enabled: bool) -> Iterator[None]:
-    """A rich progress line on ``console`` (stderr) counting judged candidates, while the body runs.
-
-    Off unless ``enabled`` (the CLI enables it only when stderr is a terminal and ``--quiet`` is not
-    given), so logs and CI output stay plain. It listens to the pipeline's per-decision INFO records
-    without letting them through to the other handlers unless those were already at INFO.
-    """
-    if not enabled:
-        yield
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    pipeline_log = logging.getLogger("rewriter.pipeline")
-    parent = logging.getLogger("rewriter")
-    effective = parent.getEffectiveLevel()
-    saved_handlers = [(h, h.level) for h in parent.handlers]
-    saved_level = pipeline_log.level
-    progress = Progress(SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True)
-    task = progress.add_task("judging candidates", total=None)
-    counter = _DecisionCounter(progress, task, max(20, console.width - 16))
-    try:
-        for h, level in saved_handlers:
-            h.setLevel(max(level, effective))
-        pipeline_log.addHandler(counter)
-        pipeline_log.setLevel(min(logging.INFO, effective))
-        with progress:
-            yield
-    finally:
-        pipeline_log.removeHandler(counter)
-        pipeline_log.setLevel(saved_level)
-        for h, level in saved_handlers:
-            h.setLevel(level)
