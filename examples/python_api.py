@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 
 import rewriter  # noqa: E402
 from models.sample import build_sample  # noqa: E402
+from rewriter.gate import gate_failures  # noqa: E402
 from rewriter.html_report import profile_layers, write_html  # noqa: E402
 from rewriter.plan import apply_plan, plan_from_result  # noqa: E402
-from rewriter.report import build_report, gate_failures, write_json  # noqa: E402
+from rewriter.report import build_report, write_json  # noqa: E402
 from rewriter.validation import TimingOptions, ValidationConfig  # noqa: E402
 
 

@@ -21,8 +21,7 @@ from rewriter.outcome import Outcome
 from rewriter.pipeline import Decision, OptimizeResult, PassResult, apply_pass, optimize
 from rewriter.plan import ApplyResult, Plan, apply_plan, plan_from_result
 from rewriter.registry import available_passes, default_passes, resolve_passes
-
-__version__ = "0.1.0"
+from rewriter.version import __version__
 
 __all__ = [
     "Analysis",

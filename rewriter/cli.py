@@ -297,7 +297,8 @@ def optimize(
     from rewriter.html_report import profile_layers, write_html
     from rewriter.io import check_output_path, save_model, sha256_file
     from rewriter.job import optimize_model
-    from rewriter.report import check_output_paths, decision_progress, write_json
+    from rewriter.progress import decision_progress
+    from rewriter.report import check_output_paths, write_json
 
     src = _model_path(model)
     check_output_path(src, output, in_place=in_place)  # neither the model nor its data files

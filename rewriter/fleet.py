@@ -42,6 +42,7 @@ from rewriter.errors import InputError
 from rewriter.job import OptimizeOptions
 from rewriter.plan import Plan
 from rewriter.validation.locks import MachineLock
+from rewriter.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ def _summary(
     models: Sequence[ModelResult | None], out_dir: Path, mode: str, workers: int, options: OptimizeOptions,
     seconds: float, *, complete: bool, inputs: Sequence[str] = (),
 ) -> dict[str, Any]:
-    from rewriter import __version__
-
     rows = [m.to_dict() if m is not None else {"input": inputs[i], "status": "pending"} for i, m in enumerate(models)]
     done = [m for m in models if m is not None]
     counts = {s: sum(m.status == s for m in done) for s in (OK, GATE_FAILED, ERROR)}

@@ -164,7 +164,7 @@ def optimize_model(
     from rewriter import pipeline
     from rewriter.io import sha256_file
     from rewriter.model import Model
-    from rewriter.report import gate_failures
+    from rewriter.gate import gate_failures
     from rewriter.validation.feeds import feedset_for, input_specs
 
     options.check()

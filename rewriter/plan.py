@@ -44,6 +44,7 @@ from rewriter.errors import InputError
 from rewriter.io import sha256_file
 from rewriter.model import Model
 from rewriter.trial import apply_candidate
+from rewriter.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ class Plan:
     calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        from rewriter import __version__
-
         return {
             "plan_version": PLAN_VERSION,
             "tool": "onnx-rewriter",

@@ -1,4 +1,4 @@
-"""The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and the human-output helpers.
+"""The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and its atomic file writers.
 
 Schema version 3 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
@@ -22,18 +22,16 @@ when not measured); passes carry their ``options``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from rewriter.io import check_destination, write_atomically
 from rewriter.pipeline import Decision, OptimizeResult, PassRun
 from rewriter.validation.latency import LatencyComparison
+from rewriter.version import __version__
 
 SCHEMA_VERSION = 3
 
@@ -65,8 +63,6 @@ def environment(provider: str, threads: int) -> dict[str, Any]:
     import numpy
     import onnx
     import onnxruntime
-
-    from rewriter import __version__
 
     return {
         "tool_version": __version__,
@@ -121,25 +117,6 @@ def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
         owners.extend([run] * (run.kept + run.rolled_back + run.not_tried))
     owners = owners[: len(result.decisions)] + [None] * (len(result.decisions) - len(owners))
     return [r if r is not None and r.name == d.candidate.pass_name else None for r, d in zip(owners, result.decisions)]
-
-
-def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool = False) -> list[str]:
-    """The final gate before an output is written: end-to-end numerics against the budget, not slower
-    than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1 -- or at or
-    above the run's target speedup, when it had one."""
-    any_lossy = any(not d.exact for d in result.decisions)
-    gate = list(config.budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
-    lat = result.final_latency
-    if lat is not None and lat.ci.slower(config.exact_min_speedup):
-        gate.append(f"optimized model is slower than the input: speedup {lat.ci}")
-    if require_speedup:
-        if lat is None:
-            gate.append("no end-to-end speedup: " + ("no rewrite was kept" if not result.changed else "latency was not measured"))
-        elif not lat.ci.faster(1.0):
-            gate.append(f"no end-to-end speedup shown: {lat.ci} (the 95% CI must lie above 1)")
-        elif result.target_reached is False:
-            gate.append(f"target speedup {result.target_speedup:g}x not shown: {lat.ci} (the 95% CI must lie at or above it)")
-    return gate
 
 
 def build_report(
@@ -208,53 +185,24 @@ def build_report(
 
 def check_output_paths(*paths: str | os.PathLike[str] | None) -> None:
     """Fail early (before any work) when an output file's folder is missing or the path is a folder."""
-    from rewriter.errors import InputError
-
     for path in paths:
-        if path is None:
-            continue
-        p = Path(path)
-        folder = p.parent if str(p.parent) else Path(".")
-        if not folder.is_dir():
-            raise InputError(f"{p}: output folder {folder} does not exist")
-        if p.is_dir():
-            raise InputError(f"{p}: is a directory")
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    check_output_paths(path)
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        if path is not None:
+            check_destination(path)
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write JSON atomically (:func:`rewriter.io.write_atomically`: temp file in the same folder, then ``os.replace``)."""
 
     def write(fh: Any) -> None:
         json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
         fh.write("\n")
 
-    _atomic_write(path, write)
+    write_atomically(path, write, text=True)
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> None:
-    """Write a text file atomically."""
-    _atomic_write(path, lambda fh: fh.write(text))
+    """Write a UTF-8 text file atomically."""
+    write_atomically(path, lambda fh: fh.write(text), text=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -265,59 +213,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
-
-
-# -- human output ------------------------------------------------------------------------------------
-class _DecisionCounter(logging.Handler):
-    """Advances a progress task on each decision the search logs ("kept ..." / "rolled back ...")."""
-
-    def __init__(self, progress: Any, task: Any, width: int) -> None:
-        super().__init__(logging.INFO)
-        self.progress, self.task, self.width, self.count = progress, task, width, 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage().splitlines()[0] if record.getMessage() else ""
-            if text.startswith(("kept ", "rolled back ")):
-                self.count += 1
-                line = f"{self.count} candidate(s) judged; last: {text}"
-                if len(line) > self.width:
-                    line = line[: max(self.width - 1, 0)] + "\u2026"
-                self.progress.update(self.task, advance=1, description=line)
-        except Exception:
-            self.handleError(record)
-
-
-@contextmanager
-def decision_progress(console: Any, enabled: bool) -> Iterator[None]:
-    """A rich progress line on ``console`` (stderr) counting judged candidates, while the body runs.
-
-    Off unless ``enabled`` (the CLI enables it only when stderr is a terminal and ``--quiet`` is not
-    given), so logs and CI output stay plain. It listens to the search's per-decision INFO records
-    without letting them through to the other handlers unless those were already at INFO.
-    """
-    if not enabled:
-        yield
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    pipeline_log = logging.getLogger("rewriter.search")  # where each decision is logged
-    parent = logging.getLogger("rewriter")
-    effective = parent.getEffectiveLevel()
-    saved_handlers = [(h, h.level) for h in parent.handlers]
-    saved_level = pipeline_log.level
-    progress = Progress(SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True)
-    task = progress.add_task("judging candidates", total=None)
-    counter = _DecisionCounter(progress, task, max(20, console.width - 16))
-    try:
-        for h, level in saved_handlers:
-            h.setLevel(max(level, effective))
-        pipeline_log.addHandler(counter)
-        pipeline_log.setLevel(min(logging.INFO, effective))
-        with progress:
-            yield
-    finally:
-        pipeline_log.removeHandler(counter)
-        pipeline_log.setLevel(saved_level)
-        for h, level in saved_handlers:
-            h.setLevel(level)

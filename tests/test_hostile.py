@@ -32,8 +32,8 @@ from tests.hostile import CASES, Handled, Refused
 TIME_LIMIT_S = 60
 COMMANDS = ("analyze", "optimize")
 #: Imported once by the server, before it forks a child per run.
-PRELOAD = ("rewriter.cli", "rewriter.pipeline", "rewriter.analysis", "rewriter.report", "rewriter.config", "rewriter.plan",
-           "rewriter.html_report", "rewriter.validation.compare", "passes", "onnxruntime", "typer._adapters")
+PRELOAD = ("rewriter.cli", "rewriter.pipeline", "rewriter.analysis", "rewriter.report", "rewriter.gate", "rewriter.progress",
+           "rewriter.config", "rewriter.plan", "rewriter.html_report", "rewriter.validation.compare", "passes", "onnxruntime", "typer._adapters")
 
 
 @dataclass

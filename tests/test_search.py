@@ -76,7 +76,8 @@ def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
     (2.0, 3, False, 2),  # after the 1st, then only at the pass's end (1.43x predicted never reaches 2x)
 ])
 def test_target_speedup_stops_the_lossy_search_once_measured(target: float, kept: int, reached: bool, model_timings: int) -> None:
-    from rewriter.report import build_report, gate_failures
+    from rewriter.gate import gate_failures
+    from rewriter.report import build_report
     from rewriter.validation.numerics import Budget
 
     config = ValidationConfig(budget=Budget.parse("cosine>=0.5"))

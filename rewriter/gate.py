@@ -1,0 +1,33 @@
+"""The final gate before an output is written.
+
+A run passes when its end-to-end numerics are within the budget (the exact budget when every kept rewrite
+was exact), the optimized model is not shown slower than the input (the whole 95% CI of the speedup
+``t_input / t_output`` below ``exact_min_speedup``), and -- when a speedup is required -- the CI lies wholly
+above 1 (``low > 1``) and, when the run had a target speedup ``s``, at or above it (``low >= s``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rewriter.pipeline import OptimizeResult
+
+
+def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool = False) -> list[str]:
+    """The final gate before an output is written: end-to-end numerics against the budget, not slower
+    than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1 -- or at or
+    above the run's target speedup, when it had one."""
+    any_lossy = any(not d.exact for d in result.decisions)
+    gate = list(config.budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
+    lat = result.final_latency
+    if lat is not None and lat.ci.slower(config.exact_min_speedup):
+        gate.append(f"optimized model is slower than the input: speedup {lat.ci}")
+    if require_speedup:
+        if lat is None:
+            gate.append("no end-to-end speedup: " + ("no rewrite was kept" if not result.changed else "latency was not measured"))
+        elif not lat.ci.faster(1.0):
+            gate.append(f"no end-to-end speedup shown: {lat.ci} (the 95% CI must lie above 1)")
+        elif result.target_reached is False:
+            gate.append(f"target speedup {result.target_speedup:g}x not shown: {lat.ci} (the 95% CI must lie at or above it)")
+    return gate
