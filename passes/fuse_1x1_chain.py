@@ -99,17 +99,6 @@ def scale_rows(w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray
 # -- pattern / check / rewrite ----------------------------------------------------------------------
 
 
-def pointwise_reason(conv: gs.Node) -> str | None:
-    """Why a 1x1 conv cannot be folded into a KxK neighbour (grouped, padded or strided), or None."""
-    if int(conv.attrs.get("group", 1)) != 1:
-        return f"{conv.name}: grouped 1x1 conv (group {conv.attrs['group']})"
-    if not conv_padding_free(conv):
-        return f"{conv.name}: padding on the 1x1 conv would add a border of bias values"
-    if any(int(s) != 1 for s in conv.attrs.get("strides", [])):
-        return f"{conv.name}: the 1x1 conv has strides {list(conv.attrs['strides'])}, only stride 1 is fused"
-    return None
-
-
 @dataclass(frozen=True)
 class Chain:
     first: gs.Node
