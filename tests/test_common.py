@@ -162,3 +162,11 @@ def test_batchnorm_scale_shift_is_the_batchnorm_formula() -> None:
     np.testing.assert_allclose(y * s[:, None, None] + t[:, None, None], bn, rtol=1e-12, atol=1e-12)
     for before, after in zip(snapshot, (gamma, beta, mean, var)):
         np.testing.assert_array_equal(before, after)
+
+
+def test_batchnorm_scale_shift_is_the_affine_map_of_batchnorm() -> None:
+    rng = np.random.default_rng(3)
+    g, be, m, v = rng.standard_normal(4), rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.5, 1.5, 4)
+    x = rng.standard_normal(4)
+    s, t = batchnorm_scale_shift(g, be, m, v, 1e-3)
+    np.testing.assert_allclose(s * x + t, g * (x - m) / np.sqrt(v + 1e-3) + be, rtol=1e-12)
