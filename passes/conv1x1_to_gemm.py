@@ -38,18 +38,16 @@ MatMul -> MatMul chains also fuse on rank > 2 activations (the batch dims pass t
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
-from typing import Generic, TypeVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.fuse_1x1_chain import compose_pointwise, conv_padding_free, is_pointwise_conv
+from passes.common import bias_tensor, conv_padding_free, is_pointwise_conv, opset, optional_input
+from passes.fuse_1x1_chain import compose_pointwise
 from rewriter.analysis import node_cost
-from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
+from rewriter.contract import Cost, Rule, RuleSetPass
 from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, intermediate_reason, is_graph_output, replace_nodes
 from rewriter.model import Model
 
@@ -97,17 +95,6 @@ def chain_macs_per_row(k: int, h: int, n: int) -> tuple[int, int]:
 
 
 # -- helpers shared by the rules --------------------------------------------------------------------------
-
-
-def _opset(model: Model) -> int:
-    for entry in model.proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return 1
-
-
-def _optional_input(node: gs.Node, i: int) -> gs.Tensor | None:
-    return node.inputs[i] if len(node.inputs) > i and node.inputs[i].name else None
 
 
 def _activation_dtype_reason(model: Model, tensor: gs.Tensor) -> str | None:
@@ -168,7 +155,7 @@ def _linear_reason(node: gs.Node) -> str | None:
     if node.op == "Gemm":
         if int(node.attrs.get("transA", 0)):
             return f"{node.name}: Gemm with transA=1 is not folded"
-        c = _optional_input(node, 2)
+        c = optional_input(node, 2)
         n = b.shape[0] if int(node.attrs.get("transB", 0)) else b.shape[1]
         if c is not None and (cv := const_value(c)) is not None and gemm_row_bias(cv, n) is None:
             return f"{node.name}: Gemm C of shape {list(cv.shape)} varies per row; not folded"
@@ -181,7 +168,7 @@ def _as_pointwise(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
     assert b is not None
     if node.op == "MatMul":
         return b.T.astype(np.float64), None
-    c = _optional_input(node, 2)
+    c = optional_input(node, 2)
     return gemm_as_pointwise(
         b,
         const_value(c) if c is not None else None,
@@ -210,40 +197,13 @@ def _linear_node(
         inputs.append(bias)
     elif bias is not None:
         inputs.append(constant(names, f"{base}_B", bias.astype(dtype)))
-    elif _opset(model) < 11:  # C is required before opset 11
+    elif opset(model) < 11:  # C is required before opset 11
         inputs.append(constant(names, f"{base}_B", np.zeros(w.shape[0], dtype=dtype)))
     return gs.Node("Gemm", name=names(base), attrs={"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 1},
                    inputs=inputs, outputs=outputs)
 
 
 # -- the rules --------------------------------------------------------------------------------------------
-
-M = TypeVar("M")
-
-
-class Rule(abc.ABC, Generic[M]):
-    """One pattern of this pass, in the pattern / check / rewrite steps of :class:`~rewriter.contract.PatternPass`."""
-
-    label: str
-
-    @abc.abstractmethod
-    def match(self, model: Model, node: gs.Node) -> M | None: ...
-
-    @abc.abstractmethod
-    def nodes(self, match: M) -> tuple[gs.Node, ...]: ...
-
-    @abc.abstractmethod
-    def check(self, model: Model, match: M) -> str | None: ...
-
-    @abc.abstractmethod
-    def describe(self, model: Model, match: M) -> str: ...
-
-    @abc.abstractmethod
-    def cost(self, model: Model, match: M) -> Cost: ...
-
-    @abc.abstractmethod
-    def rewrite(self, model: Model, match: M) -> None: ...
-
 
 @dataclass(frozen=True)
 class ConvIntoGemm:
@@ -303,7 +263,7 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
         w_lin, _ = _as_pointwise(match.linear)
         return (f"fold 1x1 conv {match.conv.name} ({w.shape[1]}->{w.shape[0]}, 1x1 spatial) + {match.rows.op} "
                 f"into {match.linear.op} {match.linear.name} (->{w_lin.shape[0]}): Flatten + one "
-                f"{'Gemm' if match.linear.op == 'Gemm' or _has_bias(match.conv) else 'MatMul'}")
+                f"{'Gemm' if match.linear.op == 'Gemm' or bias_tensor(match.conv) is not None else 'MatMul'}")
 
     def cost(self, model: Model, match: ConvIntoGemm) -> Cost:
         a, b = node_cost(model, match.conv), node_cost(model, match.linear)
@@ -311,7 +271,7 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
         w = const_value(match.conv.inputs[1])
         assert w is not None
         w_lin, _ = _as_pointwise(match.linear)
-        has_bias = _has_bias(match.conv) or _optional_input(match.linear, 2) is not None
+        has_bias = bias_tensor(match.conv) is not None or optional_input(match.linear, 2) is not None
         params_after = w.shape[1] * w_lin.shape[0] + (w_lin.shape[0] if has_bias else 0)
         if x is None:
             return Cost(0, 0, a.params + b.params, params_after)
@@ -321,7 +281,7 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
         conv, linear = match.conv, match.linear
         weight = const_value(conv.inputs[1])
         assert weight is not None
-        bias_t = _optional_input(conv, 2)
+        bias_t = optional_input(conv, 2)
         b_conv = const_value(bias_t) if bias_t is not None else None
         w_lin, b_lin = _as_pointwise(linear)
         w, b = compose_pointwise(conv1x1_as_pointwise(weight).astype(np.float64), b_conv, w_lin, b_lin)
@@ -333,10 +293,6 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
                          list(linear.outputs), prefer_matmul=linear.op == "MatMul"),
         ]
         replace_nodes(model.graph, [conv, match.rows, linear], new)
-
-
-def _has_bias(conv: gs.Node) -> bool:
-    return _optional_input(conv, 2) is not None
 
 
 @dataclass(frozen=True)
@@ -391,12 +347,12 @@ class ConvAsGemmRule(Rule[ConvAsGemm]):
         new = [gs.Node("Flatten", name=names(f"{conv.name}_flatten"), attrs={"axis": 1}, inputs=[conv.inputs[0]], outputs=[flat])]
         w = conv1x1_as_pointwise(weight).copy()
         if match.rows is not None:
-            new.append(_linear_node(model, names, f"{conv.name}_gemm", flat, w, _optional_input(conv, 2), weight.dtype,
+            new.append(_linear_node(model, names, f"{conv.name}_gemm", flat, w, optional_input(conv, 2), weight.dtype,
                                     list(match.rows.outputs), prefer_matmul=False))
             replace_nodes(model.graph, [conv, match.rows], new)
             return
         rows = gs.Variable(names(f"{conv.name}_gemm_out"), dtype=weight.dtype)
-        new.append(_linear_node(model, names, f"{conv.name}_gemm", flat, w, _optional_input(conv, 2), weight.dtype,
+        new.append(_linear_node(model, names, f"{conv.name}_gemm", flat, w, optional_input(conv, 2), weight.dtype,
                                 [rows], prefer_matmul=False))
         shape = constant(names, f"{conv.name}_shape", np.array([-1, weight.shape[0]] + [1] * (len(x) - 2), dtype=np.int64))
         new.append(gs.Node("Reshape", name=names(f"{conv.name}_unflatten"), inputs=[rows, shape], outputs=list(conv.outputs)))
@@ -487,7 +443,7 @@ class GemmChainRule(Rule[GemmChain]):
 # -- the pass ---------------------------------------------------------------------------------------------
 
 
-class Conv1x1ToGemm(Pass):
+class Conv1x1ToGemm(RuleSetPass):
     """Tries, per anchor node, ``conv_into_gemm``, then ``conv_as_gemm``, then ``gemm_chain``."""
 
     name = "conv1x1_to_gemm"
@@ -495,35 +451,7 @@ class Conv1x1ToGemm(Pass):
                "lowers MACs; fuse Gemm/MatMul chains with nothing between them.")
     exact = True
 
-    rules: tuple[Rule, ...] = (ConvIntoGemmRule(), ConvAsGemmRule(), GemmChainRule())
+    _rules: tuple[Rule, ...] = (ConvIntoGemmRule(), ConvAsGemmRule(), GemmChainRule())
 
-    def find(self, model: Model) -> Iterator[Candidate | Skip]:
-        for node in list(model.graph.nodes):
-            reasons: set[str] = set()
-            for rule in self.rules:
-                m = rule.match(model, node)
-                if m is None:
-                    continue
-                names = tuple(n.name for n in rule.nodes(m))
-                reason = rule.check(model, m)
-                if reason is not None:
-                    if reason not in reasons:
-                        reasons.add(reason)
-                        yield Skip(self.name, names, f"{rule.label}: {reason}")
-                    continue
-                yield Candidate(self.name, names, rule.describe(model, m), rule.cost(model, m))
-                break
-
-    def apply(self, model: Model, candidate: Candidate) -> None:
-        node = model.node(candidate.nodes[0])
-        if node is not None:
-            for rule in self.rules:
-                m = rule.match(model, node)
-                if m is None or tuple(n.name for n in rule.nodes(m)) != candidate.nodes:
-                    continue
-                reason = rule.check(model, m)
-                if reason is not None:
-                    raise RewriteError(f"{self.name}: {rule.label}: {reason}")
-                rule.rewrite(model, m)
-                return
-        raise RewriteError(f"{self.name}: pattern at {candidate.nodes} no longer matches")
+    def rules(self) -> tuple[Rule, ...]:
+        return self._rules

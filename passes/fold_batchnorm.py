@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.common import batchnorm_scale_shift, bias_tensor, bias_value, weight_value
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Candidate, Cost, PatternPass
 from rewriter.graph import (
@@ -53,15 +54,6 @@ FOLLOWERS = ("BatchNormalization", "Mul", "Add")
 
 
 # -- weight math (pure numpy) -----------------------------------------------------------------------
-
-
-def batchnorm_scale_shift(
-    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(s, t) with ``BN(y) = y * s + t``: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (float64)."""
-    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(eps))
-    t = beta.astype(np.float64) - mean.astype(np.float64) * s
-    return s, t
 
 
 def per_channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
@@ -132,16 +124,6 @@ class Fold:
     operand: gs.Tensor | None = None
 
 
-def _weight(node: gs.Node) -> np.ndarray | None:
-    return const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-
-
-def _bias_tensor(node: gs.Node) -> gs.Tensor | None:
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        return node.inputs[2]
-    return None
-
-
 def _out_channels(node: gs.Node, w: np.ndarray) -> int:
     if node.op == "Conv":
         return int(w.shape[0])
@@ -156,7 +138,6 @@ def _out_rank(node: gs.Node, w: np.ndarray) -> int:
 
 def _bn_params(node: gs.Node) -> list[gs.Tensor]:
     return list(node.inputs[1:5])
-
 
 
 # -- the follower as a per-channel affine map (shared with fuse_1x1_chain) --------------------------
@@ -273,7 +254,7 @@ class FoldBatchNorm(PatternPass[Fold]):
         reason = constant_operands_reason(graph, prod)
         if reason is not None:
             return reason
-        w = _weight(prod)
+        w = weight_value(prod)
         assert w is not None
         channels = _out_channels(prod, w)
         if prod.op == "ConvTranspose":
@@ -283,7 +264,7 @@ class FoldBatchNorm(PatternPass[Fold]):
         if prod.op == "Gemm":
             if w.ndim != 2:
                 return f"{prod.name}: B has rank {w.ndim}, not 2"
-            c = const_value(_bias_tensor(prod))
+            c = bias_value(prod)
             if c is not None and per_channel_vector(c, 2, channels) is None:
                 return f"{prod.name}: bias C of shape {tuple(c.shape)} is not per column ([], [1], [N] or [1, N])"
         # The intermediate tensor.
@@ -296,7 +277,7 @@ class FoldBatchNorm(PatternPass[Fold]):
         return affine_reason(graph, fol, match.operand, _out_rank(prod, w), channels)
 
     def describe(self, model: Model, match: Fold) -> str:
-        w = _weight(match.producer)
+        w = weight_value(match.producer)
         assert w is not None
         return (
             f"fold {match.follower.op} {match.follower.name} into {match.producer.op} {match.producer.name} "
@@ -305,18 +286,18 @@ class FoldBatchNorm(PatternPass[Fold]):
 
     def cost(self, model: Model, match: Fold) -> Cost:
         prod = node_cost(model, match.producer)
-        w = _weight(match.producer)
+        w = weight_value(match.producer)
         assert w is not None
-        has_bias = _bias_tensor(match.producer) is not None or match.follower.op != "Mul"
+        has_bias = bias_tensor(match.producer) is not None or match.follower.op != "Mul"
         params_after = int(w.size) + (_out_channels(match.producer, w) if has_bias else 0)
         # The follower is elementwise (0 MACs), so MACs do not change; the fold removes a node.
         return Cost(prod.macs, prod.macs, prod.params + node_params(match.follower), params_after)
 
     def rewrite(self, model: Model, match: Fold) -> None:
         prod, fol = match.producer, match.follower
-        w = _weight(prod)
+        w = weight_value(prod)
         assert w is not None
-        b = const_value(_bias_tensor(prod))
+        b = bias_value(prod)
         channels = _out_channels(prod, w)
         s, t = affine_scale_shift(fol, match.operand, channels, _out_rank(prod, w))
         attrs = dict(prod.attrs)

@@ -24,6 +24,7 @@ from math import gcd
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.common import bias_value, conv_padding_free, is_pointwise_conv
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Cost, PatternPass
 from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, is_graph_output, replace_nodes
@@ -98,45 +99,12 @@ def scale_rows(w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray
 # -- pattern / check / rewrite ----------------------------------------------------------------------
 
 
-def is_pointwise_conv(node: gs.Node) -> bool:
-    """A Conv whose kernel is all ones (from ``kernel_shape``, else from a constant weight's shape)."""
-    if node.op != "Conv" or len(node.inputs) < 2:
-        return False
-    kernel = node.attrs.get("kernel_shape")
-    if kernel is None:
-        w = const_value(node.inputs[1])
-        if w is None or w.ndim < 3:
-            return False
-        kernel = w.shape[2:]
-    return len(kernel) > 0 and all(k == 1 for k in kernel)
-
-
-def conv_padding_free(node: gs.Node) -> bool:
-    pads = node.attrs.get("pads", [])
-    return all(p == 0 for p in pads) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
-
-
-def pointwise_reason(conv: gs.Node) -> str | None:
-    """Why a 1x1 conv cannot be folded into a KxK neighbour (grouped, padded or strided), or None."""
-    if int(conv.attrs.get("group", 1)) != 1:
-        return f"{conv.name}: grouped 1x1 conv (group {conv.attrs['group']})"
-    if not conv_padding_free(conv):
-        return f"{conv.name}: padding on the 1x1 conv would add a border of bias values"
-    if any(int(s) != 1 for s in conv.attrs.get("strides", [])):
-        return f"{conv.name}: the 1x1 conv has strides {list(conv.attrs['strides'])}, only stride 1 is fused"
-    return None
-
-
 @dataclass(frozen=True)
 class Chain:
     first: gs.Node
     second: gs.Node
     #: Affine nodes between, in order, each with its constant operand (None for BatchNormalization).
     middle: tuple[tuple[gs.Node, gs.Tensor | None], ...] = ()
-
-
-def _bias(node: gs.Node) -> np.ndarray | None:
-    return const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
 
 
 class Fuse1x1Chain(PatternPass[Chain]):
@@ -216,11 +184,11 @@ class Fuse1x1Chain(PatternPass[Chain]):
         assert w1 is not None and w2 is not None
         d1 = dense_weight(w1, int(first.attrs.get("group", 1))).reshape(w1.shape[0], -1)
         d2 = dense_weight(w2, int(second.attrs.get("group", 1))).reshape(w2.shape[0], -1)
-        b1 = _bias(first)
+        b1 = bias_value(first)
         for node, operand in match.middle:
             s, t = affine_scale_shift(node, operand, d1.shape[0], w1.ndim)
             d1, b1 = scale_rows(d1, b1, s, t)
-        w, b = compose_pointwise(d1, b1, d2, _bias(second))
+        w, b = compose_pointwise(d1, b1, d2, bias_value(second))
         group = block_diagonal_groups(w)
         return grouped_weight(w, group), b, group
 

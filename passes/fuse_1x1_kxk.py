@@ -22,7 +22,7 @@ otherwise the pass skips: "the first conv's bias would meet the KxK conv's zero 
 
 A grouped KxK conv (group ``g``) fuses into a dense one: output ``o`` reads only the intermediate channels of
 its group, but each of those mixes all of ``x``'s channels, so ``W = dense(W2) . W1`` with ``dense`` the
-block-diagonal expansion from :mod:`passes.fuse_kxk_1x1`.
+block-diagonal expansion :func:`passes.fuse_1x1_chain.dense_weight`.
 
 MACs, with ``P`` input pixels and ``Q`` output pixels: before ``P*M*C + Q*O*(M/g)*kh*kw``, after
 ``Q*O*C*kh*kw``. Applied only where MACs do not rise: an expansion into the KxK conv (1x1 4->8 then 3x3
@@ -31,17 +31,10 @@ MACs, with ``P`` input pixels and ``Q`` output pixels: before ``P*M*C + Q*O*(M/g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from passes.fuse_1x1_chain import conv_padding_free, is_pointwise_conv, pointwise_reason
-from passes.fuse_kxk_1x1 import conv_bias, dense_weight
-from rewriter.analysis import node_cost
-from rewriter.contract import Cost, PatternPass
-from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, intermediate_reason, replace_nodes
-from rewriter.model import Model
+from passes._conv_pair import ConvPair, ConvPairFusion
+from passes.common import bias_value, conv_padding_free
 
 BORDER_REASON = "the first conv's bias would meet the KxK conv's zero padding at the borders"
 
@@ -66,94 +59,16 @@ def compose_1x1_then_kxk(
     return w, b
 
 
-@dataclass(frozen=True)
-class PointwiseThenKxk:
-    first: gs.Node  # the 1x1 conv
-    second: gs.Node  # the KxK conv
-
-
-class Fuse1x1Kxk(PatternPass[PointwiseThenKxk]):
+class Fuse1x1Kxk(ConvPairFusion):
     name = "fuse_1x1_kxk"
     summary = "Fold a linear 1x1 conv into the KxK conv after it (W = W2*W1), where exact and MACs do not rise."
-    exact = True
+    pointwise_first = True
+    compose = staticmethod(compose_1x1_then_kxk)
 
-    def match(self, model: Model, node: gs.Node) -> PointwiseThenKxk | None:
-        if not is_pointwise_conv(node) or len(node.outputs) != 1:
-            return None
-        mid = node.outputs[0]
-        for user in mid.outputs:
-            if user.op == "Conv" and len(user.inputs) >= 2 and user.inputs[0] is mid and not is_pointwise_conv(user):
-                return PointwiseThenKxk(node, user)
-        return None
-
-    def nodes(self, match: PointwiseThenKxk) -> tuple[gs.Node, ...]:
-        return (match.first, match.second)
-
-    def check(self, model: Model, match: PointwiseThenKxk) -> str | None:
-        graph = model.graph
-        first, second = match.first, match.second
-        for conv in (first, second):
-            reason = constant_operands_reason(graph, conv)
-            if reason is not None:
-                return reason
-        reason = intermediate_reason(graph, first.outputs[0])
-        if reason is not None:
-            return reason
-        reason = pointwise_reason(first)
-        if reason is not None:
-            return reason
-        w1, w2 = const_value(first.inputs[1]), const_value(second.inputs[1])
-        assert w1 is not None and w2 is not None
-        group = int(second.attrs.get("group", 1))
+    def pair_reason(self, match: ConvPair, w1: np.ndarray, w2: np.ndarray, group: int) -> str | None:
         if w2.ndim < 3 or w2.shape[0] % group or w2.shape[1] * group != w1.shape[0]:
             return f"weight shapes {w1.shape} and {w2.shape} (group {group}) do not chain"
-        b1 = conv_bias(first)
-        if b1 is not None and np.any(b1 != 0) and not conv_padding_free(second):
+        b1 = bias_value(match.first)
+        if b1 is not None and np.any(b1 != 0) and not conv_padding_free(match.second):
             return BORDER_REASON
-        return self.cost(model, match).rise_reason(allow_equal=True)
-
-    def describe(self, model: Model, match: PointwiseThenKxk) -> str:
-        w1, w2 = const_value(match.first.inputs[1]), const_value(match.second.inputs[1])
-        assert w1 is not None and w2 is not None
-        group = int(match.second.attrs.get("group", 1))
-        kernel = "x".join(str(k) for k in w2.shape[2:])
-        grouped = f", group {group}" if group != 1 else ""
-        return (
-            f"fold 1x1 {match.first.name} ({w1.shape[1]}->{w1.shape[0]}) into {kernel} "
-            f"{match.second.name} ({w2.shape[1] * group}->{w2.shape[0]}{grouped})"
-        )
-
-    def cost(self, model: Model, match: PointwiseThenKxk) -> Cost:
-        a, b = node_cost(model, match.first), node_cost(model, match.second)
-        w1, w2 = const_value(match.first.inputs[1]), const_value(match.second.inputs[1])
-        assert w1 is not None and w2 is not None
-        out = model.static_shape(match.second.outputs[0])
-        params_before = a.params + b.params
-        if out is None or a.macs == 0 or b.macs == 0:
-            return Cost(0, 0, params_before, 0)
-        c_in, c_out = w1.shape[1], w2.shape[0]
-        per_output = c_in * int(np.prod(w2.shape[2:]))
-        has_bias = conv_bias(match.first) is not None or conv_bias(match.second) is not None
-        params_after = c_out * per_output + (c_out if has_bias else 0)
-        return Cost(a.macs + b.macs, int(np.prod(out)) * per_output, params_before, params_after)
-
-    def rewrite(self, model: Model, match: PointwiseThenKxk) -> None:
-        first, second = match.first, match.second
-        w1, w2 = const_value(first.inputs[1]), const_value(second.inputs[1])
-        assert w1 is not None and w2 is not None
-        group = int(second.attrs.get("group", 1))
-        w, b = compose_1x1_then_kxk(w1, conv_bias(first), dense_weight(w2, group), conv_bias(second))
-        names = NameFactory(model.graph)
-        inputs = [first.inputs[0], constant(names, f"{first.name}_fused_W", w.astype(w2.dtype))]
-        if b is not None:
-            inputs.append(constant(names, f"{first.name}_fused_B", b.astype(w2.dtype)))
-        attrs = dict(second.attrs)
-        attrs["group"] = 1
-        fused = gs.Node(
-            "Conv",
-            name=names(f"{first.name}_{second.name}_fused"),
-            attrs=attrs,
-            inputs=inputs,
-            outputs=list(second.outputs),
-        )
-        replace_nodes(model.graph, [first, second], [fused])
+        return None

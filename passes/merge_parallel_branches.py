@@ -36,7 +36,7 @@ produced by convs on the same ``X`` with identical kernel, strides, pads, dilati
 a ``Split`` along channels that hands each original output tensor to its consumers. MACs do not change;
 it saves reading ``X`` once per sibling and launching several small convs, which the latency gate judges.
 
-All merged weights are computed in float64 and stored in the weights' dtype.
+All merged weights are computed in float64 (:mod:`passes.branch_kernels`) and stored in the weights' dtype.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from math import prod
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.branch_kernels import align_branches, concat_branches, identity_kernel, merge_branches
+from passes.common import ConvGeometry, batchnorm_scale_shift, bias_value, conv_geometry, opset, weight_value
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, PatternPass
 from rewriter.graph import (
@@ -63,163 +65,10 @@ from rewriter.graph import (
 )
 from rewriter.model import Model
 
-# -- weight math (pure numpy) -----------------------------------------------------------------------
-
-
-def pad_kernel_to(w: np.ndarray, kernel_shape: Sequence[int], offsets: Sequence[int] | None = None) -> np.ndarray:
-    """``w`` ``[O, I, k...]`` zero-padded to ``[O, I, K...]`` with its taps starting at ``offsets``.
-
-    ``offsets`` default to the centre, ``(K - k) // 2`` per axis. A new array; ``w`` is not modified.
-    """
-    kernel = tuple(int(k) for k in w.shape[2:])
-    target = tuple(int(k) for k in kernel_shape)
-    if len(target) != len(kernel):
-        raise ValueError(f"kernel {kernel} and target {target} have different ranks")
-    offs = tuple((big - small) // 2 for big, small in zip(target, kernel)) if offsets is None else tuple(offsets)
-    if len(offs) != len(kernel) or any(o < 0 or o + k > big for o, k, big in zip(offs, kernel, target)):
-        raise ValueError(f"kernel {kernel} at offsets {offs} does not fit in {target}")
-    out = np.zeros(tuple(w.shape[:2]) + target, dtype=w.dtype)
-    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offs, kernel))] = w
-    return out
-
-
-def identity_kernel(
-    channels: int,
-    group: int,
-    kernel_shape: Sequence[int],
-    offsets: Sequence[int] | None = None,
-    scale: np.ndarray | None = None,
-) -> np.ndarray:
-    """The ``[C, C/group, K...]`` kernel of ``y = X`` (or ``y[o] = scale[o] * X[o]``), float64.
-
-    ``I[o, o mod (C/group), d] = 1`` with ``d`` the offsets (default: the centre).
-    """
-    if group < 1 or channels % group:
-        raise ValueError(f"{channels} channels do not split into {group} groups")
-    per_group = channels // group
-    ndim = len(kernel_shape)
-    w = np.zeros((channels, per_group) + (1,) * ndim, dtype=np.float64)
-    o = np.arange(channels)
-    w[(o, o % per_group) + (0,) * ndim] = 1.0 if scale is None else np.asarray(scale, dtype=np.float64).reshape(channels)
-    return pad_kernel_to(w, kernel_shape, offsets)
-
-
-def merge_branches(
-    branches: Sequence[tuple[np.ndarray, np.ndarray | None]],
-    kernel_shape: Sequence[int],
-    offsets: Sequence[Sequence[int] | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(sum_i pad(W_i, K, d_i), sum_i b_i)`` in float64; the bias is ``None`` when no branch has one."""
-    if not branches:
-        raise ValueError("no branches to merge")
-    offs = list(offsets) if offsets is not None else [None] * len(branches)
-    if len(offs) != len(branches):
-        raise ValueError("one offset per branch")
-    shapes = {tuple(w.shape[:2]) for w, _ in branches}
-    if len(shapes) != 1:
-        raise ValueError(f"branches disagree on [C_out, C_in/group]: {sorted(shapes)}")
-    w = sum(pad_kernel_to(wi.astype(np.float64), kernel_shape, off) for (wi, _), off in zip(branches, offs))
-    biases = [bi.astype(np.float64).reshape(-1) for _, bi in branches if bi is not None]
-    b = sum(biases[1:], biases[0].copy()) if biases else None
-    return np.asarray(w), b
-
-
-def concat_branches(
-    branches: Sequence[tuple[np.ndarray, np.ndarray | None]],
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(concat_o W_i, concat b_i)`` in float64; a missing bias is zeros, ``None`` when no branch has one."""
-    if not branches:
-        raise ValueError("no branches to concatenate")
-    w = np.concatenate([wi.astype(np.float64) for wi, _ in branches], axis=0)
-    if all(bi is None for _, bi in branches):
-        return w, None
-    b = np.concatenate(
-        [np.zeros(wi.shape[0]) if bi is None else bi.astype(np.float64).reshape(-1) for wi, bi in branches]
-    )
-    return w, b
-
-
-def batchnorm_affine(
-    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(s, t) with ``BN(x) = s*x + t``: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (float64)."""
-    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(eps))
-    return s, beta.astype(np.float64) - mean.astype(np.float64) * s
-
-
-def align_branches(
-    kernels: Sequence[Sequence[int]], pads: Sequence[Sequence[int]]
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]:
-    """The merged kernel, its pads (ONNX order: begins then ends) and each branch's offset in it.
-
-    Raises ``ValueError`` (with the reason) when a branch's taps do not line up with the merged kernel.
-    """
-    n = len(kernels[0])
-    if any(len(k) != n for k in kernels) or any(len(p) != 2 * n for p in pads):
-        raise ValueError("branches have different spatial ranks")
-    big = tuple(max(int(k[a]) for k in kernels) for a in range(n))
-    begin, end = [], []
-    for a in range(n):
-        ref = next(i for i, k in enumerate(kernels) if k[a] == big[a])
-        begin.append(int(pads[ref][a]))
-        end.append(int(pads[ref][n + a]))
-    offsets = []
-    for i, (k, p) in enumerate(zip(kernels, pads)):
-        off = []
-        for a in range(n):
-            if p[a] + p[n + a] - k[a] != begin[a] + end[a] - big[a]:
-                raise ValueError(
-                    f"branch {i} (kernel {tuple(k)}, pads {list(p)}) has another output size than the "
-                    f"{big} kernel with pads {begin + end} along spatial axis {a}"
-                )
-            d = begin[a] - int(p[a])
-            if not 0 <= d <= big[a] - k[a]:
-                raise ValueError(
-                    f"branch {i} (kernel {tuple(k)}, pads {list(p)}) is shifted by {d} against the "
-                    f"{big} kernel with pads {begin + end} along spatial axis {a}"
-                )
-            off.append(d)
-        offsets.append(tuple(off))
-    return big, tuple(begin + end), tuple(offsets)
-
-
 # -- pattern / check / rewrite ----------------------------------------------------------------------
 
 SUM, CONCAT, SPLIT = "sum", "concat", "split"
 CONV, IDENTITY, BN = "conv", "identity", "batchnorm"
-
-
-@dataclass(frozen=True)
-class Geometry:
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]
-    dilations: tuple[int, ...]
-    group: int
-
-
-def conv_geometry(node: gs.Node) -> Geometry | str:
-    """Kernel, strides, explicit pads, dilations and group of a Conv, or why they are not known."""
-    kernel = node.attrs.get("kernel_shape")
-    if kernel is None:
-        w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        if w is None or w.ndim < 3:
-            return f"{node.name}: kernel shape unknown"
-        kernel = w.shape[2:]
-    n = len(kernel)
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad not in ("NOTSET", "VALID"):
-        return f"{node.name}: auto_pad {auto_pad} is not handled"
-    pads = [0] * (2 * n) if auto_pad == "VALID" else list(node.attrs.get("pads", [0] * (2 * n)))
-    return Geometry(
-        tuple(int(k) for k in kernel),
-        tuple(int(s) for s in node.attrs.get("strides", [1] * n)),
-        tuple(int(p) for p in pads),
-        tuple(int(d) for d in node.attrs.get("dilations", [1] * n)),
-        int(node.attrs.get("group", 1)),
-    )
 
 
 @dataclass(frozen=True)
@@ -260,32 +109,17 @@ def _is_add(node: gs.Node | None) -> bool:
     return node is not None and node.op == "Add" and len(node.inputs) == 2 and len(node.outputs) == 1
 
 
-def _weight(node: gs.Node) -> np.ndarray | None:
-    return const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-
-
-def _bias(node: gs.Node) -> np.ndarray | None:
-    return const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-
-
 def _taps(node: gs.Node | None) -> int:
     """Kernel taps of a conv (0 for anything else), to list the largest branch first."""
     if node is None or node.op != "Conv":
         return 0
     g = conv_geometry(node)
-    return prod(g.kernel) if isinstance(g, Geometry) else 0
+    return prod(g.kernel) if isinstance(g, ConvGeometry) else 0
 
 
-def _signature(node: gs.Node) -> Geometry | None:
+def _signature(node: gs.Node) -> ConvGeometry | None:
     g = conv_geometry(node)
-    return g if isinstance(g, Geometry) else None
-
-
-def _opset(model: Model) -> int:
-    for o in model.proto.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return int(o.version)
-    return 1
+    return g if isinstance(g, ConvGeometry) else None
 
 
 class MergeParallelBranches(PatternPass[Branches]):
@@ -375,7 +209,7 @@ class MergeParallelBranches(PatternPass[Branches]):
     def _match_concat(self, model: Model, concat: gs.Node) -> Branches | None:
         if len(concat.outputs) != 1:
             return None
-        keys: list[tuple[int, Geometry, gs.Node] | None] = []
+        keys: list[tuple[int, ConvGeometry, gs.Node] | None] = []
         for t in concat.inputs:
             conv = _single_output_of(t, "Conv")
             sig = _signature(conv) if conv is not None and len(conv.inputs) >= 2 else None
@@ -428,7 +262,7 @@ class MergeParallelBranches(PatternPass[Branches]):
             reason = constant_operands_reason(graph, conv)
             if reason is not None:
                 return reason
-            w = _weight(conv)
+            w = weight_value(conv)
             assert w is not None
             if w.ndim < 3:
                 return f"{conv.name}: weight of rank {w.ndim}"
@@ -454,7 +288,7 @@ class MergeParallelBranches(PatternPass[Branches]):
                 return g
             if any(d != 1 for d in g.dilations):
                 return f"{conv.name}: dilations {list(g.dilations)} are not handled"
-            w = _weight(conv)
+            w = weight_value(conv)
             assert w is not None
             if tuple(w.shape[2:]) != g.kernel:
                 return f"{conv.name}: kernel_shape {list(g.kernel)} disagrees with weight {tuple(w.shape)}"
@@ -519,14 +353,14 @@ class MergeParallelBranches(PatternPass[Branches]):
         return None
 
     @staticmethod
-    def _branch_geometry(match: Branches, g0: Geometry) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    def _branch_geometry(match: Branches, g0: ConvGeometry) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         """Kernel and pads of every leaf; an identity is a 1x1 kernel with no padding."""
         n = len(g0.kernel)
         kernels, pads = [], []
         for kind, node in match.leaves:
             if kind == CONV:
                 g = conv_geometry(node)  # type: ignore[arg-type]
-                assert isinstance(g, Geometry)
+                assert isinstance(g, ConvGeometry)
                 kernels.append(g.kernel)
                 pads.append(g.pads)
             else:
@@ -542,9 +376,9 @@ class MergeParallelBranches(PatternPass[Branches]):
         if g.group != 1:
             return f"{convs[0].name}: grouped conv (group {g.group})"
         for conv in convs:
-            w = _weight(conv)
+            w = weight_value(conv)
             assert w is not None
-            if tuple(w.shape[2:]) != g.kernel or w.shape[1] != _weight(convs[0]).shape[1]:  # type: ignore[union-attr]
+            if tuple(w.shape[2:]) != g.kernel or w.shape[1] != weight_value(convs[0]).shape[1]:  # type: ignore[union-attr]
                 return f"{conv.name}: weight {tuple(w.shape)} disagrees with its siblings"
         if match.kind == CONCAT:
             concat = match.joins[0]
@@ -562,7 +396,7 @@ class MergeParallelBranches(PatternPass[Branches]):
             parts = []
             for kind, node in match.leaves:
                 if kind == CONV:
-                    w = _weight(node)  # type: ignore[arg-type]
+                    w = weight_value(node)  # type: ignore[arg-type]
                     parts.append("x".join(str(k) for k in w.shape[2:]) if w is not None else "conv")
                 else:
                     parts.append("identity" if kind == IDENTITY else "bn(identity)")
@@ -577,11 +411,11 @@ class MergeParallelBranches(PatternPass[Branches]):
         macs_before = sum(c.macs for c in costs)
         params_before = sum(c.params for c in costs)
         convs = match.convs
-        w0 = _weight(convs[0])
+        w0 = weight_value(convs[0])
         assert w0 is not None
         if match.kind == SUM:
             g0 = conv_geometry(convs[0])
-            assert isinstance(g0, Geometry)
+            assert isinstance(g0, ConvGeometry)
             kernels, _ = self._branch_geometry(match, g0)
             big = tuple(max(k[a] for k in kernels) for a in range(len(kernels[0])))
             params_after = int(w0.shape[0] * w0.shape[1] * prod(big)) + int(w0.shape[0])
@@ -590,8 +424,8 @@ class MergeParallelBranches(PatternPass[Branches]):
             if out is None or any(c.macs == 0 for c in costs if c.op == "Conv"):
                 return Cost(0, 0, params_before, params_after)
             return Cost(macs_before, macs_after, params_before, params_after)
-        has_bias = any(_bias(c) is not None for c in convs)
-        params_after = sum(int(_weight(c).size) + (int(_weight(c).shape[0]) if has_bias else 0) for c in convs)  # type: ignore[union-attr]
+        has_bias = any(bias_value(c) is not None for c in convs)
+        params_after = sum(int(weight_value(c).size) + (int(weight_value(c).shape[0]) if has_bias else 0) for c in convs)  # type: ignore[union-attr]
         return Cost(macs_before, macs_before, params_before, params_after)
 
     # -- rewrite -----------------------------------------------------------------------------------
@@ -604,8 +438,8 @@ class MergeParallelBranches(PatternPass[Branches]):
     def _rewrite_sum(self, model: Model, match: Branches) -> None:
         convs = match.convs
         g0 = conv_geometry(convs[0])
-        assert isinstance(g0, Geometry)
-        w0 = _weight(convs[0])
+        assert isinstance(g0, ConvGeometry)
+        w0 = weight_value(convs[0])
         assert w0 is not None
         channels = int(w0.shape[0])
         kernels, pads = self._branch_geometry(match, g0)
@@ -614,15 +448,15 @@ class MergeParallelBranches(PatternPass[Branches]):
         branches: list[tuple[np.ndarray, np.ndarray | None]] = []
         for kind, node in match.leaves:
             if kind == CONV:
-                w = _weight(node)  # type: ignore[arg-type]
+                w = weight_value(node)  # type: ignore[arg-type]
                 assert w is not None
-                branches.append((w, _bias(node)))  # type: ignore[arg-type]
+                branches.append((w, bias_value(node)))  # type: ignore[arg-type]
             elif kind == IDENTITY:
                 branches.append((identity_kernel(channels, g0.group, ones), None))
             else:
                 gamma, beta, mean, var = (const_value(t) for t in node.inputs[1:5])  # type: ignore[union-attr]
                 assert gamma is not None and beta is not None and mean is not None and var is not None
-                s, t = batchnorm_affine(gamma.reshape(-1), beta.reshape(-1), mean.reshape(-1), var.reshape(-1),
+                s, t = batchnorm_scale_shift(gamma.reshape(-1), beta.reshape(-1), mean.reshape(-1), var.reshape(-1),
                                         float(node.attrs.get("epsilon", 1e-5)))  # type: ignore[union-attr]
                 branches.append((identity_kernel(channels, g0.group, ones, scale=s), t))
         w, b = merge_branches(branches, big, offsets)
@@ -643,8 +477,8 @@ class MergeParallelBranches(PatternPass[Branches]):
 
     def _rewrite_stacked(self, model: Model, match: Branches) -> None:
         convs = match.convs
-        weights = [_weight(c) for c in convs]
-        w, b = concat_branches([(wi, _bias(c)) for wi, c in zip(weights, convs)])  # type: ignore[misc]
+        weights = [weight_value(c) for c in convs]
+        w, b = concat_branches([(wi, bias_value(c)) for wi, c in zip(weights, convs)])  # type: ignore[misc]
         dtype = weights[0].dtype  # type: ignore[union-attr]
         names = NameFactory(model.graph)
         first = convs[0]
@@ -672,7 +506,7 @@ class MergeParallelBranches(PatternPass[Branches]):
             new.append(gs.Node("Conv", name=names(f"{base}_merged"), attrs=attrs, inputs=inputs, outputs=[merged_out]))
             sizes = [int(wi.shape[0]) for wi in weights]  # type: ignore[union-attr]
             outputs = [c.outputs[0] for c in convs]
-            if _opset(model) >= 13:
+            if opset(model) >= 13:
                 split_inputs = [merged_out, constant(names, f"{base}_split_sizes", np.asarray(sizes, dtype=np.int64))]
                 split_attrs: dict = {"axis": 1}
             else:

@@ -127,15 +127,25 @@ class Pass(abc.ABC):
 M = TypeVar("M")
 
 
-class PatternPass(Pass, Generic[M]):
-    """A pass written as three separate steps.
+# -- pattern passes: rule sets and the one-rule case ------------------------------------------------
+#
+# Passes written in the pattern / check / rewrite style derive from :class:`PatternPass` (one pattern,
+# the pass is its own rule) or :class:`RuleSetPass` (a set of :class:`Rule` objects tried in order at
+# each node); both turn those three steps into ``find`` and ``apply``.
+
+
+class Rule(abc.ABC, Generic[M]):
+    """One rewrite pattern in three separate steps (onnxscript's ``RewriteRule``).
 
     * ``match(model, node)``: the structure around an anchor node, or ``None`` if it is not this pattern;
     * ``check(model, match)``: ``None`` when every precondition holds, else the reason it does not;
     * ``rewrite(model, match)``: edit the graph.
 
     ``describe`` and ``cost`` give the candidate's text and estimated savings; ``nodes`` the touched nodes.
+    ``label`` names the rule in the skip reasons of a pass with several rules ("" for none).
     """
+
+    label: ClassVar[str] = ""
 
     @abc.abstractmethod
     def match(self, model: Model, node: gs.Node) -> M | None: ...
@@ -159,24 +169,69 @@ class PatternPass(Pass, Generic[M]):
         """The node name ``match`` is called on when re-matching a candidate (its first node by default)."""
         return candidate.nodes[0]
 
+
+class RuleSetPass(Pass):
+    """A pass made of a set of rules (onnxscript's ``RewriteRuleSet``), which turns them into ``find`` and
+    ``apply``.
+
+    ``find`` visits every node and tries the rules in order: a rule that matches but fails its check
+    yields a :class:`Skip` (its reason prefixed by the rule's label, if any; a reason already reported at
+    this node is not repeated) and the next rule is tried; the first rule whose check passes yields the
+    node's :class:`Candidate` and ends the search there. ``apply`` recovers the rule that made a
+    candidate by re-matching each rule at its anchor (:meth:`recover`).
+    """
+
+    @abc.abstractmethod
+    def rules(self) -> tuple[Rule[Any], ...]:
+        """The rules, in the order they are tried at each node."""
+
+    def _reason(self, rule: Rule[Any], reason: str) -> str:
+        return f"{rule.label}: {reason}" if rule.label else reason
+
     def find(self, model: Model) -> Iterator[Candidate | Skip]:
+        rules = self.rules()
         for node in list(model.graph.nodes):
-            m = self.match(model, node)
-            if m is None:
+            reasons: set[str] = set()
+            for rule in rules:
+                m = rule.match(model, node)
+                if m is None:
+                    continue
+                names = tuple(n.name for n in rule.nodes(m))
+                reason = rule.check(model, m)
+                if reason is not None:
+                    if reason not in reasons:
+                        reasons.add(reason)
+                        yield Skip(self.name, names, self._reason(rule, reason))
+                    continue
+                yield Candidate(self.name, names, rule.describe(model, m), rule.cost(model, m))
+                break
+
+    def recover(self, model: Model, candidate: Candidate) -> tuple[Rule[Any], Any] | None:
+        """The first rule, and its match, that matches at the candidate's anchor with the candidate's
+        nodes; ``None`` when no rule does any more (the candidate is stale)."""
+        for rule in self.rules():
+            node = model.node(rule.anchor(candidate))
+            if node is None:
                 continue
-            names = tuple(n.name for n in self.nodes(m))
-            reason = self.check(model, m)
-            if reason is not None:
-                yield Skip(self.name, names, reason)
-                continue
-            yield Candidate(self.name, names, self.describe(model, m), self.cost(model, m))
+            m = rule.match(model, node)
+            if m is not None and tuple(n.name for n in rule.nodes(m)) == candidate.nodes:
+                return rule, m
+        return None
 
     def apply(self, model: Model, candidate: Candidate) -> None:
-        node = model.node(self.anchor(candidate))
-        m = self.match(model, node) if node is not None else None
-        if m is None or tuple(n.name for n in self.nodes(m)) != candidate.nodes:
+        found = self.recover(model, candidate)
+        if found is None:
             raise RewriteError(f"{self.name}: pattern at {candidate.nodes} no longer matches")
-        reason = self.check(model, m)
+        rule, m = found
+        reason = rule.check(model, m)
         if reason is not None:
-            raise RewriteError(f"{self.name}: {reason}")
-        self.rewrite(model, m)
+            raise RewriteError(f"{self.name}: {self._reason(rule, reason)}")
+        rule.rewrite(model, m)
+
+
+class PatternPass(RuleSetPass, Rule[M]):
+    """A pass with a single pattern: the pass is its own (one) rule, written as the three steps of
+    :class:`Rule` (``match`` / ``check`` / ``rewrite``, with ``nodes``, ``describe`` and ``cost``)."""
+
+    def rules(self) -> tuple[Rule[Any], ...]:
+        return (self,)

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
+from passes.common import batchnorm_scale_shift
 from passes.fold_batchnorm import (
     FoldBatchNorm,
-    batchnorm_scale_shift,
     fold_bias,
     fold_conv,
     fold_conv_transpose,

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from passes.fuse_1x1_kxk import BORDER_REASON, Fuse1x1Kxk, compose_1x1_then_kxk
-from passes.fuse_kxk_1x1 import dense_weight
+from passes.fuse_1x1_chain import dense_weight
 from rewriter.pipeline import apply_pass
 from tests.helpers import RTOL, ATOL, feeds_for, run_reference
 from tests.test_fuse_kxk_1x1 import BIASES, attrs_text, check_fused, conv_line, conv_ref, model_of, model_text, rand

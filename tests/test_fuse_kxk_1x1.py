@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from passes.fuse_kxk_1x1 import FuseKxk1x1, compose_kxk_then_1x1, dense_weight
+from passes.fuse_1x1_chain import dense_weight
+from passes.fuse_kxk_1x1 import FuseKxk1x1, compose_kxk_then_1x1
 from rewriter.model import Model
 from rewriter.pipeline import apply_pass
 from tests.helpers import assert_same_outputs, ops, parse

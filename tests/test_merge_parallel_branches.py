@@ -6,15 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from passes.merge_parallel_branches import (
-    MergeParallelBranches,
-    align_branches,
-    batchnorm_affine,
-    concat_branches,
-    identity_kernel,
-    merge_branches,
-    pad_kernel_to,
-)
+from passes.branch_kernels import align_branches, concat_branches, identity_kernel, merge_branches, pad_kernel_to
+from passes.merge_parallel_branches import MergeParallelBranches
 from rewriter.model import Model
 from rewriter.pipeline import apply_pass
 from tests.helpers import assert_same_outputs, ops, parse
@@ -137,14 +130,6 @@ def test_concat_branches_fills_missing_bias() -> None:
     assert w.shape == (6, 3, 1, 1)
     np.testing.assert_array_equal(b, [0, 0, 0, 1, 2, 3])
     assert concat_branches([(w1, None), (w2, None)])[1] is None
-
-
-def test_batchnorm_affine() -> None:
-    rng = np.random.default_rng(3)
-    g, be, m, v = rng.standard_normal(4), rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.5, 1.5, 4)
-    x = rng.standard_normal(4)
-    s, t = batchnorm_affine(g, be, m, v, 1e-3)
-    np.testing.assert_allclose(s * x + t, g * (x - m) / np.sqrt(v + 1e-3) + be, rtol=1e-12)
 
 
 # -- the pass on ONNX-text models --------------------------------------------------------------------
