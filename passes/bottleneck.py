@@ -547,6 +547,7 @@ class Bottleneck(Pass):
     name = "bottleneck"
     summary = "Factorize dense KxK convs through a narrow 1x1 bottleneck (output/input side, Tucker-2); lossy."
     exact = False
+    data_aware = True
 
     def __init__(self, **options: object) -> None:
         known = BottleneckOptions.__dataclass_fields__
@@ -699,7 +700,7 @@ class Bottleneck(Pass):
         Weight-only: the residual energy of ``W``'s singular values unfolded along outputs or inputs.
         """
         out = {}
-        cal = model.calibration
+        cal = self.calibration
 
         def spectrum(matrix: np.ndarray) -> np.ndarray:
             return np.sort(np.linalg.eigvalsh(matrix.astype(np.float32)).astype(np.float64))[::-1]
@@ -735,7 +736,7 @@ class Bottleneck(Pass):
 
     def _tap_correlations(self, model: Model, sites: list[_Site]) -> dict[str, np.ndarray]:
         """Per KxK conv, the correlation between its patch taps on calibration data (one run per version)."""
-        cal = model.calibration
+        cal = self.calibration
         wanted = [s for s in sites if min(s.geo.kernel) > 1]
 
         def compute() -> dict[str, np.ndarray]:
@@ -824,10 +825,10 @@ class Bottleneck(Pass):
             if not isinstance(found_site, _Site):
                 raise RewriteError(f"bottleneck: {candidate.nodes[0]} is no longer a dense conv to factorize")
             site, old = found_site, [found_site.conv]
-        if model.calibration is None and not self._warned:
+        if self.calibration is None and not self._warned:
             log.warning("bottleneck: no calibration data; using weight-only SVD, which loses much more accuracy on trained networks")
             self._warned = True
-        cal = model.calibration
+        cal = self.calibration
         if cal is None:
             layers = self._factorize(model, site, mode, rank)
         else:  # the same fit whenever the conv's inputs are computed the same way (e.g. screened, then judged)
@@ -844,7 +845,7 @@ class Bottleneck(Pass):
 
     def _sample_many(self, model: Model, sites: list[_Site]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """:meth:`_samples` of several convs, those not cached yet gathered in one run of each model."""
-        cal = model.calibration
+        cal = self.calibration
         per_feed = max(1, math.ceil(self.options.max_samples / len(cal.feeds)))
         seed = self.options.seed
         tag = f"{self.name}:{per_feed}:{seed}:"
@@ -884,7 +885,7 @@ class Bottleneck(Pass):
 
     def prefetch(self, model: Model, candidates: list[Candidate]) -> None:
         """Calibration samples of every conv the candidates touch, in one run of ``model`` (and of the original)."""
-        if model.calibration is None or not self.options.refit:
+        if self.calibration is None or not self.options.refit:
             return
         sites = {}
         for c in candidates:
@@ -909,7 +910,7 @@ class Bottleneck(Pass):
     def _output_basis(self, model: Model, site: _Site, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(U, mu, P)`` from the covariance of the conv's output in the original model (all calibration
         feeds): plain PCA (``P`` None), or with ``consumer_metric`` PCA in the norm the consumer conv sees."""
-        cal = model.calibration
+        cal = self.calibration
         yname = site.conv.outputs[0].name
         metric = consumer_metric(site.conv) if self.options.consumer_metric else None
         mean, second = cal.moments(cal.original, [yname])[yname]
@@ -926,7 +927,7 @@ class Bottleneck(Pass):
     def _input_basis(self, model: Model, site: _Site, rank: int) -> np.ndarray:
         """``V``: leading eigenvectors of the uncentred second moment of the conv's input in ``model`` (from
         the patches' centre taps when refitting: the samples are at hand; else from the channel moments)."""
-        cal = model.calibration
+        cal = self.calibration
         xname = site.conv.inputs[0].name
 
         def eig() -> np.ndarray:
@@ -950,7 +951,7 @@ class Bottleneck(Pass):
         """
         w, b, opts, geo = site.w, site.b, self.options, site.geo
         o, c, kh, kw = w.shape
-        data = model.calibration is not None
+        data = self.calibration is not None
         users = site.conv.outputs[0].outputs
         relu = opts.through_relu and len(users) == 1 and users[0].op == "Relu"
         if not data:

@@ -317,11 +317,15 @@ def optimize(
         judge = Judge(original, feeds, config)
     elif judge.original is not original:
         raise ValueError("optimize: the judge was built for another model")
-    if any(not p.exact for p in selected):
+    aware = [p for p in selected if p.data_aware]
+    cal = None
+    if aware:
         if judge.feeds.synthetic or not judge.feeds.calibration:
             log.warning("lossy passes without calibration data fall back to weight-only fits; give --feeds or --images")
         else:
-            original.calibration = Calibration(original, judge.feeds.calibration)
+            cal = Calibration(original, judge.feeds.calibration)
+    for p in aware:
+        p.use_calibration(cal)
     model = original
     decisions: list[Decision] = []
     runs: list[PassRun] = []

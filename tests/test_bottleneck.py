@@ -378,8 +378,8 @@ def test_data_aware_fit_beats_weight_only_on_a_trained_conv(mode: str, rank: int
     errors = {}
     for label, calibration in (("data", Calibration(original, calib_feeds)), ("weights", None)):
         trial = original.fork()
-        trial.calibration = calibration
         bneck = Bottleneck(modes=(mode,))
+        bneck.use_calibration(calibration)
         site = bneck._site(trial, trial.node(name))
         bneck._rewrite(trial, site, bneck._factorize(trial, site, mode, rank))
         ref = run_reference(original.proto, judge_feeds)
