@@ -317,7 +317,7 @@ def test_rewrite_carries_geometry_and_bias_exactly_at_full_rank(mode: str, s: in
     node = trial.node(m.proto.graph.node[0].name)
     site = bneck._site(trial, node)
     assert isinstance(site, _Site)
-    bneck._rewrite(trial, site, bneck._factorize(trial, site, mode, 96 if mode == "spatial" else 32))  # spatial: min(C*kh, O*kw)
+    bneck._rewrite(trial, site, bneck.fitter.layers(trial, site, mode, 96 if mode == "spatial" else 32))  # spatial: min(C*kh, O*kw)
     result = trial.commit().proto
     onnx.checker.check_model(result, full_check=True)
     assert ops(result) == {"Conv": 2 if mode != "tucker" else 3}
@@ -381,7 +381,7 @@ def test_data_aware_fit_beats_weight_only_on_a_trained_conv(mode: str, rank: int
         bneck = Bottleneck(modes=(mode,))
         bneck.use_calibration(calibration)
         site = bneck._site(trial, trial.node(name))
-        bneck._rewrite(trial, site, bneck._factorize(trial, site, mode, rank))
+        bneck._rewrite(trial, site, bneck.fitter.layers(trial, site, mode, rank))
         ref = run_reference(original.proto, judge_feeds)
         got = run_reference(trial.commit().proto, judge_feeds)
         errors[label] = float(np.mean([_rel_error(g[0], r[0]) for g, r in zip(got, ref)]))
