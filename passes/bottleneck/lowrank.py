@@ -41,7 +41,8 @@ POINTWISE = ConvGeometry((1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
 Layer = tuple[np.ndarray, "np.ndarray | None", ConvGeometry]
 
 
-# -- ranks ------------------------------------------------------------------------------------------
+# -- ranks -----------------------------------------------------------------------------------------
+
 
 def round_rank(value: float, multiple: int, full: int) -> int:
     """``value`` rounded up to a multiple of ``multiple`` (at least ``multiple``), capped at ``full``."""
@@ -54,8 +55,7 @@ def rank_grid(full: int, fractions: tuple[float, ...], multiple: int) -> list[in
     return sorted({r for f in fractions if (r := round_rank(f * full, multiple, full)) < full})
 
 
-
-# -- bases ------------------------------------------------------------------------------------------
+# -- bases -----------------------------------------------------------------------------------------
 
 
 def gram(x: np.ndarray) -> np.ndarray:
@@ -148,7 +148,7 @@ def factor_tucker(
     return w_first, core, b_core, w_last, b_last
 
 
-# -- spatial separation -----------------------------------------------------------------------------
+# -- spatial separation ----------------------------------------------------------------------------
 
 
 def split_geometry(geo: ConvGeometry) -> tuple[ConvGeometry, ConvGeometry]:
@@ -221,7 +221,7 @@ def spatial_errors(w: np.ndarray, second: np.ndarray | None, ranks: list[int], t
     return out
 
 
-# -- error estimates from spectra ----------------------------------------------------------------------
+# -- error estimates from spectra ------------------------------------------------------------------
 
 
 def spectrum(matrix: np.ndarray) -> np.ndarray:
@@ -253,7 +253,7 @@ def spectral_proxy(spec_out: np.ndarray, total_out: float, spec_in: np.ndarray, 
     return error
 
 
-# -- the weight-only fallback -----------------------------------------------------------------------------
+# -- the weight-only fallback ----------------------------------------------------------------------
 
 
 def weight_only_layers(w: np.ndarray, b: np.ndarray | None, geo: ConvGeometry, mode: str, rank: int) -> list[Layer]:
