@@ -57,7 +57,6 @@ def main() -> None:
     cal = [{"input:0": SPEC.preprocess(c)} for c in crops(CALIBRATION_PHOTOS, args.calibration, 224, 224, seed=0)]
     val = [{"input:0": SPEC.preprocess(c)} for c in crops(VALIDATION_PHOTOS, args.validation, 224, 224, seed=1)]
     original = Model.from_source(path)
-    original.calibration = Calibration(original, cal)
     ref = scores(reference_session(original.proto), val)
 
     def measure(model: Model) -> dict[str, float]:
@@ -70,6 +69,7 @@ def main() -> None:
         return st["mae"] <= 0.01 and st["max"] <= 0.10 and st["spearman"] >= 0.98
 
     bottleneck = Bottleneck(include_pointwise=True, modes=tuple(args.modes.split(",")))
+    bottleneck.use_calibration(Calibration(original, cal))
     start = time.perf_counter()
     candidates = [c for c in bottleneck.find(original) if isinstance(c, Candidate)]
     alone = []

@@ -14,16 +14,22 @@ Rules every ``apply`` follows:
 
 Passes written in the pattern / check / rewrite style derive from :class:`PatternPass`, which turns
 those three steps into ``find`` and ``apply``.
+
+Services a pass needs beyond the model are handed to it explicitly. A *data-aware* pass (``data_aware``)
+fits to activations on calibration feeds: before a run the caller gives it a :class:`CalibrationData`
+(or ``None`` when there is no calibration data) through :meth:`Pass.use_calibration`. The protocol is all
+the pass sees of it; ``rewriter.validation.calibration.Calibration`` implements it.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from rewriter.model import Model
@@ -94,6 +100,56 @@ class Skip:
     reason: str
 
 
+T = TypeVar("T")
+
+
+@runtime_checkable
+class CalibrationData(Protocol):
+    """Activations of the model on calibration feeds: what a data-aware pass may ask for.
+
+    Tensors are asked for by name, of a given model version (the original, or a fork or commit of it);
+    the service runs the model and never shows the pass onnxruntime. What a pass derives from activations
+    is cached here too, so that later versions, and other candidates, reuse it:
+
+    * :meth:`memo` -- per model version and key (kept for the current version and the original);
+    * :meth:`lasting` -- across versions, keyed by a :meth:`lineage` (a digest of everything upstream of a
+      tensor: two versions with the same lineage give the tensor the same values).
+    """
+
+    @property
+    def original(self) -> Model:
+        """The model the calibration feeds were first run through: the reference a fit reproduces."""
+
+    @property
+    def feeds(self) -> Sequence[Mapping[str, np.ndarray]]:
+        """The calibration feeds, ``{input name: array}`` each."""
+
+    def moments(self, model: Model, names: Sequence[str], flops_per_feed: float = 5e7) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per tensor ``x`` ``[N, C, ...]`` of ``model``: the channel mean ``E[x]`` ``[C]`` and the uncentred
+        second moment ``E[x x^T]`` ``[C, C]`` over every feed and position (large maps subsampled on an even
+        spatial grid of about ``flops_per_feed / C^2`` positions per feed)."""
+
+    def map(self, model: Model, names: Sequence[str], fn: Callable[[int, dict[str, np.ndarray]], T]) -> list[T]:
+        """``[fn(k, {name: tensor on feed k}) for every feed k]`` in one run of ``model``; the tensors are not
+        kept (samples drawn from every feed without holding whole activations)."""
+
+    def memo(self, model: Model, key: str, compute: Callable[[], T], *, while_current: bool = False) -> T:
+        """``compute()`` once per model version and ``key``; ``while_current``: dropped as soon as another
+        version is worked on, even for the original."""
+
+    def cached(self, model: Model, key: str) -> bool:
+        """Whether :meth:`memo` holds ``key`` for this version."""
+
+    def lasting(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per ``key`` across versions (least recently used entries dropped beyond a size)."""
+
+    def has_lasting(self, key: str) -> bool:
+        """Whether :meth:`lasting` holds ``key``."""
+
+    def lineage(self, model: Model, tensor: str) -> str:
+        """A digest of the names, ops and inputs of every node upstream of ``tensor`` in ``model``."""
+
+
 class Pass(abc.ABC):
     """Base of every pass. Subclasses set ``name``, ``summary`` and ``exact``."""
 
@@ -101,6 +157,16 @@ class Pass(abc.ABC):
     summary: ClassVar[str]
     #: Exact passes keep outputs equal up to float rounding; lossy ones need a numerics budget.
     exact: ClassVar[bool]
+    #: Data-aware passes fit to activations on calibration feeds: callers hand them the calibration
+    #: service through :meth:`use_calibration` before a run. Others never get it.
+    data_aware: ClassVar[bool] = False
+    #: The calibration service handed over by :meth:`use_calibration`; ``None``: none given (weight-only fits).
+    calibration: CalibrationData | None = None
+
+    def use_calibration(self, calibration: CalibrationData | None) -> None:
+        """Hand this data-aware pass the calibration data for the run that follows (``None``: there is none,
+        or it was withdrawn). Default: kept as ``self.calibration``."""
+        self.calibration = calibration
 
     @abc.abstractmethod
     def find(self, model: Model) -> Iterator[Candidate | Skip]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import onnx
@@ -52,9 +51,6 @@ class Model:
         self._info = info
         self._graph: gs.Graph | None = None
         self._nodes: dict[str, gs.Node] | None = None
-        #: Activations on calibration feeds (a ``rewriter.validation.calibration.Calibration``), set by the
-        #: pipeline for data-aware passes; ``None`` when no calibration data was given.
-        self.calibration: Any = None
         #: The version this one descends from by forks and commits (itself for a loaded model): where a
         #: pass finds the original of something it rewrote before.
         self.root: Model = self
@@ -129,7 +125,6 @@ class Model:
     def fork(self) -> Model:
         """An editable copy: a fresh graph view over the same proto (weights are loaded lazily, not copied)."""
         child = Model(self.proto, self.input_shapes, self._info)
-        child.calibration = self.calibration
         child.root = self.root
         return child
 
@@ -137,6 +132,5 @@ class Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
         proto = to_onnx(finalize(self.graph), self.proto)
         child = Model(proto, self.input_shapes)
-        child.calibration = self.calibration
         child.root = self.root
         return child

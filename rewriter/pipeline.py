@@ -127,13 +127,19 @@ def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, co
 
 
 def _bind_calibration(selected: Sequence[Pass], judge: Judge, original: Model) -> None:
-    """Hand lossy passes activations on the calibration feeds, when real ones were given."""
-    if all(p.exact for p in selected):
+    """Hand data-aware passes the calibration service: activations on the calibration feeds when real
+    ones were given, else ``None`` (each pass then falls back to what it can do without; a pass instance
+    reused across runs never keeps an earlier run's data)."""
+    aware = [p for p in selected if p.data_aware]
+    if not aware:
         return
+    calibration = None
     if judge.feeds.synthetic or not judge.feeds.calibration:
         log.warning("lossy passes without calibration data fall back to weight-only fits; give --feeds or --images")
     else:
-        original.calibration = Calibration(original, judge.feeds.calibration)
+        calibration = Calibration(original, judge.feeds.calibration)
+    for p in aware:
+        p.use_calibration(calibration)
 
 
 def _closing(state: SearchState, model: Model, measured: tuple[Model, LatencyComparison] | None) -> tuple[dict[str, OutputStats], LatencyComparison | None]:

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from rewriter.config import instantiate_pass
-from rewriter.contract import Candidate, Pass, RewriteError
+from rewriter.contract import CalibrationData, Candidate, Pass, RewriteError
 from rewriter.errors import InputError
 from rewriter.io import sha256_file
 from rewriter.model import Model
@@ -245,8 +245,7 @@ def apply_plan(
             )
         log.warning("model sha256 differs from the plan's; replaying anyway (--force)")
     model = Model.from_source(source, plan.input_shapes or None, max_bytes=max_model_bytes)
-    if plan.calibration is not None:
-        _attach_calibration(model, plan.calibration, feeds, force)
+    calibration = None if plan.calibration is None else _plan_calibration(model, plan.calibration, feeds, force)
     table = dict(available) if available is not None else available_passes()
     instances: dict[str, Pass] = {}
     applied: list[Candidate] = []
@@ -256,6 +255,8 @@ def apply_plan(
             if step.pass_name not in table:
                 raise InputError(f"{where}: unknown pass {step.pass_name!r}; known passes: {', '.join(sorted(table))}")
             instances[step.pass_name] = instantiate_pass(table[step.pass_name], plan.pass_options.get(step.pass_name, {}))
+            if instances[step.pass_name].data_aware:
+                instances[step.pass_name].use_calibration(calibration)
         p = instances[step.pass_name]
         try:
             found = [c for c in p.find(model) if isinstance(c, Candidate) and c.key == step.key]
@@ -273,7 +274,8 @@ def apply_plan(
 
 
 
-def _attach_calibration(model: Model, recorded: Mapping[str, Any], feeds: Any, force: bool) -> None:
+def _plan_calibration(model: Model, recorded: Mapping[str, Any], feeds: Any, force: bool) -> CalibrationData:
+    """The calibration service for the plan's data-aware steps, on ``feeds`` (checked against the digest recorded)."""
     what = f"{recorded.get('count', '?')} calibration feed(s) from {recorded.get('source', '?')}"
     if not _uses_calibration(feeds):
         raise InputError(f"the plan's lossy steps were fitted on {what}; give the same data (--feeds or --images, and --seed)")
@@ -287,4 +289,4 @@ def _attach_calibration(model: Model, recorded: Mapping[str, Any], feeds: Any, f
         log.warning("calibration feeds differ from the plan's; the lossy steps will fit differently (--force)")
     from rewriter.validation.calibration import Calibration
 
-    model.calibration = Calibration(model, feeds.calibration)
+    return Calibration(model, feeds.calibration)

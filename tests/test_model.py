@@ -56,3 +56,10 @@ def test_name_nodes_makes_unique_names() -> None:
     model = name_nodes(helper.make_model(graph))
     names = [n.name for n in model.graph.node]
     assert len(set(names)) == 3 and all(names)
+
+
+def test_the_model_carries_no_calibration_service() -> None:
+    """Calibration is handed to data-aware passes (``Pass.use_calibration``), never reached through the model."""
+    model = Model.from_source(_chain_with_overridable_weight())
+    fork = model.fork()
+    assert not any(hasattr(m, "calibration") for m in (model, fork, fork.commit()))

@@ -1,7 +1,8 @@
 """Intermediate activations on calibration feeds, for data-aware passes.
 
-The pipeline hands a :class:`Calibration` to passes through ``Model.calibration``; passes ask for tensors
-by name and never see onnxruntime. Tensors are captured by making them the graph outputs of the part of
+:class:`Calibration` implements the pass contract's :class:`~rewriter.contract.CalibrationData`: the
+pipeline (and plan replay) builds one and hands it to every data-aware pass through
+``Pass.use_calibration``; passes ask for tensors by name and never see onnxruntime. Tensors are captured by making them the graph outputs of the part of
 the model that computes them (nodes after the last one needed are dropped: a capture from early layers
 costs a fraction of a full run) and running that once over all calibration feeds; results are cached per
 model version and name.
