@@ -25,7 +25,6 @@ loaded config onto a command's options for the CLI (click's ``default_map``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -85,28 +84,6 @@ def load_config(path: str | os.PathLike[str]) -> RewriterConfig:
 
 
 # -- passes with options -----------------------------------------------------------------------------
-def instantiate_pass(cls: type[Pass], options: Mapping[str, Any]) -> Pass:
-    """``cls(**options)``, with a usage error naming the option when the pass does not take it."""
-    if not options:
-        return cls()
-    try:
-        sig = inspect.signature(cls)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        sig = None
-    accepted = [] if sig is None else [
-        n for n, prm in sig.parameters.items() if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)
-    ]
-    takes_any = sig is not None and any(prm.kind is prm.VAR_KEYWORD for prm in sig.parameters.values())
-    for key in options:
-        if not takes_any and key not in accepted:
-            known = f"its options: {', '.join(accepted)}" if accepted else "it takes no options"
-            raise InputError(f"pass {cls.name!r} has no option {key!r} ({known})")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"pass {cls.name!r}: bad options {dict(options)}: {exc}") from None
-
-
 def build_passes(
     selection: str | Sequence[str] | None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -116,30 +93,21 @@ def build_passes(
     """Pass instances for a selection (names, ``"a,b"``, or ``None`` for the exact built-ins), each built
     with its options from ``pass_options``. Options for a pass that does not exist are an error; options
     for a known pass that is not selected are ignored (logged)."""
-    from rewriter.registry import available_passes, builtin_passes
+    from rewriter.registry import available_passes, pass_class, resolve_passes
 
     table = dict(available) if available is not None else available_passes()
     options = {k: dict(v) for k, v in (pass_options or {}).items()}
     for name in options:
-        if name not in table:
-            raise InputError(f"[{PASS_OPTIONS_TABLE}.{name}]: unknown pass {name!r}; known passes: {', '.join(sorted(table))}")
-    if selection is None:
-        classes = [c for c in (builtin_passes() if available is None else table.values()) if c.exact]
-    else:
-        names = [s.strip() for s in selection.split(",")] if isinstance(selection, str) else list(selection)
-        names = [n for n in names if n]
-        if not names:
-            raise InputError("no passes selected")
-        classes = []
-        for n in names:
-            if n not in table:
-                raise InputError(f"unknown pass {n!r}; known passes: {', '.join(sorted(table))}")
-            classes.append(table[n])
-    chosen = {c.name for c in classes}
+        try:
+            pass_class(name, table)
+        except InputError as exc:
+            raise InputError(f"[{PASS_OPTIONS_TABLE}.{name}]: {exc}") from None
+    selected = resolve_passes(selection, options, available=available if selection is None else table)
+    chosen = {p.name for p in selected}
     for name in options:
         if name not in chosen:
             log.info("options for pass %s ignored: the pass is not selected", name)
-    return [instantiate_pass(c, options.get(c.name, {})) for c in classes]
+    return selected
 
 
 # -- the CLI side: a config's values as a command's defaults -----------------------------------------

@@ -32,115 +32,24 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from rewriter.errors import InputError
+from rewriter.fleet_results import ERROR, GATE_FAILED, OK, FleetResult, ModelResult, write_summary
 from rewriter.job import OptimizeOptions
 from rewriter.plan import Plan
 from rewriter.validation.locks import MachineLock
-from rewriter.version import __version__
 
 log = logging.getLogger(__name__)
 
-SUMMARY_VERSION = 1
-OK, GATE_FAILED, ERROR = "ok", "gate-failed", "error"
+__all__ = ["ERROR", "GATE_FAILED", "OK", "FleetResult", "ModelResult", "optimize_many", "output_names", "run_job"]
+
 #: Environment variables that size BLAS/OpenMP thread pools in local workers (set only when unset).
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-# -- results ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelResult:
-    """What happened to one input model."""
-
-    input: str
-    #: The stem of its output files in the output folder.
-    name: str
-    #: ``ok``, ``gate-failed`` (judged, but the final gate refused the output) or ``error``.
-    status: str
-    error: str | None = None
-    output: str | None = None
-    output_sha256: str | None = None
-    report: str | None = None
-    plan: str | None = None
-    kept: int = 0
-    rolled_back: int = 0
-    #: End-to-end speedup of the output over the input and its 95% CI (when latency was measured).
-    speedup: float | None = None
-    speedup_ci: tuple[float, float] | None = None
-    macs_before: int | None = None
-    macs_after: int | None = None
-    seconds: float = 0.0
-    #: The machine the job ran on.
-    host: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == OK
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["speedup_ci"] = None if self.speedup_ci is None else list(self.speedup_ci)
-        data["seconds"] = round(self.seconds, 3)
-        return data
-
-
-@dataclass
-class FleetResult:
-    """Every model's result, in input order, and where the summary was written."""
-
-    models: list[ModelResult]
-    out_dir: Path
-    summary: Path
-    mode: str
-    workers: int
-    seconds: float
-    options: OptimizeOptions = field(default_factory=OptimizeOptions)
-
-    @property
-    def ok(self) -> bool:
-        return all(m.ok for m in self.models)
-
-    @property
-    def failed(self) -> list[ModelResult]:
-        return [m for m in self.models if not m.ok]
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.ok else 1
-
-    def counts(self) -> dict[str, int]:
-        return {s: sum(m.status == s for m in self.models) for s in (OK, GATE_FAILED, ERROR)} | {"total": len(self.models)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return _summary(self.models, self.out_dir, self.mode, self.workers, self.options, self.seconds, complete=True)
-
-
-def _summary(
-    models: Sequence[ModelResult | None], out_dir: Path, mode: str, workers: int, options: OptimizeOptions,
-    seconds: float, *, complete: bool, inputs: Sequence[str] = (),
-) -> dict[str, Any]:
-    rows = [m.to_dict() if m is not None else {"input": inputs[i], "status": "pending"} for i, m in enumerate(models)]
-    done = [m for m in models if m is not None]
-    counts = {s: sum(m.status == s for m in done) for s in (OK, GATE_FAILED, ERROR)}
-    return {
-        "summary_version": SUMMARY_VERSION,
-        "tool": "onnx-rewriter",
-        "tool_version": __version__,
-        "complete": complete,
-        "mode": mode,
-        "workers": workers,
-        "out_dir": str(out_dir),
-        "options": options.to_dict(),
-        "counts": counts | {"pending": len(models) - len(done), "total": len(models)},
-        "exit_code": (0 if all(m.ok for m in done) else 1) if complete else None,
-        "seconds": round(seconds, 3),
-        "models": rows,
-    }
 
 
 # -- one job (runs in a worker) ---------------------------------------------------------------------------
@@ -171,6 +80,7 @@ class _Return:
     plan: Plan | None = None
     kept: int = 0
     rolled_back: int = 0
+    not_tried: int = 0
     speedup: float | None = None
     speedup_ci: tuple[float, float] | None = None
     macs_before: int | None = None
@@ -272,7 +182,8 @@ def run_job(job: _Job) -> _Return:
                 report=outcome.report(job.input, job.output, None),
                 plan=outcome.plan(None) if job.plan and not outcome.gate else None,
                 kept=len(result.kept),
-                rolled_back=len(result.decisions) - len(result.kept),
+                rolled_back=len(result.rolled_back),
+                not_tried=len(result.not_tried),
                 speedup=None if lat is None else lat.ci.speedup,
                 speedup_ci=None if lat is None else (lat.ci.low, lat.ci.high),
                 macs_before=result.before.total_macs,
@@ -471,7 +382,7 @@ def _run_fleet(
         results[job.index] = res
         finished = sum(r is not None for r in results)
         log.info("[%d/%d] %s: %s%s", finished, len(results), job.input, res.status, f" ({res.error})" if res.error else "")
-        _write_summary(summary_path, results, folder, mode, workers, options, time.perf_counter() - start, complete=False, inputs=inputs)
+        write_summary(summary_path, results, folder, mode, workers, options, time.perf_counter() - start, complete=False, inputs=inputs)
         if on_result is not None:
             on_result(res)
 
@@ -483,22 +394,15 @@ def _run_fleet(
             done(job, _Return(ERROR, problem))
         else:
             todo.append(job)
-    _write_summary(summary_path, results, folder, mode, workers, options, time.perf_counter() - start, complete=False, inputs=inputs)
+    write_summary(summary_path, results, folder, mode, workers, options, time.perf_counter() - start, complete=False, inputs=inputs)
     if ray is None:
         _run_local(todo, workers, threads, done)
     else:
         _run_ray(ray, todo, threads, workers, done)
     final = [r for r in results if r is not None]
     seconds = time.perf_counter() - start
-    _write_summary(summary_path, results, folder, mode, workers, options, seconds, complete=True, inputs=inputs)
+    write_summary(summary_path, results, folder, mode, workers, options, seconds, complete=True, inputs=inputs)
     return FleetResult(final, folder, summary_path, mode, workers, seconds, options)
-
-
-def _write_summary(path: Path, results: Sequence[ModelResult | None], out_dir: Path, mode: str, workers: int,
-                   options: OptimizeOptions, seconds: float, *, complete: bool, inputs: Sequence[str]) -> None:
-    from rewriter.report import write_json
-
-    write_json(_summary(results, out_dir, mode, workers, options, seconds, complete=complete, inputs=inputs), path)
 
 
 def _finish(job: _Job, ret: _Return, out_dir: Path) -> ModelResult:
@@ -527,7 +431,7 @@ def _finish(job: _Job, ret: _Return, out_dir: Path) -> ModelResult:
         text = str(exc).strip().splitlines()
         status, error = ERROR, f"writing the outputs failed: {text[0] if text else type(exc).__name__}"
     return ModelResult(
-        job.input, job.name, status, error, output, out_sha, report, plan, ret.kept, ret.rolled_back,
+        job.input, job.name, status, error, output, out_sha, report, plan, ret.kept, ret.rolled_back, ret.not_tried,
         ret.speedup, ret.speedup_ci, ret.macs_before, ret.macs_after, ret.seconds, ret.host,
     )
 

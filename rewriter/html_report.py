@@ -30,6 +30,7 @@ import onnx
 from rewriter.analysis import Analysis
 from rewriter.report import ParetoPoint, write_text
 from rewriter.shapes import Shape
+from rewriter.sweep import pareto_front
 from rewriter.validation.runtime import RuntimeOptions
 
 #: Most bars drawn per chart; the largest layers are kept (in graph order) and the rest counted.
@@ -129,15 +130,6 @@ def profile_layers(result: Any, options: RuntimeOptions | None = None, *, runs: 
     before = node_times(result.original, shapes, options, runs=runs)
     after = node_times(result.model, shapes, options, runs=runs)
     return layer_rows(result.before, result.after, before, after)
-
-
-def pareto_front(points: Sequence[ParetoPoint]) -> list[ParetoPoint]:
-    """The points no other point beats on both counts (higher speedup, lower error), by error."""
-    front: list[ParetoPoint] = []
-    for p in sorted(points, key=lambda q: (q.error, -q.speedup)):
-        if not front or p.speedup > front[-1].speedup:
-            front.append(p)
-    return front
 
 
 # -- formatting --------------------------------------------------------------------------------------
@@ -263,7 +255,7 @@ def pareto_svg(points: Sequence[ParetoPoint], xlabel: str = "error", ylabel: str
             parts.append(f'<text x="{px(t):.1f}" y="{mt + ph + 16}" text-anchor="middle" class="ax">{t:.3g}</text>')
     if y0 <= 1.0 <= y1:
         parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{py(1.0):.1f}" y2="{py(1.0):.1f}" stroke="#718096" stroke-dasharray="4 3"/>')
-    front = pareto_front(points)
+    front = sorted(pareto_front(points), key=lambda q: (q.error, -q.speedup))
     on_front = {id(p) for p in front}
     if len(front) > 1:
         pts = " ".join(f"{px(p.error):.1f},{py(p.speedup):.1f}" for p in front)

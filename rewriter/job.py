@@ -1,8 +1,8 @@
 """One guarded optimization of one model file: what ``optimize`` and each ``optimize-many`` job run.
 
 :class:`OptimizeOptions` holds every option of the run as plain, picklable values (pass names, paths,
-numbers, a ``module:function`` metric spec), so the same options can be handed to a worker process or a
-Ray task. :func:`optimize_model` loads the model, judges every candidate and applies the final gate; it
+numbers, a ``module:function`` metric spec; the option sets of :mod:`rewriter.options` and a few more),
+so the same options can be handed to a worker process or a Ray task. :func:`optimize_model` loads the model, judges every candidate and applies the final gate; it
 writes nothing. The caller writes the model, the plan and the report (:meth:`OptimizeOutcome.report`,
 :meth:`OptimizeOutcome.plan`), so that where the files go is its business.
 """
@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from rewriter import pipeline  # module attribute: tests replace pipeline.optimize
 from rewriter.contract import Pass
 from rewriter.errors import InputError
+from rewriter.gate import gate_failures
+from rewriter.io import sha256_file
+from rewriter.model import Model
+from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchOptions, validation_config
 from rewriter.outcome import Outcome
 from rewriter.pipeline import OptimizeResult
-from rewriter.plan import Plan
+from rewriter.plan import Plan, plan_from_result
+from rewriter.report import build_report
 from rewriter.shapes import Shape
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.judge import ValidationConfig
@@ -28,43 +34,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OptimizeOptions:
-    """The options of one guarded optimization, named and defaulted as on the command line."""
+class OptimizeOptions(MeasureOptions, BudgetOptions, FeedOptions, SearchOptions):
+    """The options of one guarded optimization, named and defaulted as on the command line: the fields of
+    the option sets in :mod:`rewriter.options` and the ones below."""
 
-    #: Comma-separated pass names, or ``None`` for every exact pass.
-    passes: str | None = None
     #: Keyword options per pass (a config file's ``[pass-options.NAME]`` tables).
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_shapes: dict[str, Shape] = field(default_factory=dict)
-    feeds: tuple[str, ...] = ()
-    images: str | None = None
-    image_spec: str | None = None
-    #: Task metric as ``module:function`` (or ``file.py:function``), higher is better.
-    metric: str | None = None
-    max_metric_drop: float = 0.01
-    min_metric: float | None = None
-    #: Run a sharded metric's map over this Ray cluster (``auto``, ``ray://host:10001``, ...).
-    metric_ray_address: str | None = None
-    num_feeds: int = 8
-    seed: int = 0
-    max_error: str | None = None
-    rtol: float = 1e-4
-    atol: float = 1e-5
-    latency: bool = True
-    subgraph: bool = True
-    threads: int = 1
-    provider: str = "cpu"
-    min_speedup: float = 1.0
-    exact_min_speedup: float = 0.99
-    max_pairs: int = 40
-    time_budget: float | None = None
-    #: Screen lossy passes before judging (see rewriter.search).
-    screen: bool = True
-    #: Stop lossy passes once the whole model is measured this much faster (CI lower bound).
-    target_speedup: float | None = None
     max_model_bytes: int | None = None
     external_data: bool | None = None
-    fail_if_no_speedup: bool = False
+
+    @classmethod
+    def compose(cls, *parts: Any, **values: Any) -> OptimizeOptions:
+        """Options made of option sets (:class:`~rewriter.options.FeedOptions`, ...) and further values by name."""
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update({f.name: getattr(part, f.name) for f in fields(part)})
+        return cls(**merged, **values)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,32 +75,7 @@ class OptimizeOptions:
 
     def validation_config(self) -> ValidationConfig:
         """The judge's configuration; imports the metric (a usage error if it cannot be loaded)."""
-        from rewriter.validation.judge import TaskMetric, load_metric
-        from rewriter.validation.latency import TimingOptions
-        from rewriter.validation.numerics import Budget
-        from rewriter.validation.runtime import RuntimeOptions
-
-        runtime = RuntimeOptions(provider=self.provider, threads=self.threads)
-        metric = None
-        if self.metric is not None:
-            fn = load_metric(self.metric)
-            if self.metric_ray_address is not None:
-                from rewriter.validation.sharded import on_ray
-
-                fn = on_ray(fn, self.metric_ray_address, runtime=runtime, name=f"--metric {self.metric!r}")
-            metric = TaskMetric(fn, self.max_metric_drop, self.metric, self.min_metric)
-        elif self.metric_ray_address is not None:
-            raise InputError("--metric-ray-address needs --metric")
-        return ValidationConfig(
-            budget=Budget.parse(self.max_error, rtol=self.rtol, atol=self.atol),
-            runtime=runtime,
-            latency=self.latency,
-            subgraph_latency=self.subgraph,
-            exact_min_speedup=self.exact_min_speedup,
-            lossy_min_speedup=self.min_speedup,
-            timing=TimingOptions(max_pairs=self.max_pairs, min_pairs=min(10, self.max_pairs)),
-            metric=metric,
-        )
+        return validation_config(self, self)
 
 
 @dataclass
@@ -130,9 +91,7 @@ class OptimizeOutcome:
     gate: list[str]
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
-        """The JSON report (schema version 2); the output is recorded only when the gate passed."""
-        from rewriter.report import build_report
-
+        """The JSON report (schema version 3); the output is recorded only when the gate passed."""
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
@@ -142,8 +101,6 @@ class OptimizeOutcome:
 
     def plan(self, output_sha256: str | None) -> Plan:
         """The kept rewrites as a plan for ``apply``."""
-        from rewriter.plan import plan_from_result
-
         return plan_from_result(
             self.result, input_sha256=self.input_sha256, pass_options=self.options.pass_options,
             output_sha256=output_sha256, feeds=self.feeds,
@@ -161,12 +118,6 @@ def optimize_model(
     Bad options or an unusable model raise :class:`InputError`. ``progress`` is entered around the
     pipeline run (the CLI's progress line).
     """
-    from rewriter import pipeline
-    from rewriter.io import sha256_file
-    from rewriter.model import Model
-    from rewriter.gate import gate_failures
-    from rewriter.validation.feeds import feedset_for, input_specs
-
     options.check()
     selected = options.build_passes()
     config = options.validation_config()
@@ -174,10 +125,7 @@ def optimize_model(
         config.runtime.providers()  # fail early on an unavailable provider
     input_sha = sha256_file(source)
     model = Model.from_source(source, options.input_shapes, max_bytes=options.max_model_bytes)
-    feedset = feedset_for(
-        input_specs(model.proto, model.input_shapes), feeds=options.feeds, images=options.images,
-        image_spec=options.image_spec, count=options.num_feeds, seed=options.seed,
-    )
+    feedset = options.feedset(model)
     with progress if progress is not None else nullcontext():
         result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget, screen=options.screen,
                                    target_speedup=options.target_speedup)

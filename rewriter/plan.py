@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from rewriter.config import instantiate_pass
 from rewriter.contract import CalibrationData, Candidate, Pass, RewriteError
 from rewriter.errors import InputError
 from rewriter.io import sha256_file
 from rewriter.model import Model
+from rewriter.registry import available_passes, instantiate_pass, pass_class
 from rewriter.trial import apply_candidate
 from rewriter.version import __version__
 
@@ -231,8 +231,6 @@ def apply_plan(
     with calibrated lossy steps needs ``feeds`` (a ``FeedSet``) whose calibration part has the recorded
     digest.
     """
-    from rewriter.registry import available_passes
-
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     sha = _source_sha256(source)
@@ -252,9 +250,11 @@ def apply_plan(
     for i, step in enumerate(plan.steps, 1):
         where = f"plan step {i} ({step.label()})"
         if step.pass_name not in instances:
-            if step.pass_name not in table:
-                raise InputError(f"{where}: unknown pass {step.pass_name!r}; known passes: {', '.join(sorted(table))}")
-            instances[step.pass_name] = instantiate_pass(table[step.pass_name], plan.pass_options.get(step.pass_name, {}))
+            try:
+                cls = pass_class(step.pass_name, table)
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
+            instances[step.pass_name] = instantiate_pass(cls, plan.pass_options.get(step.pass_name, {}))
             if instances[step.pass_name].data_aware:
                 instances[step.pass_name].use_calibration(calibration)
         p = instances[step.pass_name]

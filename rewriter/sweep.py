@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from rewriter.contract import Pass
 from rewriter.model import Model
@@ -60,10 +60,28 @@ class SweepResult:
         }
 
 
-def pareto_front(points: Sequence[SweepPoint]) -> list[int]:
-    """Steps of the points no other point beats on both speedup (higher) and error (lower)."""
+class TradeOff(Protocol):
+    """A point of a speedup-vs-error curve (:class:`SweepPoint`, :class:`~rewriter.report.ParetoPoint`)."""
+
+    @property
+    def speedup(self) -> float: ...
+
+    @property
+    def error(self) -> float: ...
+
+
+P = TypeVar("P", bound=TradeOff)
+
+
+def pareto_front(points: Sequence[P]) -> list[P]:
+    """The points no other point beats, in input order: the front of the CLI table and of the HTML page.
+
+    A point is beaten by another that is at least as fast and at least as accurate and strictly better on
+    one count (higher speedup or lower error). Tie rule: points with the same speedup and the same error
+    do not beat each other, so identical points are on the front together or off it together.
+    """
     return [
-        p.step
+        p
         for p in points
         if not any((q.speedup >= p.speedup and q.error < p.error) or (q.speedup > p.speedup and q.error <= p.error) for q in points)
     ]
@@ -111,4 +129,4 @@ def sweep(
             macs=analyze(model).total_macs,
         ))
         log.info("step %d: speedup %.3f, error %.3g (%s)", i, speedup, points[-1].error, label)
-    return SweepResult(points, result, pareto_front(points))
+    return SweepResult(points, result, [p.step for p in pareto_front(points)])

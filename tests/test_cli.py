@@ -113,9 +113,11 @@ def check_optimized(output: Path, sample_model: onnx.ModelProto) -> None:
 def test_optimize_writes_a_valid_faster_model_and_a_report(sample_path: Path, sample_model: onnx.ModelProto, tmp_path: Path) -> None:
     sha = sha256_file(sample_path)
     output, report = tmp_path / "opt.onnx", tmp_path / "report.json"
-    result = invoke("optimize", sample_path, "-o", output, "--report", report)
+    # --fail-if-no-speedup: exit 0 only when the end-to-end speedup's 95% CI lies above 1.
+    result = invoke("optimize", sample_path, "-o", output, "--report", report, "--fail-if-no-speedup")
     assert result.exit_code == 0, result.output
     assert f"wrote {output}" in result.stdout
+    assert "end-to-end speedup" in result.stdout
     check_optimized(output, sample_model)
 
     data = json.loads(report.read_text())
@@ -125,7 +127,10 @@ def test_optimize_writes_a_valid_faster_model_and_a_report(sample_path: Path, sa
     assert data["input"]["sha256"] == sha
     assert data["output"] == {"path": str(output), "sha256": sha256_file(output)}
     assert data["totals"]["macs_after"] < data["totals"]["macs_before"]
-    assert data["totals"]["final_latency"] is not None  # latency gating is on by default
+    final = data["totals"]["final_latency"]  # latency gating is on by default
+    assert final is not None and final["scope"] == "model"
+    assert final["ci_low"] > 1.0 and final["speedup"] > 1.0  # faster end to end, the whole CI above 1
+    assert final["candidate_median_ms"] < final["base_median_ms"]
     assert sha256_file(sample_path) == sha
 
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from passes.fuse_1x1_chain import Fuse1x1Chain
 from rewriter.cli import app
-from rewriter.config import build_passes, instantiate_pass, load_config
+from rewriter.config import build_passes, load_config
+from rewriter.registry import instantiate_pass
 from rewriter.contract import Pass
 from rewriter.errors import InputError
 from rewriter.model import Model

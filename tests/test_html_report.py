@@ -26,13 +26,13 @@ from rewriter.html_report import (
     LayerRow,
     layer_rows,
     node_durations_from_trace,
-    pareto_front,
     profile_layers,
     render_html,
     write_html,
 )
 from rewriter.pipeline import optimize
 from rewriter.report import ParetoPoint, build_report
+from rewriter.sweep import pareto_front
 from rewriter.validation.judge import ValidationConfig
 
 runner = CliRunner()

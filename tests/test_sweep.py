@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from rewriter.cli import app
+from rewriter.html_report import FRONT_COLOUR
 from rewriter.model import Model
 from rewriter.sweep import SweepPoint, pareto_front, sweep
 from rewriter.validation.feeds import FeedSet
@@ -27,7 +30,37 @@ def _point(step: int, speedup: float, error: float) -> SweepPoint:
 
 def test_pareto_front_keeps_undominated_points() -> None:
     points = [_point(0, 1.0, 0.0), _point(1, 1.2, 0.01), _point(2, 1.1, 0.02), _point(3, 1.3, 0.05), _point(4, 1.3, 0.06)]
-    assert pareto_front(points) == [0, 1, 3]
+    assert [p.step for p in pareto_front(points)] == [0, 1, 3]
+
+
+def test_pareto_front_keeps_identical_points_together() -> None:
+    """Tie rule: equal points do not beat each other; a point only as fast and less accurate is beaten."""
+    points = [_point(0, 1.0, 0.0), _point(1, 1.3, 0.01), _point(2, 1.3, 0.01), _point(3, 1.3, 0.02), _point(4, 1.2, 0.01)]
+    assert [p.step for p in pareto_front(points)] == [0, 1, 2]
+
+
+def test_sweep_table_and_html_mark_the_same_front(sample_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tied points (where the table's and the page's fronts once differed) are marked alike in both."""
+    import rewriter.sweep as sweep_module
+
+    points = [_point(0, 1.0, 0.0), _point(1, 1.3, 0.01), _point(2, 1.3, 0.01), _point(3, 1.2, 0.02), _point(4, 1.5, 0.05)]
+
+    def fake_sweep(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return sweep_module.SweepResult(points, SimpleNamespace(budget="cosine>=0.99"), [p.step for p in pareto_front(points)])
+
+    monkeypatch.setattr(sweep_module, "sweep", fake_sweep)
+    out_html = tmp_path / "sweep.html"
+    res = CliRunner().invoke(app, ["sweep", str(sample_path), "--html", str(out_html)])
+    assert res.exit_code == 0, res.output
+    table_front = set()
+    for line in res.stdout.splitlines():
+        cells = [c.strip() for c in line.split("\u2502")]
+        if len(cells) > 2 and cells[1].isdigit() and cells[-2] == "*":
+            table_front.add(int(cells[1]))
+    circles = re.findall(r'fill="(#[0-9a-fA-F]+)"><title>step (\d+):', out_html.read_text())
+    assert len(circles) == len(points)
+    html_front = {int(step) for colour, step in circles if colour == FRONT_COLOUR}
+    assert table_front == html_front == {0, 1, 2, 4}
 
 
 def _digit_feeds() -> FeedSet:

@@ -1,0 +1,30 @@
+"""Command-line interface: a thin layer over the library (``onnx-rewriter``, :func:`main`).
+
+The commands compose option groups (:mod:`rewriter.cli.groups`); each group declares its flags once and
+builds one library object. Results are drawn by :mod:`rewriter.cli.tables`.
+
+Exit codes: 0 success; 1 a gate failed (numerics, metric, or slower than the input) and no output model
+was written; 2 bad input or usage, reported in one line (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+from rewriter.cli import commands, commands_optimize
+from rewriter.cli.app import app
+
+__all__ = ["app", "main"]
+
+# In the order --help lists them.
+app.command()(commands.analyze)
+app.command(name="passes")(commands.list_passes)
+app.command()(commands_optimize.optimize)
+app.command(name="optimize-many")(commands_optimize.optimize_many_cmd)
+app.command(name="apply")(commands_optimize.apply_plan_cmd)
+app.command()(commands.validate)
+app.command()(commands.sweep)
+app.command()(commands.bench)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

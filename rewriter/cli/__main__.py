@@ -1,0 +1,5 @@
+"""``python -m rewriter.cli``: the console script."""
+
+from rewriter.cli import main
+
+main()

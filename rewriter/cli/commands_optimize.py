@@ -1,0 +1,159 @@
+"""Commands that write models: ``optimize``, ``optimize-many`` and ``apply``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rewriter.cli.app import ConfigOpt, err, guarded, log, model_path, out, pass_options, quiet
+from rewriter.cli.groups import BUDGET, FEEDS, MODEL, OUTPUT, SEARCH, TIMING, ModelArgs, OutputArgs, compose
+from rewriter.cli.tables import fleet_table, optimize_summary
+from rewriter.errors import GateFailed, InputError
+from rewriter.job import OptimizeOptions
+from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchOptions
+
+#: The groups ``optimize`` and ``optimize-many`` share: every option of one guarded optimization.
+_OPTIMIZE_GROUPS = {"search": SEARCH, "model_args": MODEL, "feeds": FEEDS, "budget": BUDGET, "measure": TIMING}
+
+
+def _optimize_options(
+    config_file: Optional[Path], search: SearchOptions, model_args: ModelArgs, feeds: FeedOptions, budget: BudgetOptions,
+    measure: MeasureOptions, external_data: Optional[bool], input_shapes: Optional[dict[str, tuple[int, ...]]] = None,
+) -> OptimizeOptions:
+    """The library's OptimizeOptions from the groups' objects (and --config's pass options)."""
+    return OptimizeOptions.compose(
+        search, feeds, budget, measure, pass_options=pass_options(config_file),
+        input_shapes=model_args.shapes() if input_shapes is None else input_shapes,
+        max_model_bytes=model_args.max_model_bytes, external_data=external_data,
+    )
+
+
+@guarded
+@compose(**_OPTIMIZE_GROUPS, output=OUTPUT)
+def optimize(
+    model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
+    config_file: Optional[Path] = ConfigOpt,
+    *,
+    search: SearchOptions,
+    model_args: ModelArgs,
+    feeds: FeedOptions,
+    budget: BudgetOptions,
+    measure: MeasureOptions,
+    output: OutputArgs,
+) -> None:
+    """Run the guarded pipeline and write the optimized model and its report."""
+    from rewriter.html_report import profile_layers, write_html
+    from rewriter.io import check_output_path, save_model, sha256_file
+    from rewriter.job import optimize_model
+    from rewriter.progress import decision_progress
+    from rewriter.report import check_output_paths, write_json
+
+    target = output.output
+    assert target is not None  # a required option
+    src = model_path(model)
+    check_output_path(src, target, in_place=output.in_place)  # neither the model nor its data files
+    shapes = model_args.shapes()
+    if search.fail_if_no_speedup and not measure.latency:
+        raise InputError("--fail-if-no-speedup needs latency measurement; drop --no-latency")
+    check_output_paths(target, output.report, output.html, output.save_plan)
+    options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data, shapes)
+    outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not quiet()))
+    result, gate = outcome.result, outcome.gate
+    out_sha = None
+    if not gate:
+        save_model(result.model, target, external_data=output.external_data)
+        out_sha = sha256_file(target)
+        if output.save_plan is not None:
+            outcome.plan(out_sha).save(output.save_plan)
+    data = outcome.report(str(model), str(target), out_sha)
+    if output.report is not None:
+        write_json(data, output.report)
+    if output.html is not None:
+        write_html(output.html, data, layers=profile_layers(result, outcome.config.runtime))
+    if not quiet():
+        for shown in optimize_summary(result):
+            out.print(shown)
+    if gate:
+        raise GateFailed("gate failed, no output written: " + "; ".join(gate))
+    kept, replaced = len(result.in_model), len(result.kept) - len(result.in_model)
+    out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
+              + f", {len(result.rolled_back)} rolled back"
+              + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
+              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else ""))
+
+
+@guarded
+@compose(**_OPTIMIZE_GROUPS, output=OUTPUT.only("external_data"))
+def optimize_many_cmd(
+    models: list[Path] = typer.Argument(..., help="ONNX model files (never modified)."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for <stem>.onnx, <stem>.report.json and summary.json (created if missing)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Models at once: local worker processes (default: one per core) or Ray tasks in flight."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run each model as a Ray task on this cluster: auto, ray://HOST:10001 or local (needs the 'ray' extra of onnx-rewriter)."),
+    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", min=1, help="Whole CPUs each Ray task requests (default: --threads)."),
+    save_plans: bool = typer.Option(False, "--save-plans", help="Also write each model's kept rewrites as <stem>.plan.json for `apply`."),
+    config_file: Optional[Path] = ConfigOpt,
+    *,
+    search: SearchOptions,
+    model_args: ModelArgs,
+    feeds: FeedOptions,
+    budget: BudgetOptions,
+    measure: MeasureOptions,
+    output: OutputArgs,
+) -> None:
+    """Optimize many models, one guarded job each (local processes or Ray tasks); exit 1 if any failed."""
+    from rewriter.fleet import optimize_many
+
+    options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data)
+    result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans)
+    if not quiet():
+        out.print(fleet_table(result))
+    counts = result.counts()
+    how = f"{result.workers} worker process(es)" if result.mode == "local" else f"up to {result.workers} Ray task(s) in flight"
+    out.print(f"{counts['ok']} of {counts['total']} model(s) ok ({how}, {result.seconds:.1f} s); summary: {result.summary}")
+    if result.failed:
+        names = ", ".join(m.input for m in result.failed[:5]) + (", ..." if len(result.failed) > 5 else "")
+        err.print(f"error: {len(result.failed)} of {counts['total']} model(s) failed ({names}); see {result.summary}", markup=False)
+        raise typer.Exit(1)
+
+
+@guarded
+@compose(
+    model_args=MODEL.only("max_model_bytes"),
+    feeds=FEEDS.only("feeds", "images", "image_spec", "seed").but(seed={"help": "Seed of the feeds split (calibrated lossy steps only)."}),
+    output=OUTPUT.only("output", "in_place", "external_data").but(output={"help": "Where to write the rewritten model."}),
+)
+def apply_plan_cmd(
+    model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
+    plan: Path = typer.Option(..., "--plan", help="Plan written by optimize --save-plan."),
+    force: bool = typer.Option(False, "--force", help="Replay even if the model or calibration data differ from the plan's."),
+    config_file: Optional[Path] = ConfigOpt,
+    *,
+    model_args: ModelArgs,
+    feeds: FeedOptions,
+    output: OutputArgs,
+) -> None:
+    """Replay a plan's rewrites without measuring: the same model and plan give the same bytes."""
+    from rewriter.io import check_output_path, save_model, sha256_file
+    from rewriter.model import Model
+    from rewriter.plan import Plan, apply_plan
+
+    target = output.output
+    assert target is not None  # a required option
+    src = model_path(model)
+    check_output_path(src, target, in_place=output.in_place)  # neither the model nor its data files
+    the_plan = Plan.load(plan)
+    max_bytes = model_args.max_model_bytes
+    feedset = None
+    if the_plan.calibration is not None and (feeds.feeds or feeds.images):
+        source = Model.from_source(src, the_plan.input_shapes or None, max_bytes=max_bytes)
+        feedset = replace(feeds, num_feeds=1).feedset(source)
+    result = apply_plan(src, the_plan, force=force, max_model_bytes=max_bytes, feeds=feedset)
+    save_model(result.model, target, external_data=output.external_data)
+    sha = sha256_file(target)
+    if the_plan.output_sha256 and result.sha256_matches and sha != the_plan.output_sha256:
+        log.warning("output sha256 differs from the one recorded in the plan (another onnx/protobuf version?)")
+    out.print(f"wrote {target}: {len(result.applied)} rewrite(s) replayed, sha256 {sha}")
