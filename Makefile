@@ -24,8 +24,10 @@ demo: $(STAMP)
 	$(VENV)/bin/onnx-rewriter optimize $(BUILD)/sample.onnx -o $(BUILD)/sample.opt.onnx --report $(BUILD)/sample.report.json --html $(BUILD)/sample.report.html
 	@echo "reports: $(BUILD)/sample.report.json, $(BUILD)/sample.report.html"
 
-## make test: the default test suite (no network, no corpus models).
+## make test: the layers contract (import-linter, pyproject.toml), then the default test suite (no network,
+## no corpus models).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 ## make html-check: render the HTML report in headless chromium and check the screenshot (installs

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from rewriter.contract import Candidate, Skip
 from rewriter.outcome import Outcome
 from rewriter.validation.judge import Verdict
 from rewriter.validation.latency import LatencyComparison
 
-if TYPE_CHECKING:  # screening tries candidates (rewriter.trial), which makes decisions
-    from rewriter.screening import Screening
+
+@dataclass(frozen=True)
+class Screening:
+    """A lossy candidate's error predicted before judging: its family's mildest variant measured alone
+    (``measured``, :meth:`Judge.error`) and this candidate's share of it (``predicted``)."""
+
+    measured: float
+    predicted: float
+    screened: str  # description of the candidate that was measured
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"measured": self.measured, "predicted": self.predicted, "screened": self.screened}
 
 
 @dataclass(frozen=True)

@@ -14,27 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from rewriter.contract import Candidate, Pass
+from rewriter.decision import Screening
 from rewriter.model import Model
 from rewriter.trial import apply_candidate
 from rewriter.validation.judge import Judge
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Screening:
-    """A lossy candidate's error predicted before judging: its family's mildest variant measured alone
-    (``measured``, :meth:`Judge.error`) and this candidate's share of it (``predicted``)."""
-
-    measured: float
-    predicted: float
-    screened: str  # description of the candidate that was measured
-
-    def to_dict(self) -> dict[str, float | str]:
-        return {"measured": self.measured, "predicted": self.predicted, "screened": self.screened}
 
 
 #: Share of ``optimize``'s time budget that screening may use; families left unscreened are tried after the
