@@ -142,3 +142,20 @@ def test_plan_step_key_matches_candidate_key() -> None:
 
     c = Candidate("p", ("a", "b"), "d", Cost(1, 0, 0, 0), {"rank": 16})
     assert PlanStep("p", ("a", "b"), {"rank": 16}).key == c.key
+
+
+# -- plans written before the search and the bottleneck package were re-laid still replay ------------------
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name, steps", [("sample_exact.plan-0.1.0.json", 1), ("sample_bottleneck.plan-0.1.0.json", 4)])
+def test_plans_saved_by_earlier_versions_replay_to_the_same_model(sample_path: Path, name: str, steps: int) -> None:
+    """Plans saved by the code before this layout (``optimize --save-plan`` on the sample model: the exact
+    defaults; the bottleneck pass weight-only, four steps of which two replace earlier ones) replay step
+    for step, to the very model that run wrote (its ``output_sha256``) when the input is the same file."""
+    plan = Plan.load(DATA / name)
+    same_input = sha256_file(sample_path) == plan.input_sha256
+    replayed = apply_plan(sample_path, plan, force=not same_input)
+    assert [c.key for c in replayed.applied] == [s.key for s in plan.steps] and len(plan.steps) == steps
+    if same_input:  # the same onnx serializer as the run that wrote the plan
+        assert hashlib.sha256(replayed.model.SerializeToString()).hexdigest() == plan.output_sha256
