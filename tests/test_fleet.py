@@ -191,8 +191,8 @@ def test_ray_run_equals_the_local_run(ray_cluster, local_run, inputs: list[Path]
         mine = json.loads((tmp_path / f"{m.name}.report.json").read_text())
         theirs = json.loads((local.out_dir / f"{m.name}.report.json").read_text())
         assert mine["input"] == theirs["input"]
-        assert [(d["pass"], d["nodes"], d["decision"], d["reason"]) for d in mine["decisions"]] == [
-            (d["pass"], d["nodes"], d["decision"], d["reason"]) for d in theirs["decisions"]
+        assert [(d["pass"], d["nodes"], d["outcome"], d["reason"]) for d in mine["decisions"]] == [
+            (d["pass"], d["nodes"], d["outcome"], d["reason"]) for d in theirs["decisions"]
         ]
     assert json.loads((tmp_path / "summary.json").read_text())["counts"] == json.loads(local.summary.read_text())["counts"]
 

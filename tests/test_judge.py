@@ -16,6 +16,7 @@ from passes.fuse_1x1_chain import Fuse1x1Chain
 from rewriter.contract import Candidate, Cost
 from rewriter.errors import InputError
 from rewriter.model import Model
+from rewriter.outcome import Outcome
 from rewriter.validation import Budget, Judge, TaskMetric, TimingOptions, ValidationConfig, load_metric
 from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.region import extract_region, region_feed, region_outputs
@@ -144,11 +145,11 @@ def test_judge_rejects_on_numerics_with_reason(accepted: Model, sample_model: on
     j = Judge(accepted, config=NO_LATENCY)
     scaled = Model.from_source(edited_weight(sample_model, conv_weight(sample_model, "stem"), lambda w: w * 1.05))
     v = j.judge(accepted, scaled, SOME_CANDIDATE, exact=True)
-    assert not v.keep
+    assert not v.keep and v.outcome is Outcome.NUMERICS
     assert v.reason.startswith("numerics:") and repr(output_name(sample_model)) in v.reason
     assert v.latency is None
     kept = j.judge(accepted, Model.from_source(sample_model), SOME_CANDIDATE, exact=True)
-    assert kept.keep and "latency not measured" in kept.reason
+    assert kept.keep and kept.outcome is Outcome.KEPT and "latency not measured" in kept.reason
 
 
 def test_judge_needs_validation_feeds(accepted: Model) -> None:
@@ -186,14 +187,15 @@ def test_judge_rejects_a_slower_exact_rewrite_timed_end_to_end(accepted: Model, 
     slow = Model.from_source(with_dead_branch(sample_model))
     # The candidate names no node of the model: the region cannot be extracted, so the whole model is timed.
     v = j.judge(accepted, slow, CHEAPER_CANDIDATE, exact=True)
-    assert not v.keep
+    assert not v.keep and v.outcome is Outcome.LATENCY
     assert v.latency_scope == "model"
     assert v.reason.startswith("slower: model speedup")
     # Lowering neither MACs nor node count: an exact rewrite must show a speedup to be kept.
     speculative = j.judge(accepted, slow, SOME_CANDIDATE, exact=True)
-    assert not speculative.keep and speculative.reason.startswith("lowers neither MACs nor node count")
+    assert not speculative.keep and speculative.outcome is Outcome.LATENCY
+    assert speculative.reason.startswith("lowers neither MACs nor node count")
     lossy = j.judge(accepted, slow, SOME_CANDIDATE, exact=False)
-    assert not lossy.keep and lossy.reason.startswith("no speedup shown")
+    assert not lossy.keep and lossy.outcome is Outcome.LATENCY and lossy.reason.startswith("no speedup shown")
 
 
 def test_region_extraction_of_a_fused_pair(accepted: Model, fused: tuple[Candidate, Model]) -> None:
@@ -269,7 +271,7 @@ def test_metric_drop_rejects_a_lossy_rewrite(accepted: Model, sample_model: onnx
     config = ValidationConfig(budget=Budget.parse("cosine>=0.99"), latency=False, metric=TaskMetric(fidelity, 1e-3, "fidelity"))
     j = Judge(accepted, config=config)
     v = j.judge(accepted, lossy_trial(sample_model), SOME_CANDIDATE, exact=False)
-    assert not v.keep
+    assert not v.keep and v.outcome is Outcome.METRIC
     assert v.reason.startswith("fidelity dropped by") and "allowed 0.001" in v.reason
     drop = float(v.reason.split("dropped by ")[1].split()[0])
     assert drop > 1e-3 and drop == pytest.approx((j.metric_baseline or 0.0) - (v.metric or 0.0), rel=1e-3)

@@ -26,6 +26,7 @@ from passes.fuse_1x1_chain import Fuse1x1Chain
 from rewriter.contract import Candidate, Cost, Pass
 from rewriter.graph import NameFactory, const_value, constant
 from rewriter.model import Model
+from rewriter.outcome import Outcome
 from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.judge import ValidationConfig
 
@@ -161,7 +162,7 @@ def test_corrupted_weights_are_rolled_back_every_time(kind: str, model: onnx.Mod
     expected = sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm"))
     assert len(result.decisions) == expected  # every candidate was tried ...
     assert not result.kept  # ... and every one rolled back
-    assert all(d.reason.startswith("numerics") for d in result.decisions), [d.reason for d in result.decisions]
+    assert all(d.outcome is Outcome.NUMERICS and d.reason.startswith("numerics") for d in result.decisions), [d.reason for d in result.decisions]
     assert result.passes[0].rolled_back == expected and result.passes[0].kept == 0
     assert result.model == m.proto
     assert not result.final_numerics
@@ -177,10 +178,10 @@ def test_raising_pass_is_rolled_back_reported_and_the_run_goes_on(sample_model: 
     convs = sum(1 for n in sample_model.graph.node if n.op_type == "Conv")
     raised = by_pass["raises_after_editing"]
     assert len(raised) == convs
-    assert all(not d.kept and d.reason.startswith("rewrite raised RuntimeError: deliberate failure") for d in raised)
+    assert all(d.outcome is Outcome.RAISED and d.reason.startswith("rewrite raised RuntimeError: deliberate failure") for d in raised)
     assert [s.reason for s in result.passes[1].skips] == ["find raised KeyError: 'deliberate failure in find'"]
     (invalid,) = by_pass["invalid_model"]
-    assert not invalid.kept and invalid.reason.startswith("validation failed")
+    assert invalid.outcome is Outcome.VALIDATION_FAILED and invalid.reason.startswith("validation failed")
     # The good pass still ran on an intact model (the in-place edits of the raising pass did not leak).
     assert [d.kept for d in by_pass["fuse_1x1_chain"]] == [True]
     assert all(s.max_abs < 1e-3 for s in result.final_numerics.values())
