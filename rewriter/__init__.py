@@ -11,7 +11,7 @@ Python API (the CLI is a thin layer over these)::
 """
 
 from rewriter.analysis import Analysis, analyze
-from rewriter.contract import Candidate, Cost, Pass, PatternPass, RewriteError, Skip
+from rewriter.contract import CalibrationData, Candidate, Cost, Pass, PatternPass, RewriteError, Rule, RuleSetPass, Skip
 from rewriter.errors import GateFailed, InputError, RewriterError
 from rewriter.fleet import FleetResult, ModelResult, optimize_many
 from rewriter.io import load_model, save_model, sha256_file
@@ -26,6 +26,7 @@ from rewriter.version import __version__
 __all__ = [
     "Analysis",
     "ApplyResult",
+    "CalibrationData",
     "Candidate",
     "Cost",
     "Decision",
@@ -43,6 +44,8 @@ __all__ = [
     "Plan",
     "PatternPass",
     "RewriteError",
+    "Rule",
+    "RuleSetPass",
     "RewriterError",
     "Skip",
     "__version__",
