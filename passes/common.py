@@ -15,6 +15,7 @@ Inference BatchNormalization is a per-channel affine map ``BN(y) = y * s + t`` w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -82,28 +83,51 @@ def conv_kernel(node: gs.Node) -> tuple[int, ...] | None:
     return tuple(int(k) for k in kernel)
 
 
-def conv_geometry(node: gs.Node) -> ConvGeometry | str:
+def conv_auto_pad(node: gs.Node) -> str:
+    """A conv's ``auto_pad`` as text (an attribute given as bytes is decoded); ``"NOTSET"`` when absent."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    return auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+
+
+def conv_group(node: gs.Node) -> int:
+    """A conv's ``group`` attribute; 1 when absent."""
+    return int(node.attrs.get("group", 1))
+
+
+#: How :func:`conv_geometry` reads explicit ``pads`` beside ``auto_pad=VALID``.
+ValidPads = Literal["zero", "attribute"]
+
+
+def conv_geometry(node: gs.Node, *, valid_pads: ValidPads = "zero") -> ConvGeometry | str:
     """Kernel, strides, explicit pads, dilations and group of a Conv, or the reason they are not known.
 
-    Defaults follow ONNX: strides and dilations 1, pads 0, group 1. ``auto_pad=VALID`` is pads 0;
-    ``SAME_UPPER`` / ``SAME_LOWER`` (pads that depend on the input size) are declined.
+    Defaults follow ONNX: strides and dilations 1, pads 0, group 1; with ``n`` the length of the kernel
+    (:func:`conv_kernel`), a default has ``n`` entries (pads ``2n``). Lengths are not checked.
+    ``auto_pad=VALID`` is no padding; ``SAME_UPPER`` / ``SAME_LOWER`` (pads that depend on the input
+    size) are declined.
+
+    ``valid_pads``: ONNX forbids ``pads`` beside an ``auto_pad`` other than NOTSET (onnxruntime refuses
+    such a node; onnx shape inference reads the pads as written). Under ``auto_pad=VALID`` they are read
+    as ``"zero"`` (every pad 0, what VALID means) or as the ``"attribute"`` says (its default where
+    absent). The two agree on every valid model.
     """
     kernel = conv_kernel(node)
     if kernel is None:
         return f"{node.name}: kernel shape unknown"
     n = len(kernel)
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
+    auto_pad = conv_auto_pad(node)
     if auto_pad not in ("NOTSET", "VALID"):
         return f"{node.name}: auto_pad {auto_pad} is not handled"
-    pads = [0] * (2 * n) if auto_pad == "VALID" else list(node.attrs.get("pads", [0] * (2 * n)))
+    if auto_pad == "VALID" and valid_pads == "zero":
+        pads = [0] * (2 * n)
+    else:
+        pads = list(node.attrs.get("pads", [0] * (2 * n)))
     return ConvGeometry(
         kernel,
         tuple(int(s) for s in node.attrs.get("strides", [1] * n)),
         tuple(int(p) for p in pads),
         tuple(int(d) for d in node.attrs.get("dilations", [1] * n)),
-        int(node.attrs.get("group", 1)),
+        conv_group(node),
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from passes.bottleneck import Bottleneck, Site
+from passes.bottleneck import Bottleneck, ConvGeometry, Site
 from rewriter.contract import Candidate
 from rewriter.model import Model
 from rewriter.pipeline import apply_pass
@@ -61,6 +61,49 @@ def test_grouped_and_1x1_convs_are_left_alone() -> None:
     result = apply_pass(model, Bottleneck())
     assert not result.modified
     assert any("grouped" in s.reason for s in result.skipped)
+
+
+@pytest.mark.parametrize(
+    "attrs,inputs,want",
+    [
+        ("<kernel_shape = [3, 3], strides = [2, 1], pads = [1, 0, 1, 2], dilations = [1, 2]>", "X, W, B",
+         ConvGeometry((3, 3), (2, 1), (1, 0, 1, 2), (1, 2))),
+        ("<pads = [1, 2, 1, 2]>", "X, W", ConvGeometry((3, 3), (1, 1), (1, 2, 1, 2), (1, 1))),  # kernel from W
+        ('<auto_pad = "VALID">', "X, W", ConvGeometry((3, 3), (1, 1), (0, 0, 0, 0), (1, 1))),
+        ('<auto_pad = "NOTSET", pads = [1, 1, 1, 1]>', "X, W, ", ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))),
+        ('<auto_pad = "SAME_UPPER">', "X, W, B", "auto_pad SAME_* is not handled; export with explicit pads"),
+        ('<auto_pad = "SAME_LOWER">', "X, W", "auto_pad SAME_* is not handled; export with explicit pads"),
+        ("<pads = [1, 1, 1, 1]>", "X, W, Bx", "bias is not constant"),
+    ],
+)
+def test_site_reads_the_geometry_and_bias_through_passes_common(attrs: str, inputs: str, want: object) -> None:
+    """The conv's attributes as :func:`passes.common.conv_geometry` reads them, in the pass's 2-D geometry;
+    the pass's own reasons for what it declines."""
+    model = Model.from_source(parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 32, 12, 10] X, float[16] Bx) => (float[1, 16, H, W] Y)
+        <float[16, 32, 3, 3] W, float[16] B> {{
+            Y = Conv {attrs} ({inputs})
+        }}
+    """))
+    site = Bottleneck()._site(model, model.graph.nodes[0])
+    assert (site.geo if isinstance(site, Site) else site) == want
+    if isinstance(site, Site):
+        assert (site.b is None) == (inputs != "X, W, B")
+
+
+@pytest.mark.parametrize("value,want", [(b"VALID", (0, 0, 0, 0)), (b"NOTSET", (1, 1, 1, 1)),
+                                        (b"SAME_UPPER", "auto_pad SAME_* is not handled; export with explicit pads")])
+def test_an_auto_pad_given_as_bytes_is_decoded(value: bytes, want: object) -> None:
+    """A graph edited in process may hold ``auto_pad`` as bytes (a loaded one never does: onnx-graphsurgeon
+    decodes string attributes); it reads as the text would."""
+    model = Model.from_source(conv_model())
+    node = model.graph.nodes[0]
+    node.attrs["auto_pad"] = value
+    if value == b"VALID":
+        del node.attrs["pads"]
+    site = Bottleneck()._site(model, node)
+    assert (site.geo.pads if isinstance(site, Site) else site) == want
 
 
 def test_unknown_options_are_rejected() -> None:

@@ -11,7 +11,9 @@ from passes.common import (
     batchnorm_scale_shift,
     bias_tensor,
     bias_value,
+    conv_auto_pad,
     conv_geometry,
+    conv_group,
     conv_kernel,
     conv_padding_free,
     is_pointwise_conv,
@@ -101,6 +103,33 @@ def test_conv_geometry_auto_pad() -> None:
                '        Y = Conv <auto_pad = "SAME_UPPER"> (X, W, B)')
     assert conv_geometry(_node(m, "Conv_0")) == ConvGeometry((3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1)
     assert conv_geometry(_node(m, "Conv_1")) == "Conv_1: auto_pad SAME_UPPER is not handled"
+
+
+def test_conv_geometry_valid_pads_reads_explicit_pads_beside_valid_as_zero_or_as_written() -> None:
+    m = _model('A = Conv <auto_pad = "VALID", pads = [1, 0, 1, 2]> (X, W)\n'
+               '        T = Conv <auto_pad = "VALID"> (X, W)\n'
+               "        Y = Conv <pads = [1, 0, 1, 2]> (X, W, B)")
+    invalid, valid, notset = _node(m, "Conv_0"), _node(m, "Conv_1"), _node(m, "Conv_2")
+    assert conv_geometry(invalid) == conv_geometry(invalid, valid_pads="zero") == ConvGeometry((3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    assert conv_geometry(invalid, valid_pads="attribute") == ConvGeometry((3, 3), (1, 1), (1, 0, 1, 2), (1, 1), 1)
+    # the two readings agree where ONNX allows the attributes: VALID without pads, NOTSET with them
+    for node in (valid, notset):
+        assert conv_geometry(node, valid_pads="attribute") == conv_geometry(node, valid_pads="zero")
+    assert conv_geometry(valid).pads == (0, 0, 0, 0) and conv_geometry(notset).pads == (1, 0, 1, 2)
+
+
+def test_conv_auto_pad_and_group() -> None:
+    m = _model('A = Conv (X, W)\n        Y = Conv <auto_pad = "SAME_LOWER", group = 2> (X, Wg)',
+               "<float[4, 2, 3, 3] W, float[4, 1, 3, 3] Wg>")
+    plain, same = _node(m, "Conv_0"), _node(m, "Conv_1")
+    assert (conv_auto_pad(plain), conv_group(plain)) == ("NOTSET", 1)
+    assert (conv_auto_pad(same), conv_group(same)) == ("SAME_LOWER", 2)
+    # a graph edited in process may hold bytes (onnx-graphsurgeon decodes string attributes it loads)
+    plain.attrs["auto_pad"] = b"VALID"
+    assert conv_auto_pad(plain) == "VALID"
+    assert conv_geometry(plain) == ConvGeometry((3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    plain.attrs["auto_pad"] = b"SAME_UPPER"
+    assert conv_geometry(plain) == "Conv_0: auto_pad SAME_UPPER is not handled"
 
 
 def test_conv_geometry_unknown_kernel() -> None:

@@ -27,25 +27,30 @@ import onnx_graphsurgeon as gs
 from passes.bottleneck.fit import Fitter
 from passes.bottleneck.lowrank import ConvGeometry, ErrorProxy, Layer, rank_grid, round_rank
 from passes.bottleneck.options import MARK, MODES, BottleneckOptions, Site
+from passes.common import bias_tensor, bias_value, conv_auto_pad, conv_geometry, conv_group, weight_value
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
-from rewriter.graph import NameFactory, constant, const_value, is_graph_input, replace_nodes
+from rewriter.graph import NameFactory, constant, is_graph_input, replace_nodes
 from rewriter.model import Model
 
 log = logging.getLogger(__name__)
 
 
-def _geometry(node: gs.Node, w: np.ndarray) -> ConvGeometry | str:
-    """The conv's geometry from its attributes, or why it is not handled."""
-    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+def _geometry(node: gs.Node) -> ConvGeometry | str:
+    """The conv's 2-D geometry, read by :func:`passes.common.conv_geometry`, or why it is not handled.
+
+    Explicit pads beside ``auto_pad=VALID`` (which ONNX forbids) are read as written, as this pass always
+    read them: on a valid model there are none.
+    """
+    if conv_auto_pad(node) not in ("NOTSET", "VALID"):
         return "auto_pad SAME_* is not handled; export with explicit pads"
-    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", w.shape[2:]))
-    strides = tuple(int(s) for s in node.attrs.get("strides", [1, 1]))
-    pads = tuple(int(p) for p in node.attrs.get("pads", [0, 0, 0, 0]))
-    dil = tuple(int(d) for d in node.attrs.get("dilations", [1, 1]))
+    geo = conv_geometry(node, valid_pads="attribute")
+    if isinstance(geo, str):
+        return geo  # not reached from _site: its weight is a 4-D constant (the kernel is known), auto_pad checked above
+    kernel, strides, pads, dil = geo.kernel, geo.strides, geo.pads, geo.dilations
     if len(kernel) != 2 or len(strides) != 2 or len(pads) != 4 or len(dil) != 2:
         return "only 2-D convolutions are handled"
-    return ConvGeometry(kernel, strides, (pads[0], pads[1], pads[2], pads[3]), dil)  # type: ignore[arg-type]
+    return ConvGeometry(kernel, strides, pads, dil)  # type: ignore[arg-type]
 
 
 class Bottleneck(Pass):
@@ -85,13 +90,13 @@ class Bottleneck(Pass):
             return None
         if MARK in node.name:
             return None  # made by this pass
-        w = const_value(node.inputs[1])
+        w = weight_value(node)
         if w is None or is_graph_input(model.graph, node.inputs[1]):
             return "weight is not a constant initializer"
         if w.ndim != 4:
             return "only 2-D convolutions are handled"
         pointwise = w.shape[2] == 1 and w.shape[3] == 1
-        if int(node.attrs.get("group", 1)) != 1:
+        if conv_group(node) != 1:
             return None if pointwise else "grouped conv: no dense channel dimension to reduce"
         if pointwise and not self.options.include_pointwise:
             return None
@@ -99,12 +104,10 @@ class Bottleneck(Pass):
             return None
         if w.dtype.kind != "f":
             return "weights are not floating point"
-        b = None
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            b = const_value(node.inputs[2])
-            if b is None:
-                return "bias is not constant"
-        geo = _geometry(node, w)
+        b = bias_value(node)
+        if b is None and bias_tensor(node) is not None:
+            return "bias is not constant"
+        geo = _geometry(node)
         if isinstance(geo, str):
             return geo
         if model.static_shape(node.outputs[0]) is None or model.static_shape(node.inputs[0]) is None:
