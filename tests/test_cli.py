@@ -337,3 +337,23 @@ def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: {missing}: no such file"]
+
+
+# -- the app's own flags after the command -------------------------------------------------------------------
+def test_global_flags_move_before_the_command_and_nothing_after_a_double_dash() -> None:
+    from rewriter.cli import hoist_global_flags
+
+    assert hoist_global_flags(["optimize", "m.onnx", "-o", "o.onnx", "-q"]) == ["-q", "optimize", "m.onnx", "-o", "o.onnx"]
+    assert hoist_global_flags(["--debug", "analyze", "m.onnx", "-v"]) == ["--debug", "-v", "analyze", "m.onnx"]
+    assert hoist_global_flags(["analyze", "--", "-q"]) == ["analyze", "--", "-q"]
+
+
+def test_quiet_after_the_command_works_from_the_console_script(sample_path: Path, tmp_path: Path) -> None:
+    output = tmp_path / "o.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rewriter.cli", "optimize", str(sample_path), "-o", str(output), "--no-latency", "-q"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines() == [f"wrote {output}: 1 rewrite(s) kept, 0 rolled back"]
+    assert proc.stderr == ""

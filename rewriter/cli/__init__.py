@@ -12,7 +12,7 @@ from __future__ import annotations
 from rewriter.cli import commands, commands_optimize
 from rewriter.cli.app import app
 
-__all__ = ["app", "main"]
+__all__ = ["app", "hoist_global_flags", "main"]
 
 # In the order --help lists them.
 app.command()(commands.analyze)
@@ -25,6 +25,21 @@ app.command()(commands.sweep)
 app.command()(commands.bench)
 
 
+#: The app's own flags (``--debug``, ``--verbose``, ``--quiet``), accepted after the command too.
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v", "--quiet", "-q")
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """``argv`` with the app's own flags moved before the command, so ``optimize m.onnx -o o.onnx -q`` means
+    ``-q optimize m.onnx -o o.onnx``. Nothing after a ``--`` moves; no command takes these flags itself."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    rest = [a for a in argv[:end] if a not in GLOBAL_FLAGS]
+    return flags + rest + argv[end:]
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    import sys
+
+    app(args=hoist_global_flags(sys.argv[1:]))
