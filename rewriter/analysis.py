@@ -46,9 +46,25 @@ def _float_const(tensor: gs.Tensor):  # type: ignore[no-untyped-def]
     return v if v is not None and v.dtype.kind == "f" else None
 
 
+#: Inputs of the quantization ops that are not weights: scales and zero points.
+_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _param_inputs(node: gs.Node) -> list[tuple[gs.Tensor, Any]]:
+    """The node's constant inputs that are parameters, with their values: floating-point constants
+    (weights, biases, BN statistics); for a DequantizeLinear, the quantized tensor it reads (an int8 QDQ
+    model's weights and biases) and not its scale or zero point; nothing of a QuantizeLinear."""
+    if node.op in _QUANT_OPS:
+        if node.op == "QuantizeLinear" or not node.inputs:
+            return []
+        value = const_value(node.inputs[0])
+        return [] if value is None else [(node.inputs[0], value)]
+    return [(t, v) for t in node.inputs if (v := _float_const(t)) is not None]
+
+
 def node_params(node: gs.Node) -> int:
-    """Elements of the node's floating-point constant inputs (weights, biases, BN statistics)."""
-    return sum(int(v.size) for t in node.inputs if (v := _float_const(t)) is not None)
+    """Elements of the node's parameters (see :func:`_param_inputs`)."""
+    return sum(int(v.size) for _, v in _param_inputs(node))
 
 
 def _weight_shape(model: Model, node: gs.Node) -> tuple[int, ...] | None:
@@ -158,11 +174,8 @@ def analyze(model: Model) -> Analysis:
     seen: set[int] = set()
     total_params = 0
     for n in model.graph.nodes:
-        for t in n.inputs:
-            if id(t) in seen:
-                continue
-            v = _float_const(t)
-            if v is not None:
+        for t, v in _param_inputs(n):
+            if id(t) not in seen:
                 seen.add(id(t))
                 total_params += int(v.size)
     return Analysis(costs, op_histogram(model.graph.nodes), sum(c.macs for c in costs), total_params)

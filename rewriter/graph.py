@@ -66,6 +66,19 @@ def is_private_constant(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return const_value(tensor) is not None and len(tensor.outputs) == 1 and not is_graph_input(graph, tensor)
 
 
+def dequantized_constant(tensor: gs.Tensor) -> np.ndarray | None:
+    """The stored (quantized) value behind ``tensor`` when a DequantizeLinear makes it from a constant --
+    an int8 QDQ model's weights and biases -- else ``None``."""
+    node = producer(tensor)
+    if node is None or node.op != "DequantizeLinear" or not node.inputs:
+        return None
+    return const_value(node.inputs[0])
+
+
+#: What a rewrite of a quantized (QDQ) model's weights would need instead.
+QUANTIZED_WEIGHTS = "quantized weights (QDQ) are left as they are: rewrite the float model, then quantize it"
+
+
 def constant_operands_reason(graph: gs.Graph, conv: gs.Node) -> str | None:
     """Why the weight and bias of ``conv`` (any op's inputs after the first) cannot be rewritten: not
     constant, a graph input (overridable), or not floating point; ``None`` when they can."""
@@ -77,6 +90,8 @@ def constant_operands_reason(graph: gs.Graph, conv: gs.Node) -> str | None:
         if is_graph_input(graph, t):
             return f"{conv.name}: weight or bias {t.name!r} is a graph input, not a constant"
         value = const_value(t)
+        if value is None and dequantized_constant(t) is not None:
+            return f"{conv.name}: {QUANTIZED_WEIGHTS}"
         if value is None:
             return f"{conv.name}: weight or bias {t.name!r} is not constant"
         if value.dtype.kind != "f":

@@ -30,7 +30,7 @@ from passes.bottleneck.options import MARK, MODES, BottleneckOptions, Site
 from passes.common import bias_tensor, bias_value, conv_auto_pad, conv_geometry, conv_group, weight_value
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
-from rewriter.graph import NameFactory, constant, is_graph_input, replace_nodes
+from rewriter.graph import NameFactory, constant, dequantized_constant, is_graph_input, replace_nodes
 from rewriter.model import Model
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class Bottleneck(Pass):
         if MARK in node.name:
             return None  # made by this pass
         w = weight_value(node)
+        if w is None and dequantized_constant(node.inputs[1]) is not None:
+            return "quantized weights (QDQ): factorize the float model, then quantize it"
         if w is None or is_graph_input(model.graph, node.inputs[1]):
             return "weight is not a constant initializer"
         if w.ndim != 4:
