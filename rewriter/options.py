@@ -35,19 +35,21 @@ class FeedOptions:
     #: A folder of images (needs ``image_spec``).
     images: str | None = None
     image_spec: str | None = None
+    #: A data-loader script (``file.py`` or ``file.py:function``) yielding feeds.
+    data_loader_script: str | None = None
     #: How many random feeds, when no files or images are given.
     num_feeds: int = 8
     seed: int = 0
 
     def feedset(self, model: Any, input_shapes: Mapping[str, Shape] | None = None) -> FeedSet:
-        """Feeds for ``model`` (a :class:`~rewriter.model.Model`): an image folder or user files (split into
-        calibration and validation), else seeded random ones."""
+        """Feeds for ``model`` (a :class:`~rewriter.model.Model`): an image folder, user files or a data-loader
+        script (split into calibration and validation), else seeded random ones."""
         from rewriter.validation.feeds import feedset_for, input_specs
 
         shapes = model.input_shapes if input_shapes is None else input_shapes
         return feedset_for(
             input_specs(model.proto, shapes), feeds=self.feeds, images=self.images, image_spec=self.image_spec,
-            count=self.num_feeds, seed=self.seed,
+            data_loader=self.data_loader_script, count=self.num_feeds, seed=self.seed,
         )
 
 

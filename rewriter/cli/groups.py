@@ -167,7 +167,10 @@ MODEL: Group[ModelArgs] = Group("Model", (
 FEEDS: Group[FeedOptions] = Group("Feeds", (
     Flag("feeds", Optional[list[Path]], None, ("--feeds",), ".npy/.npz file of inputs (repeatable); default: seeded random feeds."),
     Flag("images", Optional[Path], None, ("--images",), "Folder of images to use as feeds (needs --image-spec)."),
-    Flag("image_spec", Optional[str], None, ("--image-spec",), "HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s]"),
+    Flag("image_spec", Optional[str], None, ("--image-spec",),
+         "HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s][,resize=stretch|letterbox|crop|pad][,fill=v|r/g/b]"),
+    Flag("data_loader_script", Optional[str], None, ("--data-loader-script",),
+         "FILE.py[:FUNCTION] (default load_data) yielding dicts of input name -> array: feeds with your own preprocessing."),
     Flag("num_feeds", int, 8, ("--num-feeds",), "Random feeds to judge numerics on.", min=1),
     Flag("seed", int, 0, ("--seed",), "Seed of random feeds."),
 ), _feed_options)

@@ -7,7 +7,9 @@ Sources:
   models), booleans fair coin flips;
 * ``.npy`` (single-input models) and ``.npz`` files keyed by input name; an array with one more dim
   than the input holds several samples along its first axis;
-* a folder of images plus an :class:`ImageSpec` (size, layout, channel order, mean/std or scale).
+* a folder of images plus an :class:`ImageSpec` (size, resize mode -- stretch, letterbox, center-crop or
+  pad --, layout, channel order, mean/std or scale);
+* a user's data-loader script (:func:`load_loader_feeds`) for any other preprocessing.
 
 Calibration feeds (for data-aware passes) and judging feeds are split without overlap by
 :func:`split_feeds`; random feeds for the two roles come from different seeds.
@@ -19,6 +21,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -125,10 +128,43 @@ def load_array_feeds(path: str | Path, specs: Sequence[InputSpec]) -> list[Feed]
     return [{name: per_input[name][i] for name in per_input} for i in range(n)]
 
 
+#: How a picture is brought to the input's size (see :func:`fit_box`).
+RESIZE_MODES = ("stretch", "letterbox", "crop", "pad")
+
+
+def fit_box(mode: str, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+    """Where a ``src_hw`` picture goes in a ``dst_hw`` input: ``(resized_hw, offset_yx, crop_box)``.
+
+    * ``stretch``: resized to ``dst_hw`` (aspect ratio not kept);
+    * ``letterbox``: scaled by ``s = min(H/h, W/w)`` (the whole picture fits), centered, the rest filled;
+    * ``crop``: scaled by ``s = max(H/h, W/w)`` (the picture covers the input), the center ``H x W`` kept;
+    * ``pad``: scaled by ``min(1, H/h, W/w)`` (shrunk to fit, never enlarged), at the top left, the rest
+      filled (text detectors pad their input to a multiple of 32 this way).
+
+    ``crop_box`` is ``(top, left, bottom, right)`` of the resized picture that lands in the input.
+    """
+    (h, w), (dh, dw) = src_hw, dst_hw
+    if mode == "stretch":
+        return (dh, dw), (0, 0), (0, 0, dh, dw)
+    if mode in ("letterbox", "pad"):
+        s = min(dh / h, dw / w) if mode == "letterbox" else min(1.0, dh / h, dw / w)
+        rh, rw = min(dh, max(1, round(h * s))), min(dw, max(1, round(w * s)))
+        offset = ((dh - rh) // 2, (dw - rw) // 2) if mode == "letterbox" else (0, 0)
+        return (rh, rw), offset, (0, 0, rh, rw)
+    if mode == "crop":
+        s = max(dh / h, dw / w)
+        rh, rw = max(dh, round(h * s)), max(dw, round(w * s))
+        top, left = (rh - dh) // 2, (rw - dw) // 2
+        return (rh, rw), (0, 0), (top, left, top + dh, left + dw)
+    raise InputError(f"image resize mode must be one of {', '.join(RESIZE_MODES)}, not {mode!r}")
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """How to turn an image file into a model input.
 
+    The picture is brought to ``height x width`` by ``resize`` (:func:`fit_box`: ``stretch``, ``letterbox``,
+    ``crop`` or ``pad``; uncovered pixels get ``fill``, 0-255 per channel), then
     ``value = (pixel * scale - mean) / std`` per channel, with pixels in [0, 255] in the stated
     ``channels`` order ("RGB" or "BGR"), laid out as ``NCHW`` or ``NHWC`` with batch 1.
     """
@@ -140,16 +176,34 @@ class ImageSpec:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     scale: float = 1.0
+    resize: str = "stretch"
+    fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.layout not in ("NCHW", "NHWC"):
             raise InputError(f"image layout must be NCHW or NHWC, not {self.layout!r}")
         if self.channels not in ("RGB", "BGR"):
             raise InputError(f"image channel order must be RGB or BGR, not {self.channels!r}")
+        if self.resize not in RESIZE_MODES:
+            raise InputError(f"image resize mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if any(not 0.0 <= v <= 255.0 for v in self.fill):
+            raise InputError(f"image fill must lie in [0, 255], not {self.fill}")
+
+    def fit(self, image: Any) -> np.ndarray:
+        """A PIL image -> ``height x width x 3`` uint8 RGB, by the spec's resize mode."""
+        from PIL import Image
+
+        (rh, rw), (oy, ox), (top, left, bottom, right) = fit_box(self.resize, (image.height, image.width), (self.height, self.width))
+        resized = np.asarray(image.convert("RGB").resize((rw, rh), Image.BILINEAR))[top:bottom, left:right]
+        out = np.empty((self.height, self.width, 3), np.uint8)
+        out[...] = np.asarray(np.round(self.fill), np.uint8)
+        out[oy : oy + resized.shape[0], ox : ox + resized.shape[1]] = resized
+        return out
 
     @classmethod
     def parse(cls, text: str) -> ImageSpec:
-        """``HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s]``, e.g. ``224x224,NHWC,BGR,mean=104/117/123``."""
+        """``HxW[,NCHW|NHWC][,RGB|BGR][,mean=a/b/c][,std=a/b/c][,scale=s][,resize=MODE][,fill=v|r/g/b]``, e.g.
+        ``224x224,NHWC,BGR,mean=104/117/123`` or ``192x192,resize=letterbox,fill=255``."""
         parts = [p.strip() for p in text.split(",") if p.strip()]
         if not parts:
             raise InputError("--image-spec is empty")
@@ -165,7 +219,9 @@ class ImageSpec:
                     kw["layout"] = key.upper()
                 elif not eq and key.upper() in ("RGB", "BGR"):
                     kw["channels"] = key.upper()
-                elif key in ("mean", "std"):
+                elif key == "resize":
+                    kw["resize"] = value.strip().lower()
+                elif key in ("mean", "std", "fill"):
                     vals = tuple(float(v) for v in value.split("/"))
                     kw[key] = vals * 3 if len(vals) == 1 else vals
                     if len(kw[key]) != 3:
@@ -205,11 +261,49 @@ def load_image_feeds(folder: str | Path, spec: ImageSpec, input_name: str, limit
     for f in files[:limit]:
         try:
             with Image.open(f) as im:
-                rgb = np.asarray(im.convert("RGB").resize((spec.width, spec.height), Image.BILINEAR))
+                rgb = spec.fit(im)
         except OSError as exc:
             raise InputError(f"{f}: cannot read image ({exc})") from None
         feeds.append({input_name: spec.preprocess(rgb)})
     return feeds
+
+
+#: Most feeds taken from a data loader (it may yield forever).
+MAX_LOADER_FEEDS = 4096
+
+
+def load_loader_feeds(spec: str, specs: Sequence[InputSpec], limit: int = MAX_LOADER_FEEDS) -> list[Feed]:
+    """Feeds from a user's data loader (``--data-loader-script``, after Polygraphy's): ``file.py`` (its
+    ``load_data`` function) or ``file.py:function`` / ``module:function``, called with no arguments, yielding
+    (or returning) dicts of input name -> array, as many as the run should use (at most ``limit`` are
+    taken). Each array must fit the input's resolved shape (or hold several samples along one more leading
+    axis) and dtype kind; every input must be fed."""
+    from rewriter.validation.user_code import import_function
+
+    fn = import_function(spec, "--data-loader-script", default="load_data")
+    feeds: list[Feed] = []
+    try:
+        for i, item in enumerate(fn()):
+            if len(feeds) >= limit:
+                log.warning("--data-loader-script %s: took the first %d feeds", spec, limit)
+                break
+            if not isinstance(item, Mapping):
+                raise InputError(f"--data-loader-script {spec!r}: item {i} is a {type(item).__name__}, not a dict of input name -> array")
+            missing = [s.name for s in specs if s.name not in item]
+            if missing:
+                raise InputError(f"--data-loader-script {spec!r}: item {i} has no array for input(s) {missing}")
+            per_input = {s.name: _samples(s, np.asarray(item[s.name]), f"--data-loader-script item {i}") for s in specs}
+            counts = {len(v) for v in per_input.values()}
+            if len(counts) != 1:
+                raise InputError(f"--data-loader-script {spec!r}: item {i}'s inputs hold different numbers of samples {sorted(counts)}")
+            feeds.extend({name: per_input[name][j] for name in per_input} for j in range(counts.pop()))
+    except InputError:
+        raise
+    except Exception as exc:  # user code: any failure is a usage error
+        raise InputError(f"--data-loader-script {spec!r} raised {type(exc).__name__}: {exc}") from None
+    if not feeds:
+        raise InputError(f"--data-loader-script {spec!r} yielded no feeds")
+    return feeds[:limit]
 
 
 def split_feeds(feeds: Sequence[Feed], calibration_fraction: float = 0.5, seed: int = 0) -> tuple[list[Feed], list[Feed]]:
@@ -255,6 +349,12 @@ class FeedSet:
         return cls(val, cal, f"images in {folder}")
 
     @classmethod
+    def from_loader(cls, spec: str, specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
+        """Feeds from a data-loader script (:func:`load_loader_feeds`), split like files."""
+        cal, val = split_feeds(load_loader_feeds(spec, specs), calibration_fraction, seed)
+        return cls(val, cal, f"data loader {spec}")
+
+    @classmethod
     def from_files(cls, paths: Sequence[str | Path], specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
         feeds: list[Feed] = []
         for path in paths:
@@ -269,14 +369,20 @@ def feedset_for(
     feeds: Sequence[str | Path] | None = None,
     images: str | Path | None = None,
     image_spec: str | None = None,
+    data_loader: str | None = None,
     count: int = 8,
     seed: int = 0,
 ) -> FeedSet:
-    """The feeds a command judges on: an image folder or ``.npy``/``.npz`` files (split into
-    calibration and validation halves), else ``count`` seeded random feeds for each role."""
+    """The feeds a command judges on: an image folder, ``.npy``/``.npz`` files or a data-loader script
+    (split into calibration and validation halves), else ``count`` seeded random feeds for each role."""
+    given = [flag for flag, value in (("--feeds", feeds), ("--images", images), ("--data-loader-script", data_loader)) if value]
+    if len(given) > 1:
+        raise InputError(f"give one of --feeds, --images and --data-loader-script, not {' and '.join(given)}")
+    if data_loader is not None:
+        if image_spec is not None:
+            raise InputError("--image-spec needs --images DIR")
+        return FeedSet.from_loader(data_loader, specs, seed=seed)
     if images is not None:
-        if feeds:
-            raise InputError("give either --feeds or --images, not both")
         if image_spec is None:
             raise InputError("--images needs --image-spec, e.g. 224x224,NCHW,RGB,scale=0.00392")
         return FeedSet.from_images(images, ImageSpec.parse(image_spec), specs, seed=seed)

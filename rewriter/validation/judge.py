@@ -17,8 +17,6 @@ Decision rules (thresholds are options):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +37,7 @@ from rewriter.validation.numerics import Budget, OutputStats, compare_outputs, s
 from rewriter.validation.region import RegionError, extract_region, region_feed, region_outputs
 from rewriter.validation.runtime import RuntimeOptions, deploy_session, eval_session, reference_session, run_feeds
 from rewriter.validation.stats import RatioCI
+from rewriter.validation.user_code import import_function
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +66,7 @@ class TaskMetric:
 
 def load_metric(spec: str) -> MetricFn:
     """Import ``module:function`` (the module may also be a path to a ``.py`` file)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise InputError(f"--metric {spec!r}: expected module:function")
-    try:
-        if module_name.endswith(".py"):
-            loc = importlib.util.spec_from_file_location("_rewriter_user_metric", module_name)
-            if loc is None or loc.loader is None:
-                raise ImportError(module_name)
-            module = importlib.util.module_from_spec(loc)
-            loc.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except Exception as exc:  # user code: any failure is a usage error
-        raise InputError(f"--metric {spec!r}: cannot import {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise InputError(f"--metric {spec!r}: {attr!r} is not a function of {module_name!r}")
-    return fn
+    return import_function(spec, "--metric")
 
 
 @dataclass(frozen=True)
