@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.errors import InputError
 from rewriter.graph import const_value, finalize, to_onnx
-from rewriter.io import copy_model, load_model
+from rewriter.io import copy_model, normalize_model, read_model
 from rewriter.shapes import MaybeShape, Shape, TensorInfo, infer_tensor_info, resolve_input_shapes
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class Model:
         #: The version this one descends from by forks and commits (itself for a loaded model): where a
         #: pass finds the original of something it rewrote before.
         self.root: Model = self
+        #: The export quirks normalized when the model was loaded (:mod:`rewriter.io.normalize`), one note each.
+        self.normalized: tuple[str, ...] = ()
 
     @classmethod
     def from_source(
@@ -63,15 +65,20 @@ class Model:
         *,
         max_bytes: int | None = None,
     ) -> Model:
-        """Load (or copy) a model, name its nodes and resolve its input shapes. The source is not modified."""
+        """Load (or copy) a model, normalize its harmless export quirks, name its nodes and resolve its input
+        shapes. The source is not modified."""
         if isinstance(source, onnx.ModelProto):
             proto = copy_model(source)
+            normalized = tuple(normalize_model(proto))
         elif isinstance(source, (str, os.PathLike)):
-            proto = load_model(source, max_bytes=max_bytes)
+            loaded = read_model(source, max_bytes=max_bytes)
+            proto, normalized = loaded.proto, loaded.normalized
         else:
             raise InputError(f"expected a model path or onnx.ModelProto, got {type(source).__name__}")
         name_nodes(proto)
-        return cls(proto, resolve_input_shapes(proto, input_shapes))
+        model = cls(proto, resolve_input_shapes(proto, input_shapes))
+        model.normalized = normalized
+        return model
 
     # -- lazily computed views -------------------------------------------------------------------------
     @property

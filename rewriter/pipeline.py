@@ -46,7 +46,9 @@ Source = str | os.PathLike[str] | onnx.ModelProto | Model
 def _as_model(source: Source, input_shapes: Mapping[str, Shape] | None, max_bytes: int | None = None) -> Model:
     if isinstance(source, Model):
         if input_shapes and dict(input_shapes) != source.input_shapes:
-            return Model.from_source(source.proto, input_shapes)
+            model = Model.from_source(source.proto, input_shapes)
+            model.normalized = source.normalized
+            return model
         return source
     return Model.from_source(source, input_shapes, max_bytes=max_bytes)
 
@@ -67,6 +69,8 @@ class OptimizeResult:
     seconds: float
     #: ``optimize``'s ``target_speedup``; ``None`` when none was asked for.
     target_speedup: float | None = None
+    #: The export quirks normalized when the model was loaded (:mod:`rewriter.io.normalize`), one note each.
+    normalized: tuple[str, ...] = ()
 
     @property
     def target_reached(self) -> bool | None:
@@ -219,6 +223,7 @@ def optimize(
         feeds=judge.feeds.source,
         seconds=deadline.elapsed(),
         target_speedup=target_speedup,
+        normalized=original.normalized,
     )
 
 

@@ -79,11 +79,12 @@ def optimize(
             out.print(shown)
     if gate:
         raise GateFailed("gate failed, no output written: " + "; ".join(gate))
+    normalized = f" (normalized on load: {'; '.join(result.normalized)})" if result.normalized else ""
     kept, replaced = len(result.in_model), len(result.kept) - len(result.in_model)
     out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
               + f", {len(result.rolled_back)} rolled back"
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
-              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else ""))
+              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else "") + normalized)
 
 
 @guarded
