@@ -240,3 +240,16 @@ def test_what_cannot_be_sorted_is_refused_as_before(tmp_path: Path, nodes: list,
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InputError, match=message):
         read_model(write(model, tmp_path / "m.onnx"))
+
+
+# -- the model keeps what the source gave -------------------------------------------------------------------
+def test_model_records_what_was_normalized_and_keeps_the_given_names(tmp_path: Path) -> None:
+    model = fp16_model()
+    for node in model.graph.node[:3]:
+        node.name = ""
+    m = Model.from_source(write(model, tmp_path / "fp16.onnx"))
+    assert m.normalized == (SORTED,)
+    assert all(n.name for n in m.proto.graph.node)  # the tool's own names
+    assert [n.name for n in m.as_given().graph.node] == ["graph_input_cast0", "", "", "", "graph_output_cast0"]
+    assert_same_outputs(m.proto, m.as_given(), rtol=0, atol=0)
+    assert Model.from_source(m.as_given()).normalized == ()
