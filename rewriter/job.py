@@ -4,13 +4,16 @@
 numbers, a ``module:function`` metric spec; the option sets of :mod:`rewriter.options` and a few more),
 so the same options can be handed to a worker process or a Ray task. :func:`optimize_model` loads the model, judges every candidate and applies the final gate; it
 writes nothing. The caller writes the model, the plan and the report (:meth:`OptimizeOutcome.report`,
-:meth:`OptimizeOutcome.plan`), so that where the files go is its business.
+:meth:`OptimizeOutcome.plan`), so that where the files go is its business. The feeds are made only when a
+candidate has to be judged: a model with nothing to rewrite needs none (nor resolved input shapes) and
+passes through unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -78,6 +81,19 @@ class OptimizeOptions(MeasureOptions, BudgetOptions, FeedOptions, SearchOptions)
         return validation_config(self, self)
 
 
+class _FeedsOnDemand:
+    """The run's feed set, made the first time the pipeline asks for it (and kept in :attr:`made`)."""
+
+    def __init__(self, make: Callable[[], FeedSet]) -> None:
+        self._make = make
+        self.made: FeedSet | None = None
+
+    def __call__(self) -> FeedSet:
+        if self.made is None:
+            self.made = self._make()
+        return self.made
+
+
 @dataclass
 class OptimizeOutcome:
     """A finished run, before anything is written: the result, what it was judged with, and the gate."""
@@ -85,13 +101,14 @@ class OptimizeOutcome:
     result: OptimizeResult
     options: OptimizeOptions
     config: ValidationConfig
-    feeds: FeedSet
+    #: The feeds the run was judged on; ``None`` when nothing had to be judged.
+    feeds: FeedSet | None
     input_sha256: str
     #: The final gate's failures; empty when the output may be written.
     gate: list[str]
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
-        """The JSON report (schema version 3); the output is recorded only when the gate passed."""
+        """The JSON report (schema version 4); the output is recorded only when the gate passed."""
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
@@ -124,10 +141,10 @@ def optimize_model(
     if options.latency:
         config.runtime.providers()  # fail early on an unavailable provider
     input_sha = sha256_file(source)
-    model = Model.from_source(source, options.input_shapes, max_bytes=options.max_model_bytes)
-    feedset = options.feedset(model)
+    model = Model.from_source(source, options.input_shapes, max_bytes=options.max_model_bytes, defer_unresolved=True)
+    feeds = _FeedsOnDemand(lambda: options.feedset(model))
     with progress if progress is not None else nullcontext():
-        result = pipeline.optimize(model, selected, feeds=feedset, config=config, time_budget_s=options.time_budget, screen=options.screen,
+        result = pipeline.optimize(model, selected, feeds=feeds, config=config, time_budget_s=options.time_budget, screen=options.screen,
                                    target_speedup=options.target_speedup)
     untried = sum(d.outcome is Outcome.NOT_TRIED_TIME for d in result.decisions)
     if untried:
@@ -136,4 +153,4 @@ def optimize_model(
         log.warning("target speedup %gx not reached: %s", options.target_speedup,
                     result.final_latency.ci if result.final_latency is not None else "no rewrite was kept")
     gate = gate_failures(result, config, require_speedup=options.fail_if_no_speedup)
-    return OptimizeOutcome(result, options, config, feedset, input_sha, gate)
+    return OptimizeOutcome(result, options, config, feeds.made, input_sha, gate)

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from rewriter.errors import InputError
 from rewriter.graph import const_value, finalize, to_onnx
-from rewriter.io import copy_model, load_model
+from rewriter.io import copy_model, normalize_model, read_model
 from rewriter.shapes import MaybeShape, Shape, TensorInfo, infer_tensor_info, resolve_input_shapes
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,13 @@ class Model:
         #: The version this one descends from by forks and commits (itself for a loaded model): where a
         #: pass finds the original of something it rewrote before.
         self.root: Model = self
+        #: The export quirks normalized when the model was loaded (:mod:`rewriter.io.normalize`), one note each.
+        self.normalized: tuple[str, ...] = ()
+        #: Why the input shapes could not be resolved (a model loaded with ``defer_unresolved``), else ``None``.
+        self.unresolved: str | None = None
+        #: The nodes' names as the source gave them (``None``: no name), where :func:`name_nodes` changed some
+        #: (see :meth:`as_given`).
+        self._given_names: tuple[str | None, ...] | None = None
 
     @classmethod
     def from_source(
@@ -62,16 +69,59 @@ class Model:
         input_shapes: Mapping[str, Shape] | None = None,
         *,
         max_bytes: int | None = None,
+        defer_unresolved: bool = False,
     ) -> Model:
-        """Load (or copy) a model, name its nodes and resolve its input shapes. The source is not modified."""
+        """Load (or copy) a model, normalize its harmless export quirks, name its nodes and resolve its input
+        shapes. The source is not modified.
+
+        ``defer_unresolved``: a model whose input shapes cannot all be resolved (a dynamic dim, an input
+        that is not a tensor) still loads, with no resolved shapes; :attr:`unresolved` keeps the error and
+        :meth:`require_shapes` raises it -- for a caller that may find nothing to do, and then needs no
+        feeds. A mistake in ``input_shapes`` itself is raised at once.
+        """
         if isinstance(source, onnx.ModelProto):
             proto = copy_model(source)
+            normalized = tuple(normalize_model(proto))
         elif isinstance(source, (str, os.PathLike)):
-            proto = load_model(source, max_bytes=max_bytes)
+            loaded = read_model(source, max_bytes=max_bytes)
+            proto, normalized = loaded.proto, loaded.normalized
         else:
             raise InputError(f"expected a model path or onnx.ModelProto, got {type(source).__name__}")
+        given = tuple(node.name if node.HasField("name") else None for node in proto.graph.node)  # proto2: unset is not ""
         name_nodes(proto)
-        return cls(proto, resolve_input_shapes(proto, input_shapes))
+        unresolved = None
+        try:
+            shapes = resolve_input_shapes(proto, input_shapes)
+        except InputError as exc:
+            if not defer_unresolved or str(exc).startswith("--input-shape"):  # the user's own mistake
+                raise
+            shapes, unresolved = {}, str(exc)
+            log.info("input shapes not resolved (%s); they are needed only if there is something to rewrite", exc)
+        model = cls(proto, shapes)
+        model.normalized, model.unresolved = normalized, unresolved
+        if given != tuple(node.name for node in proto.graph.node):
+            model._given_names = given
+        return model
+
+    def require_shapes(self) -> dict[str, Shape]:
+        """The resolved input shapes; :class:`InputError` when they could not be resolved (see :meth:`from_source`)."""
+        if self.unresolved is not None:
+            raise InputError(self.unresolved)
+        return self.input_shapes
+
+    def as_given(self) -> onnx.ModelProto:
+        """This loaded version as the source gave it: the proto, with the nodes' names as they were before
+        :func:`name_nodes` named the unnamed ones and renamed duplicates (a copy only when it did). What a
+        run that keeps no rewrite writes: the input's graph, normalized, and nothing else."""
+        if self._given_names is None:
+            return self.proto
+        proto = copy_model(self.proto)
+        for node, name in zip(proto.graph.node, self._given_names):
+            if name is None:
+                node.ClearField("name")
+            else:
+                node.name = name
+        return proto
 
     # -- lazily computed views -------------------------------------------------------------------------
     @property

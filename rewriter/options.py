@@ -46,7 +46,7 @@ class FeedOptions:
         script (split into calibration and validation), else seeded random ones."""
         from rewriter.validation.feeds import feedset_for, input_specs
 
-        shapes = model.input_shapes if input_shapes is None else input_shapes
+        shapes = model.require_shapes() if input_shapes is None else input_shapes
         return feedset_for(
             input_specs(model.proto, shapes), feeds=self.feeds, images=self.images, image_spec=self.image_spec,
             data_loader=self.data_loader_script, count=self.num_feeds, seed=self.seed,

@@ -5,6 +5,11 @@
 (which owns that pass's rounds, see :mod:`rewriter.search`), and closes with the end-to-end numerics and
 latency of the result. :func:`apply_pass` is the unguarded counterpart for the Python API and for tests.
 
+Nothing to rewrite needs no data: when the feeds are still to be made (``feeds`` a function, or ``None``
+for random ones), the selected passes first look for a candidate (:func:`~rewriter.search.nothing_to_rewrite`);
+where none has one, the model passes through unchanged and no feed is ever made -- a model with string
+or sequence inputs, or dynamic dims, comes back as it was.
+
 With a ``target_speedup``, lossy passes stop once the whole model is measured that much faster than the
 original (lower bound of the 95% CI): the rest of the error budget is left unspent
 (:class:`~rewriter.search.Target`).
@@ -27,7 +32,7 @@ from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.registry import resolve_passes
 from rewriter.screening import SCREEN_SHARE, rank
-from rewriter.search import PassSearch, SearchState, Target
+from rewriter.search import PassSearch, SearchState, Target, nothing_to_rewrite
 from rewriter.shapes import Shape
 from rewriter.trial import apply_candidate
 from rewriter.validation.calibration import Calibration
@@ -41,14 +46,19 @@ __all__ = ["Decision", "OptimizeResult", "Outcome", "PassResult", "PassRun", "So
 log = logging.getLogger(__name__)
 
 Source = str | os.PathLike[str] | onnx.ModelProto | Model
+#: The judging feeds: a set, a function making one when a candidate first needs judging, or ``None`` (random).
+Feeds = FeedSet | Callable[[], FeedSet] | None
 
 
-def _as_model(source: Source, input_shapes: Mapping[str, Shape] | None, max_bytes: int | None = None) -> Model:
+def _as_model(source: Source, input_shapes: Mapping[str, Shape] | None, max_bytes: int | None = None, *,
+              defer_unresolved: bool = False) -> Model:
     if isinstance(source, Model):
         if input_shapes and dict(input_shapes) != source.input_shapes:
-            return Model.from_source(source.proto, input_shapes)
+            model = Model.from_source(source.proto, input_shapes)
+            model.normalized = source.normalized
+            return model
         return source
-    return Model.from_source(source, input_shapes, max_bytes=max_bytes)
+    return Model.from_source(source, input_shapes, max_bytes=max_bytes, defer_unresolved=defer_unresolved)
 
 
 @dataclass
@@ -67,6 +77,13 @@ class OptimizeResult:
     seconds: float
     #: ``optimize``'s ``target_speedup``; ``None`` when none was asked for.
     target_speedup: float | None = None
+    #: The export quirks normalized when the model was loaded (:mod:`rewriter.io.normalize`), one note each.
+    normalized: tuple[str, ...] = ()
+
+    @property
+    def nothing_to_rewrite(self) -> bool:
+        """No selected pass had a candidate: the model passed through as it was."""
+        return not self.decisions
 
     @property
     def target_reached(self) -> bool | None:
@@ -116,10 +133,11 @@ def _check_target(target_speedup: float | None, config: ValidationConfig) -> Tar
     return Target(target_speedup)
 
 
-def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, config: ValidationConfig, deadline: Deadline) -> Judge:
-    """The run's judge (``judge`` when given: it must be of this very model), holding the run's deadline."""
+def _ready_judge(original: Model, judge: Judge | None, feeds: Feeds, config: ValidationConfig, deadline: Deadline) -> Judge:
+    """The run's judge (``judge`` when given: it must be of this very model), holding the run's deadline;
+    the feeds are made here when they are a function."""
     if judge is None:
-        return Judge(original, feeds, config, deadline)
+        return Judge(original, feeds() if callable(feeds) else feeds, config, deadline)
     if judge.original is not original:
         raise ValueError("optimize: the judge was built for another model")
     judge.deadline = deadline
@@ -159,12 +177,26 @@ def _closing(state: SearchState, model: Model, measured: tuple[Model, LatencyCom
     return numerics, judge.model_latency(original.proto, model.proto)
 
 
+def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Deadline, target_speedup: float | None) -> OptimizeResult:
+    """The result of a run with nothing to rewrite: the model as given, no decision, nothing measured."""
+    if original.unresolved is not None and "--input-shape" in original.unresolved:  # shapes might show more
+        log.warning("found nothing to rewrite without input shapes (%s); the model passes through unchanged", original.unresolved)
+    log.info("nothing to rewrite: no selected pass has a candidate; the model passes through unchanged")
+    analysis = analyze(original)
+    return OptimizeResult(
+        model=original.as_given(), original=original.proto, input_shapes=dict(original.input_shapes), decisions=[],
+        passes=runs, before=analysis, after=analysis, final_numerics={}, final_latency=None, budget=budget,
+        feeds="none (nothing to rewrite)", seconds=deadline.elapsed(), target_speedup=target_speedup,
+        normalized=original.normalized,
+    )
+
+
 def optimize(
     source: Source,
     passes: str | Sequence[str | Pass] | None = None,
     *,
     input_shapes: Mapping[str, Shape] | None = None,
-    feeds: FeedSet | None = None,
+    feeds: Feeds = None,
     config: ValidationConfig | None = None,
     max_rounds: int = 8,
     time_budget_s: float | None = None,
@@ -176,7 +208,10 @@ def optimize(
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
-    ``passes``: names, instances, or ``None`` for the exact defaults. ``time_budget_s`` caps the whole
+    ``passes``: names, instances, or ``None`` for the exact defaults. ``feeds``: a feed set, a function
+    making one (called once, when a candidate first needs judging: a model no selected pass has a
+    candidate for is returned as it was, with no feed made), or ``None`` for seeded random feeds (made
+    only when needed too). ``time_budget_s`` caps the whole
     call (search and closing end-to-end measurements, give or take one candidate); candidates left when
     it runs out are recorded as not tried. ``on_decision`` is called
     after each judged candidate with the decision and the model accepted after it (progress, sweeps).
@@ -190,7 +225,13 @@ def optimize(
     deadline = Deadline(time_budget_s, reserve_s=closing_reserve(config), screen_share=SCREEN_SHARE)
     target = _check_target(target_speedup, config)
     selected = resolve_passes(passes)
-    original = _as_model(source, input_shapes, max_model_bytes)
+    lazy = judge is None and not isinstance(feeds, FeedSet)  # feeds not made yet: made only if needed
+    original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
+    budget = config.budget.describe(exact=all(p.exact for p in selected))
+    if lazy:
+        idle = nothing_to_rewrite(selected, original)
+        if idle is not None:
+            return _unchanged(original, idle, budget, deadline, target_speedup)
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
     state = SearchState(original, judge, deadline, target, screen, on_decision)
@@ -206,7 +247,7 @@ def optimize(
             measured = (after_pass, search.run.model_latency)  # the same pair the final comparison would time
     final_numerics, final_latency = _closing(state, model, measured)
     return OptimizeResult(
-        model=model.proto,
+        model=model.proto if model is not original else original.as_given(),
         original=original.proto,
         input_shapes=dict(original.input_shapes),
         decisions=state.decisions,
@@ -215,10 +256,11 @@ def optimize(
         after=analyze(model),
         final_numerics=final_numerics,
         final_latency=final_latency,
-        budget=config.budget.describe(exact=all(p.exact for p in selected)),
+        budget=budget,
         feeds=judge.feeds.source,
         seconds=deadline.elapsed(),
         target_speedup=target_speedup,
+        normalized=original.normalized,
     )
 
 

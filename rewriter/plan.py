@@ -242,7 +242,8 @@ def apply_plan(
                 "the plan was made for another model (pass --force to replay it anyway)"
             )
         log.warning("model sha256 differs from the plan's; replaying anyway (--force)")
-    model = Model.from_source(source, plan.input_shapes or None, max_bytes=max_model_bytes)
+    # A plan with no step needs no shapes either (it writes what optimize wrote: the model as given).
+    model = Model.from_source(source, plan.input_shapes or None, max_bytes=max_model_bytes, defer_unresolved=not plan.steps)
     calibration = None if plan.calibration is None else _plan_calibration(model, plan.calibration, feeds, force)
     table = dict(available) if available is not None else available_passes()
     instances: dict[str, Pass] = {}
@@ -270,7 +271,7 @@ def apply_plan(
             raise InputError(f"{where}: cannot be applied: {exc}") from None
         applied.append(found[0])
         log.info("replayed %s", step.label())
-    return ApplyResult(model.proto, applied, sha, matches)
+    return ApplyResult(model.proto if applied else model.as_given(), applied, sha, matches)  # as optimize writes it
 
 
 

@@ -19,6 +19,8 @@ Where the round fails, each candidate is proven alone, as lossy ones are.
 
 After its rounds, a pass that changed the model is checked end to end (:meth:`PassSearch.close`): where the
 whole model is not shown to pay, the pass is undone and its kept decisions say so.
+
+Before any data is made, :func:`nothing_to_rewrite` tells whether any pass has a candidate at all.
 """
 
 from __future__ import annotations
@@ -150,6 +152,30 @@ def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, 
         return None
     log.info("%s: %d rewrites proven exact together", p.name, len(order))
     return RoundProof(stats, tuple(order))
+
+
+def nothing_to_rewrite(passes: Sequence[Pass], model: Model) -> list[PassRun] | None:
+    """The passes' runs, with their skips, when none of them has a candidate on ``model``; ``None`` as soon as
+    one has. Needs no data: data-aware passes look without calibration (they are handed theirs before
+    the search), after the others, so that a cheap find usually answers first. A find that raises counts
+    as finding nothing (recorded as a skip, as the search records it)."""
+    runs = {}
+    for p in sorted(passes, key=lambda p: p.data_aware):
+        run = runs[id(p)] = PassRun(p.name, p.exact)
+        if p.data_aware:
+            p.use_calibration(None)
+        seen: set[tuple[tuple[str, ...], str]] = set()
+        try:
+            for found in p.find(model):
+                if isinstance(found, Candidate):
+                    return None
+                if (found.nodes, found.reason) not in seen:
+                    run.skips.append(found)
+                    seen.add((found.nodes, found.reason))
+        except Exception as exc:
+            log.warning("%s.find raised: %s", p.name, exc)
+            run.skips.append(Skip(p.name, (), f"find raised {type(exc).__name__}: {exc}"))
+    return [runs[id(p)] for p in passes]
 
 
 @dataclass

@@ -360,12 +360,44 @@ def graph_cycle(d: Path) -> Case:
 
 
 def nodes_out_of_order(d: Path) -> Case:
-    """Acyclic but not topologically sorted, which ONNX forbids."""
-    return _edit_nodes(d, "unsorted", [
+    """Acyclic but not topologically sorted: ONNX forbids it, onnxruntime runs it; sorted on load (in memory)."""
+    case = _edit_nodes(d, "unsorted", [
         helper.make_node("Relu", ["b"], ["y"]),
         helper.make_node("Conv", ["a", "W2", "B2"], ["b"]),
         helper.make_node("Conv", ["x", "W1", "B1"], ["a"]),
-    ], "topological order")
+    ], "")
+
+    def check(src: Path, out: Path) -> None:
+        optimized = onnx.load(str(out))
+        onnx.checker.check_model(optimized, full_check=True)  # sorted
+        assert _ops(optimized) == {"Conv": 1, "Relu": 1}  # and the pair still fused
+
+    case.expect = Handled("the input file's node order (sorted in memory only)", check)
+    return case
+
+
+def ir3_initializers_not_inputs(d: Path) -> Case:
+    """IR 3 (opset 8) with its weights as initializers only, as older converters wrote it: the checker refuses
+    it, onnxruntime runs it; the IR version is raised to 4 on load (in memory)."""
+    model = base_model()
+    model.ir_version = 3
+    model.opset_import[0].version = 8
+    path = _write(model, d / "ir3.onnx")
+
+    def check(src: Path, out: Path) -> None:
+        optimized = onnx.load(str(out))
+        assert optimized.ir_version == 4 and [vi.name for vi in optimized.graph.input] == ["x"]
+        assert _ops(optimized) == {"Conv": 1, "Relu": 1}
+
+    return Case(path, Handled("the input file's IR version", check), [path])
+
+
+def ir2_initializers_not_inputs(d: Path) -> Case:
+    """IR 2 is not normalized: refused as before."""
+    model = base_model()
+    model.ir_version = 2
+    path = _write(model, d / "ir2.onnx")
+    return Case(path, Refused("invalid ONNX model"), [path])
 
 
 def duplicate_output_name(d: Path) -> Case:
@@ -709,7 +741,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
         ext_huge_length, ext_huge_offset, ext_negative_offset, ext_non_integer_length, ext_missing_data_file,
         ext_empty_location, ext_location_is_directory, ext_fifo, ext_nul_byte, ext_length_not_matching_dims,
         ext_in_constant_node, ext_in_subgraph, ext_symlink_inside,
-        graph_cycle, nodes_out_of_order, duplicate_output_name, output_shadows_initializer, duplicate_initializer_name,
+        graph_cycle, nodes_out_of_order, ir3_initializers_not_inputs, ir2_initializers_not_inputs, duplicate_output_name, output_shadows_initializer, duplicate_initializer_name,
         undefined_input, output_never_produced, unknown_op_default_domain, opset_too_new, opset_zero,
         custom_domain_without_import,
         init_data_too_short, init_data_too_long, init_dims_mismatch, init_float_data_count, init_negative_dim,

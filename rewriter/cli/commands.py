@@ -36,7 +36,8 @@ def analyze(
         write_json({"model": str(model), "input_shapes": {k: list(v) for k, v in m.input_shapes.items()}, **result.to_dict()}, json_path)
     if quiet():
         return
-    out.print(f"{model}: {sum(result.histogram.values())} nodes, {fmt_int(result.total_macs)} MACs, {fmt_int(result.total_params)} params")
+    out.print(f"{model}: {sum(result.histogram.values())} nodes, {fmt_int(result.total_macs)} MACs, {fmt_int(result.total_params)} params"
+              + (f" (normalized on load: {'; '.join(m.normalized)})" if m.normalized else ""))
     for table in analysis_tables(result, top):
         out.print(table)
 

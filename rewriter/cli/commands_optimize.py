@@ -46,7 +46,7 @@ def optimize(
     output: OutputArgs,
 ) -> None:
     """Run the guarded pipeline and write the optimized model and its report."""
-    from rewriter.html_report import profile_layers, write_html
+    from rewriter.html_report import layer_rows, profile_layers, write_html
     from rewriter.io import check_output_path, save_model, sha256_file
     from rewriter.job import optimize_model
     from rewriter.progress import decision_progress
@@ -72,18 +72,24 @@ def optimize(
     data = outcome.report(str(model), str(target), out_sha)
     if output.report is not None:
         write_json(data, output.report)
-    if output.html is not None:
-        write_html(output.html, data, layers=profile_layers(result, outcome.config.runtime))
+    if output.html is not None:  # nothing to rewrite: MACs only, nothing to time (the inputs may not be feedable)
+        layers = layer_rows(result.before, result.after) if result.nothing_to_rewrite else profile_layers(result, outcome.config.runtime)
+        write_html(output.html, data, layers=layers)
     if not quiet():
         for shown in optimize_summary(result):
             out.print(shown)
     if gate:
         raise GateFailed("gate failed, no output written: " + "; ".join(gate))
+    normalized = f" (normalized on load: {'; '.join(result.normalized)})" if result.normalized else ""
+    if result.nothing_to_rewrite:
+        same = "bytes identical to the input file" if out_sha == outcome.input_sha256 else "same graph, other bytes than the input file"
+        out.print(f"nothing to rewrite: wrote {target} unchanged ({same}){normalized}")
+        return
     kept, replaced = len(result.in_model), len(result.kept) - len(result.in_model)
     out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
               + f", {len(result.rolled_back)} rolled back"
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
-              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else ""))
+              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else "") + normalized)
 
 
 @guarded

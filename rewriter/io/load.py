@@ -15,7 +15,9 @@ problem:
 * every string field must be valid UTF-8; protobuf's own recursion limit (about 30 levels of nested
   messages) is reported as such;
 * then the structural checks of :mod:`rewriter.io.check` (opsets and nesting before external data is
-  read, the rest after).
+  read, the rest after) -- once the harmless export quirks onnxruntime accepts (an opset imported twice,
+  an IR-3 model whose initializers are not graph inputs, nodes out of topological order) are normalized
+  in memory by :mod:`rewriter.io.normalize`. :func:`read_model` also says what was normalized.
 
 Nothing here modifies a file.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +36,7 @@ from google.protobuf.message import DecodeError
 
 from rewriter.errors import InputError
 from rewriter.io.check import check_declared, check_limits, check_model_structure, check_opsets, expected_bytes, size_message
+from rewriter.io.normalize import normalize_model
 from rewriter.io.proto import PROTOBUF_LIMIT, model_tensors
 from rewriter.io.text import first_line, one_line
 
@@ -240,12 +244,22 @@ def _parse(p: Path, max_bytes: int | None) -> onnx.ModelProto:
     return model
 
 
-def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as loaded: its proto, and one short note per export quirk normalized on the way in."""
+
+    proto: onnx.ModelProto
+    normalized: tuple[str, ...] = ()
+
+
+def read_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> LoadedModel:
     """Load an ONNX model with its external data, refusing anything unsafe or malformed.
 
     Raises :class:`InputError` (one line, no traceback needed) for a missing file, a directory or other
     non-regular file, an unparsable or structurally invalid model, external data outside the model's
-    folder, or more than ``max_bytes`` bytes of model file plus external data.
+    folder, or more than ``max_bytes`` bytes of model file plus external data. Harmless export quirks
+    that onnxruntime accepts are normalized in memory first (:mod:`rewriter.io.normalize`); the result
+    says which.
     """
     p = Path(path)
     try:
@@ -253,6 +267,7 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
     except InputError as exc:
         raise InputError(one_line(str(exc))) from None
     try:
+        normalized = normalize_model(model)
         check_opsets(model)
         check_limits(model)
         refs = _external_refs(model, p.parent)
@@ -266,4 +281,9 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         check_model_structure(model)
     except InputError as exc:
         raise InputError(one_line(f"{p}: {exc}")) from None
-    return model
+    return LoadedModel(model, tuple(normalized))
+
+
+def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> onnx.ModelProto:
+    """:func:`read_model`'s proto: the model, checked and normalized."""
+    return read_model(path, max_bytes=max_bytes).proto

@@ -45,8 +45,11 @@ class InputSpec:
 
 
 def input_specs(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> list[InputSpec]:
+    """Name, dtype and resolved shape of every input (an input without a resolved shape is an :class:`InputError`)."""
     specs = []
     for vi in graph_inputs(model):
+        if vi.name not in input_shapes:
+            raise InputError(f"input {vi.name!r} has no resolved shape; pass --input-shape")
         elem = vi.type.tensor_type.elem_type
         specs.append(InputSpec(vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(elem)), tuple(input_shapes[vi.name])))
     return specs

@@ -134,7 +134,7 @@ class Judge:
         self.config = config or ValidationConfig()
         #: The run's time budget (unbounded by default): what the judge's own extra measurements may spend.
         self.deadline = deadline or Deadline()
-        self.feeds = feeds or FeedSet.random(input_specs(original.proto, original.input_shapes))
+        self.feeds = feeds or FeedSet.random(input_specs(original.proto, original.require_shapes()))
         if not self.feeds.validation:
             raise InputError("no validation feeds")
         self._reference: list[dict] | None = None
