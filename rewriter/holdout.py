@@ -144,11 +144,9 @@ def _finite(x: float) -> float | None:
 
 
 # -- the test split --------------------------------------------------------------------------------------
-class TestSplit:
+class HeldOutSplit:
     """Measures a model's budget on the test split against the original: numerics on the test feeds (a
     :class:`Judge` of its own, so the search's judge never holds them) and the metric on ``split="test"``."""
-
-    __test__ = False  # not a pytest class
 
     def __init__(self, state: SearchState, feeds: FeedSet) -> None:
         self.original = state.original
@@ -309,7 +307,7 @@ def recount(runs: Sequence[PassRun], decisions: Sequence[Decision]) -> None:
         start += n
 
 
-def _back_off(state: SearchState, split: TestSplit, passes: Sequence[Pass], result: Holdout, searched: Model) -> tuple[Model, Check, set[int]]:
+def _back_off(state: SearchState, split: HeldOutSplit, passes: Sequence[Pass], result: Holdout, searched: Model) -> tuple[Model, Check, set[int]]:
     """Undo units of ``searched`` in :func:`back_off_order` until the test split holds (or none is left): the
     model, its check and the decisions undone. Each step is recorded in ``result.backed_off``."""
     decisions, budget, metric = state.decisions, state.judge.config.budget, state.judge.config.metric
@@ -339,7 +337,7 @@ def confirm(state: SearchState, model: Model, runs: Sequence[PassRun], passes: S
     ``state.decisions`` and recounts ``runs``."""
     sizes = feeds.sizes()
     metric = state.judge.config.metric
-    split = TestSplit(state, feeds)
+    split = HeldOutSplit(state, feeds)
     metric_split = None if metric is None else split.metric is not None
     if not split.active:
         why = ("random feeds: nothing to hold out (they are not data); give --feeds, --images or --data-loader-script"

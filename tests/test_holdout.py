@@ -285,3 +285,13 @@ def test_too_few_feeds_for_three_splits_is_a_usage_error(clip_cli: tuple[Path, P
     line = assert_one_line_error(invoke("optimize", model, "-o", tmp_path / "out.onnx", "--no-latency", "--feeds", few))
     assert "at least 3" in line and "--holdout-fraction 0" in line
     assert invoke("optimize", model, "-o", tmp_path / "out.onnx", "--no-latency", "--feeds", few, "--holdout-fraction", "0").exit_code == 0
+
+
+def test_a_sweep_maps_the_search_s_own_curve_and_leaves_the_test_split_out() -> None:
+    from rewriter.sweep import sweep
+    from rewriter.validation.latency import TimingOptions
+
+    config = ValidationConfig(budget=Budget.parse("cosine>=0.99"), latency=False, timing=TimingOptions(min_pairs=4, max_pairs=6, time_budget_s=0.3))
+    result = sweep(parse(CHAIN3), [ClipInput()], feeds=tuned(), config=config)
+    assert result.search.holdout is not None and result.search.holdout.status == "off"
+    assert [p.label for p in result.points] == ["original", "clip A's input"]
