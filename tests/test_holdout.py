@@ -156,6 +156,13 @@ def test_the_rewrite_that_spent_most_per_mac_saved_goes_first_and_the_rest_stay(
                             [dict(zip(names, o)) for o in run_reference(result.model, fs.validation)])
     assert result.final_numerics["P"].cosine == pytest.approx(stats["P"].cosine) and stats["P"].cosine < 1.0
     assert (result.passes[0].kept, result.passes[0].rolled_back, result.passes[1].kept) == (0, 1, 2)
+    # The plan holds the rewrites left, and replays to the very model written.
+    from rewriter.plan import apply_plan, plan_from_result
+
+    plan = plan_from_result(result, input_sha256=None)
+    assert [s.pass_name for s in plan.steps] == ["perturb", "perturb"]
+    replayed = apply_plan(original, plan, available={"clip_input": ClipInput, "perturb": Perturb})
+    assert replayed.model.SerializeToString() == result.model.SerializeToString()
 
 
 def test_the_back_off_order_is_budget_spent_per_mac_saved() -> None:
