@@ -151,7 +151,9 @@ class HeldOutSplit:
     def __init__(self, state: SearchState, feeds: FeedSet) -> None:
         self.original = state.original
         self.config = state.judge.config
-        self.judge = Judge(state.original, FeedSet(list(feeds.test), [], f"test split of {feeds.source}"), self.config, state.deadline) if feeds.test else None
+        self.judge = None
+        if feeds.test:
+            self.judge = Judge(state.original, FeedSet(list(feeds.test), [], f"test split of {feeds.source}"), self.config, state.deadline)
         metric = self.config.metric
         self.metric = metric if metric is not None and metric.takes_split else None
         self._baseline: float | None = None
@@ -179,7 +181,7 @@ class HeldOutSplit:
             metric = self._score(model)
             why = self.metric.failure(self.baseline() or 0.0, metric)
             if why is not None:
-                failures.append(f"{why} on the test split")
+                failures.append(why)
         return Check(numerics, metric, tuple(f"test split: {f}" for f in failures))
 
 

@@ -315,7 +315,8 @@ DEFAULT_HOLDOUT_FRACTION = 0.25
 MIN_SPLIT_FEEDS = 3
 
 
-def split_holdout(feeds: Sequence[Feed], fraction: float = DEFAULT_HOLDOUT_FRACTION, seed: int = 0, what: str = "the data") -> tuple[list[Feed], list[Feed]]:
+def split_holdout(feeds: Sequence[Feed], fraction: float = DEFAULT_HOLDOUT_FRACTION, seed: int = 0,
+                  what: str = "the data") -> tuple[list[Feed], list[Feed]]:
     """Disjoint (test, rest) sets by a seeded permutation: ``max(1, round(n * fraction))`` test feeds (at most
     ``n - 2``, leaving one calibration and one validation feed), in their original order; the rest keep
     theirs, so a ``fraction`` of 0 (no test split) leaves :func:`split_feeds` the very list it had before.
