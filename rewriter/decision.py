@@ -55,6 +55,10 @@ class Decision:
         """This kept decision undone with its whole pass."""
         return replace(self, outcome=Outcome.PASS_UNDONE, reason=f"{self.reason}; {why}")
 
+    def backed_off(self, why: str) -> Decision:
+        """This kept decision undone after the search: the result broke the budget on the held-out test split."""
+        return replace(self, outcome=Outcome.HOLDOUT, reason=f"{self.reason}; {why}")
+
 
 def not_tried(candidate: Candidate, exact: bool, outcome: Outcome, why: str) -> Decision:
     """A candidate the search never judged, and why."""

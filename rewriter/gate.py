@@ -2,8 +2,10 @@
 
 A run passes when its end-to-end numerics are within the budget (the exact budget when every kept rewrite
 was exact), the optimized model is not shown slower than the input (the whole 95% CI of the speedup
-``t_input / t_output`` below ``exact_min_speedup``), and -- when a speedup is required -- the CI lies wholly
-above 1 (``low > 1``) and, when the run had a target speedup ``s``, at or above it (``low >= s``).
+``t_input / t_output`` below ``exact_min_speedup``), the budget holds on the held-out test split (see
+:mod:`rewriter.holdout`: after backing off it does, unless ``--holdout-fail`` asked not to back off), and --
+when a speedup is required -- the CI lies wholly above 1 (``low > 1``) and, when the run had a target speedup
+``s``, at or above it (``low >= s``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool 
     above the run's target speedup, when it had one."""
     any_lossy = any(not d.exact for d in result.decisions)
     gate = list(config.budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
+    held = result.holdout
+    if held is not None and held.holds is False:
+        failures = held.final.failures if held.final is not None else ()
+        gate.append(f"the budget does not hold on the held-out test split ({held.reason}): " + "; ".join(failures))
     lat = result.final_latency
     if lat is not None and lat.ci.slower(config.exact_min_speedup):
         gate.append(f"optimized model is slower than the input: speedup {lat.ci}")

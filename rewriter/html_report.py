@@ -348,6 +348,34 @@ def _target_html(target: Any) -> str:
     return f"; target speedup {_e(target.get('speedup'))}x {'reached' if target.get('reached') else 'not reached'}"
 
 
+def _holdout_html(held: Any) -> list[str]:
+    """The held-out test split: its status, the split sizes, the output's worst numerics on it and what was backed off."""
+    if not isinstance(held, dict):
+        return []
+    sizes = held.get("sizes") or {}
+    final = held.get("final") or {}
+    lines = [
+        "<h2>Held-out test split</h2>",
+        f"<p><b>{_e(str(held.get('status', '?')).replace('_', ' '))}</b>: {_e(held.get('reason', ''))}<br>"
+        f"feeds: {_e(sizes.get('calibration', '-'))} calibration, {_e(sizes.get('validation', '-'))} validation, "
+        f"{_e(sizes.get('test', '-'))} test (never seen by the search)"
+        + (f"<br>output on the test split: max abs err / cosine {_e(_worst(final.get('numerics') or {}))}" if final.get("numerics") else "")
+        + (f"; metric {_e(final.get('metric'))} (input {_e(held.get('metric_baseline'))})" if final.get("metric") is not None else "")
+        + "".join(f"<br>{_e(f)}" for f in final.get("failures", []))
+        + "</p>",
+    ]
+    backed = held.get("backed_off") or []
+    if backed:
+        rows = "".join(
+            f"<tr><td>{_e(', '.join(b.get('descriptions', [])))}</td><td class=\"n\">{_e(b.get('spend'))}</td>"
+            f"<td class=\"n\">{_fmt_int(b.get('macs_saved'))}</td><td>{'holds' if b.get('holds_after') else 'still broken'}</td></tr>"
+            for b in backed
+        )
+        lines.append("<table><thead><tr><th>backed off</th><th>budget spent</th><th>MACs saved</th><th>test split after</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table>")
+    return lines
+
+
 def render_html(
     report: Mapping[str, Any],
     *,
@@ -391,6 +419,7 @@ def render_html(
             f'<p class="muted">{len(pareto)} point(s); {len(front)} on the front (orange).</p>',
             pareto_svg(pareto),
         ]
+    body += _holdout_html(report.get("holdout"))
     body += ["<h2>Decisions</h2>", _decision_table(report.get("decisions", []))]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

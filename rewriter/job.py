@@ -108,7 +108,7 @@ class OptimizeOutcome:
     gate: list[str]
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
-        """The JSON report (schema version 4); the output is recorded only when the gate passed."""
+        """The JSON report (schema version 5); the output is recorded only when the gate passed."""
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
@@ -145,7 +145,7 @@ def optimize_model(
     feeds = _FeedsOnDemand(lambda: options.feedset(model))
     with progress if progress is not None else nullcontext():
         result = pipeline.optimize(model, selected, feeds=feeds, config=config, time_budget_s=options.time_budget, screen=options.screen,
-                                   target_speedup=options.target_speedup)
+                                   target_speedup=options.target_speedup, holdout_fail=options.holdout_fail)
     untried = sum(d.outcome is Outcome.NOT_TRIED_TIME for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)

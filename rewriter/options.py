@@ -40,16 +40,18 @@ class FeedOptions:
     #: How many random feeds, when no files or images are given.
     num_feeds: int = 8
     seed: int = 0
+    #: The share of user data held out as the test split the search never sees (0: none; random feeds have none).
+    holdout_fraction: float = 0.25
 
     def feedset(self, model: Any, input_shapes: Mapping[str, Shape] | None = None) -> FeedSet:
         """Feeds for ``model`` (a :class:`~rewriter.model.Model`): an image folder, user files or a data-loader
-        script (split into calibration and validation), else seeded random ones."""
+        script (split into calibration, validation and the held-out test split), else seeded random ones."""
         from rewriter.validation.feeds import feedset_for, input_specs
 
         shapes = model.require_shapes() if input_shapes is None else input_shapes
         return feedset_for(
             input_specs(model.proto, shapes), feeds=self.feeds, images=self.images, image_spec=self.image_spec,
-            data_loader=self.data_loader_script, count=self.num_feeds, seed=self.seed,
+            data_loader=self.data_loader_script, count=self.num_feeds, seed=self.seed, holdout_fraction=self.holdout_fraction,
         )
 
 
@@ -100,6 +102,8 @@ class SearchOptions:
     #: Stop lossy passes once the whole model is measured this much faster (CI lower bound).
     target_speedup: float | None = None
     fail_if_no_speedup: bool = False
+    #: When the held-out test split breaks the budget: fail the gate instead of backing off (see rewriter.holdout).
+    holdout_fail: bool = False
 
 
 def validation_config(budget: BudgetOptions, measure: MeasureOptions) -> ValidationConfig:

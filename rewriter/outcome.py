@@ -22,6 +22,8 @@ class Outcome(str, Enum):
     LATENCY = "latency"
     #: Kept alone, then undone with its whole pass: the pass did not pay end to end.
     PASS_UNDONE = "pass_undone"
+    #: Kept by the search, then undone: the result broke the budget on the held-out test split.
+    HOLDOUT = "holdout"
     #: The graph changed since the candidate was found; it no longer applies.
     STALE = "stale"
     #: The pass raised while applying it.

@@ -28,6 +28,7 @@ from rewriter.analysis import Analysis, analyze
 from rewriter.contract import Candidate, Pass, RewriteError, Skip
 from rewriter.deadline import Deadline
 from rewriter.decision import Decision, PassRun
+from rewriter.holdout import Holdout, confirm
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.registry import resolve_passes
@@ -79,6 +80,8 @@ class OptimizeResult:
     target_speedup: float | None = None
     #: The export quirks normalized when the model was loaded (:mod:`rewriter.io.normalize`), one note each.
     normalized: tuple[str, ...] = ()
+    #: The held-out confirmation (:mod:`rewriter.holdout`); ``None`` when the result was built without one.
+    holdout: Holdout | None = None
 
     @property
     def nothing_to_rewrite(self) -> bool:
@@ -133,11 +136,11 @@ def _check_target(target_speedup: float | None, config: ValidationConfig) -> Tar
     return Target(target_speedup)
 
 
-def _ready_judge(original: Model, judge: Judge | None, feeds: Feeds, config: ValidationConfig, deadline: Deadline) -> Judge:
+def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, config: ValidationConfig, deadline: Deadline) -> Judge:
     """The run's judge (``judge`` when given: it must be of this very model), holding the run's deadline;
-    the feeds are made here when they are a function."""
+    it never holds the held-out test split."""
     if judge is None:
-        return Judge(original, feeds() if callable(feeds) else feeds, config, deadline)
+        return Judge(original, None if feeds is None else feeds.for_search(), config, deadline)  # never the test split
     if judge.original is not original:
         raise ValueError("optimize: the judge was built for another model")
     judge.deadline = deadline
@@ -205,6 +208,7 @@ def optimize(
     judge: Judge | None = None,
     screen: bool = True,
     target_speedup: float | None = None,
+    holdout_fail: bool = False,
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
@@ -220,6 +224,9 @@ def optimize(
     :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
     ``target_speedup``: lossy passes stop once the whole model is measured at least this much faster
     than the source (CI lower bound; see :class:`~rewriter.search.Target`); needs latency measurement.
+    ``feeds.test`` (the held-out test split) is never seen by the search: the result is confirmed on it
+    afterwards and lossy rewrites are backed off until it holds (:mod:`rewriter.holdout`); with
+    ``holdout_fail`` nothing is backed off and ``result.holdout`` says it does not hold (the gate fails).
     """
     config = config or ValidationConfig()
     deadline = Deadline(time_budget_s, reserve_s=closing_reserve(config), screen_share=SCREEN_SHARE)
@@ -232,6 +239,8 @@ def optimize(
         idle = nothing_to_rewrite(selected, original)
         if idle is not None:
             return _unchanged(original, idle, budget, deadline, target_speedup)
+    if callable(feeds):
+        feeds = feeds()  # a candidate has to be judged: the feeds are made now
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
     state = SearchState(original, judge, deadline, target, screen, on_decision)
@@ -245,6 +254,7 @@ def optimize(
         runs.append(search.run)
         if before_pass is original and search.run.model_latency is not None:
             measured = (after_pass, search.run.model_latency)  # the same pair the final comparison would time
+    model, holdout = confirm(state, model, runs, selected, feeds if feeds is not None else judge.feeds, fail=holdout_fail)
     final_numerics, final_latency = _closing(state, model, measured)
     return OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
@@ -261,6 +271,7 @@ def optimize(
         seconds=deadline.elapsed(),
         target_speedup=target_speedup,
         normalized=original.normalized,
+        holdout=holdout,
     )
 
 

@@ -10,7 +10,7 @@ the same bytes as the ``optimize`` output.
 
 Lossy data-aware steps (fitted on calibration activations) need the same calibration data again: the plan
 records a digest of the calibration feeds ``optimize`` fitted on, and replaying requires feeds with the
-same digest (the same ``--feeds``/``--images`` and ``--seed``). Exact steps need no data.
+same digest (the same ``--feeds``/``--images``, ``--seed`` and ``--holdout-fraction``). Exact steps need no data.
 
 Plan file (JSON), version 1::
 
@@ -279,13 +279,13 @@ def _plan_calibration(model: Model, recorded: Mapping[str, Any], feeds: Any, for
     """The calibration service for the plan's data-aware steps, on ``feeds`` (checked against the digest recorded)."""
     what = f"{recorded.get('count', '?')} calibration feed(s) from {recorded.get('source', '?')}"
     if not _uses_calibration(feeds):
-        raise InputError(f"the plan's lossy steps were fitted on {what}; give the same data (--feeds or --images, and --seed)")
+        raise InputError(f"the plan's lossy steps were fitted on {what}; give the same data (--feeds or --images, and --seed and --holdout-fraction)")
     digest = feeds_digest(feeds.calibration)
     if digest != recorded["sha256"]:
         if not force:
             raise InputError(
                 f"the calibration feeds differ from the ones the plan was fitted on ({what}); "
-                "give the same data and --seed (or --force to fit on these)"
+                "give the same data, --seed and --holdout-fraction (or --force to fit on these)"
             )
         log.warning("calibration feeds differ from the plan's; the lossy steps will fit differently (--force)")
     from rewriter.validation.calibration import Calibration

@@ -1,6 +1,6 @@
 """The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and its atomic file writers.
 
-Schema version 4 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
+Schema version 5 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
 provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``normalized`` (the export quirks normalized
 on load, one short note each), ``input_shapes``, ``budget``, ``feeds``,
@@ -9,9 +9,13 @@ was undone), ``decisions`` (per candidate: pass, nodes, description, options, MA
 after, ``decision`` (``kept`` / ``rolled_back`` / ``not_tried``), ``outcome`` (the
 :class:`~rewriter.outcome.Outcome` value) and ``reason``, numerics per output, latency with its 95% CI and scope, and the
 end-to-end latency of its pass), ``totals`` (ops, nodes, MACs, params before/after, final numerics,
-final end-to-end speedup with CI), ``gate`` (passed, failures), ``pareto`` (speedup/error points of a
+final end-to-end speedup with CI), ``holdout`` (the held-out confirmation: split sizes, the budget on the
+test split before and after backing off, what was backed off; :mod:`rewriter.holdout`), ``gate`` (passed,
+failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
 
+Changes from version 4: ``holdout``; the outcome ``holdout`` (kept by the search, undone because the result
+broke the budget on the held-out test split).
 Changes from version 3: the top-level ``normalized`` list.
 
 Changes from version 2: decisions carry ``outcome``; candidates never tried are ``decision: not_tried``
@@ -36,7 +40,7 @@ from rewriter.pipeline import Decision, OptimizeResult, PassRun
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def build_report(
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     pareto: Sequence[ParetoPoint] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema version 4). ``gate``: the final gate's failures."""
+    """The report as a JSON-ready dict (schema version 5). ``gate``: the final gate's failures."""
     before, after = result.before, result.after
     options = pass_options or {}
     owners = _pass_of_each_decision(result)
@@ -181,6 +185,7 @@ def build_report(
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
             "final_latency": _latency(result.final_latency, "model"),
         },
+        "holdout": None if result.holdout is None else result.holdout.to_dict(),
         "gate": {"passed": not failures, "failures": failures},
         "pareto": None if pareto is None else [p.to_dict() for p in pareto],
         "seconds": round(result.seconds, 3),

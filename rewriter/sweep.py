@@ -97,10 +97,12 @@ def sweep(
     time_budget_s: float | None = None,
     screen: bool = True,
 ) -> SweepResult:
-    """Run the search once at ``config``'s (loosest) budget and measure every kept lossy step."""
+    """Run the search once at ``config``'s (loosest) budget and measure every kept lossy step. The curve is
+    the search's own: a test split in ``feeds`` is left out (nothing is confirmed or backed off)."""
     from rewriter.analysis import analyze
 
     config = config or ValidationConfig()
+    feeds = None if feeds is None else feeds.for_search()
     original = source if isinstance(source, Model) else Model.from_source(source, input_shapes)
     steps: list[tuple[str, Model]] = [("original", original)]
 

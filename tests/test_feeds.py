@@ -275,10 +275,12 @@ def test_feedset_from_files_splits(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", rng.standard_normal((4, 1, 3, 4, 4)).astype(np.float32))
     np.savez(tmp_path / "b.npz", x=rng.standard_normal((2, 1, 3, 4, 4)).astype(np.float32))
     fs = FeedSet.from_files([tmp_path / "a.npy", tmp_path / "b.npz"], [X], calibration_fraction=0.5)
-    assert len(fs.calibration) == 3 and len(fs.validation) == 3
-    seen = [f["x"].tobytes() for f in fs.calibration + fs.validation]
+    assert fs.sizes() == {"calibration": 2, "validation": 2, "test": 2}  # a quarter held out (rounded), the rest halved
+    seen = [f["x"].tobytes() for f in fs.calibration + fs.validation + fs.test]
     assert len(set(seen)) == 6
     assert "a.npy" in fs.source and "b.npz" in fs.source
+    whole = FeedSet.from_files([tmp_path / "a.npy", tmp_path / "b.npz"], [X], calibration_fraction=0.5, holdout_fraction=0.0)
+    assert whole.sizes() == {"calibration": 3, "validation": 3, "test": 0}
 
 
 # -- image folders -------------------------------------------------------------------------------------
@@ -391,7 +393,7 @@ def test_feedset_from_images(tmp_path: Path) -> None:
         write_png(tmp_path / f"{k}.png")
     specs = [spec("input", np.float32, (1, 3, 3, 4))]
     fs = FeedSet.from_images(tmp_path, ImageSpec(3, 4), specs)
-    assert len(fs.calibration) == 2 and len(fs.validation) == 2
+    assert fs.sizes() == {"calibration": 2, "validation": 1, "test": 1}
     assert str(tmp_path) in fs.source
     with pytest.raises(InputError, match="shape"):
         FeedSet.from_images(tmp_path, ImageSpec(3, 4, layout="NHWC"), specs)

@@ -81,7 +81,7 @@ def batches():
     assert [float(f["x"][0, 0, 0, 0]) for f in feeds] == [0.0, 1.0, 2.0] and feeds[0]["x"].dtype == np.float32
     assert len(load_loader_feeds(f"{path}:batches", SPECS)) == 5
     fs = FeedSet.from_loader(str(path), SPECS)
-    assert len(fs.calibration) + len(fs.validation) == 3 and not fs.synthetic and fs.source == f"data loader {path}"
+    assert fs.sizes() == {"calibration": 1, "validation": 1, "test": 1} and not fs.synthetic and fs.source == f"data loader {path}"
 
 
 @pytest.mark.parametrize("body, message", [
@@ -135,7 +135,7 @@ def load_data():
         yield {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
 """)
     outcome = _lossy_run(tmp_path, data_loader_script=str(path))
-    assert outcome.feeds.source == f"data loader {path}" and len(outcome.feeds.calibration) == 4
+    assert outcome.feeds.source == f"data loader {path}" and outcome.feeds.sizes() == {"calibration": 3, "validation": 3, "test": 2}
     assert outcome.result.feeds == f"data loader {path}"
     assert outcome.result.decisions and all(d.tried for d in outcome.result.decisions)
     assert not outcome.gate

@@ -11,7 +11,7 @@ from rewriter.outcome import Outcome
 KINDS = {
     Outcome.KEPT: "kept", Outcome.SUPERSEDED: "kept",
     Outcome.NUMERICS: "rolled_back", Outcome.METRIC: "rolled_back", Outcome.LATENCY: "rolled_back",
-    Outcome.PASS_UNDONE: "rolled_back", Outcome.STALE: "rolled_back", Outcome.RAISED: "rolled_back",
+    Outcome.PASS_UNDONE: "rolled_back", Outcome.HOLDOUT: "rolled_back", Outcome.STALE: "rolled_back", Outcome.RAISED: "rolled_back",
     Outcome.VALIDATION_FAILED: "rolled_back",
     Outcome.NOT_TRIED_TIME: "not_tried", Outcome.NOT_TRIED_TARGET: "not_tried",
     Outcome.NOT_TRIED_DOMINATED: "not_tried", Outcome.NOT_TRIED_UNVALIDATED: "not_tried",
@@ -35,6 +35,9 @@ def test_a_kept_decision_superseded_stays_kept_and_undone_does_not() -> None:
     assert replaced.reason == "exact; later replaced by: fuse a harder"
     undone = kept.undone("pass undone")
     assert not undone.kept and undone.tried and undone.outcome is Outcome.PASS_UNDONE and undone.reason == "exact; pass undone"
+    backed = kept.backed_off("undone: broke the budget on the held-out test split")
+    assert not backed.kept and backed.tried and backed.outcome is Outcome.HOLDOUT and backed.outcome.kind == "rolled_back"
+    assert backed.reason == "exact; undone: broke the budget on the held-out test split"
 
 
 def test_not_tried_needs_a_not_tried_outcome() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,9 @@ from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchO
 
 #: ``validate`` and ``sweep`` word some shared flags their own way.
 _RANDOM_FEEDS = {"seed": {"help": None}}
+#: The feed flags of commands that hold nothing out (validate compares on every feed; sweep maps the
+#: search's own curve): all but --holdout-fraction, which they set to 0.
+_ALL_FEEDS = ("feeds", "images", "image_spec", "data_loader_script", "num_feeds", "seed")
 
 
 @guarded
@@ -53,7 +57,7 @@ def list_passes() -> None:
 @guarded
 @compose(
     model_args=MODEL.only("input_shape"),
-    feeds=FEEDS.but(num_feeds={"default": 16, "help": "Random feeds to compare on."}, **_RANDOM_FEEDS),
+    feeds=FEEDS.only(*_ALL_FEEDS).but(num_feeds={"default": 16, "help": "Random feeds to compare on."}, **_RANDOM_FEEDS),
     budget=BUDGET.only("max_error", "rtol", "atol", "metric", "max_metric_drop", "min_metric").but(
         max_error={"help": "Lossy budget (default: exact gate at --rtol/--atol)."}, rtol={"help": None}, atol={"help": None},
     ),
@@ -79,7 +83,7 @@ def validate(
 
     shapes = model_args.shapes()
     base_model = Model.from_source(model_path(base), shapes)
-    feedset: FeedSet = feeds.feedset(base_model)
+    feedset: FeedSet = replace(feeds, holdout_fraction=0.0).feedset(base_model)
     if feeds.feeds or feeds.images:  # validate compares on every given sample
         feedset = FeedSet(feedset.validation + feedset.calibration, [], feedset.source)
     config = validation_config(budget, measure)
@@ -105,7 +109,7 @@ def validate(
         time_budget={"help": "Seconds of validation the search may spend."},
     ),
     model_args=MODEL.only("input_shape"),
-    feeds=FEEDS.but(num_feeds={"help": "Random feeds (without --feeds/--images)."}, **_RANDOM_FEEDS),
+    feeds=FEEDS.only(*_ALL_FEEDS).but(num_feeds={"help": "Random feeds (without --feeds/--images)."}, **_RANDOM_FEEDS),
     budget=BUDGET.only("max_error", "metric", "max_metric_drop", "min_metric").but(
         max_error={"annotation": str, "default": "cosine>=0.99", "help": "The loosest budget the search may reach."},
     ),
@@ -137,7 +141,7 @@ def sweep(
     measure.runtime().providers()
     config = validation_config(budget, measure)
     source = Model.from_source(src, model_args.shapes())
-    feedset = feeds.feedset(source)
+    feedset = replace(feeds, holdout_fraction=0.0).feedset(source)
     result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=search.time_budget, screen=search.screen)
     if json_path is not None:
         write_json({"model": str(model), **result.to_dict()}, json_path)

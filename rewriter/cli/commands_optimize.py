@@ -129,7 +129,9 @@ def optimize_many_cmd(
 @guarded
 @compose(
     model_args=MODEL.only("max_model_bytes"),
-    feeds=FEEDS.only("feeds", "images", "image_spec", "data_loader_script", "seed").but(seed={"help": "Seed of the feeds split (calibrated lossy steps only)."}),
+    feeds=FEEDS.only("feeds", "images", "image_spec", "data_loader_script", "seed", "holdout_fraction").but(
+        seed={"help": "Seed of the feeds split (calibrated lossy steps only)."},
+        holdout_fraction={"help": "The --holdout-fraction optimize split the feeds with (calibrated lossy steps only)."}),
     output=OUTPUT.only("output", "in_place", "external_data").but(output={"help": "Where to write the rewritten model."}),
 )
 def apply_plan_cmd(

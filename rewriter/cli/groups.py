@@ -173,6 +173,9 @@ FEEDS: Group[FeedOptions] = Group("Feeds", (
          "FILE.py[:FUNCTION] (default load_data) yielding dicts of input name -> array: feeds with your own preprocessing."),
     Flag("num_feeds", int, 8, ("--num-feeds",), "Random feeds to judge numerics on.", min=1),
     Flag("seed", int, 0, ("--seed",), "Seed of random feeds."),
+    Flag("holdout_fraction", float, 0.25, ("--holdout-fraction",),
+         "Share of --feeds/--images/--data-loader-script data held out as a test split the search never sees; the result is "
+         "confirmed on it and backed off until it holds (0: hold none out; random feeds have none).", min=0),
 ), _feed_options)
 
 BUDGET: Group[BudgetOptions] = Group("Budget", (
@@ -208,6 +211,8 @@ SEARCH: Group[SearchOptions] = Group("Search", (
          "error (off: the pass's own order)."),
     Flag("fail_if_no_speedup", bool, False, ("--fail-if-no-speedup",),
          "Gate: exit 1, writing nothing, unless the end-to-end speedup CI lies above 1."),
+    Flag("holdout_fail", bool, False, ("--holdout-fail",),
+         "Gate: exit 1, writing nothing, when the result breaks the budget on the held-out test split (default: back off lossy rewrites until it holds)."),
 ), SearchOptions)
 
 OUTPUT: Group[OutputArgs] = Group("Output", (

@@ -79,6 +79,11 @@ def optimize_summary(result: Any) -> list[Renderable]:
     if result.target_speedup is not None:
         target = result.final_latency.ci if result.final_latency is not None else "nothing kept"
         shown.append(f"target speedup {result.target_speedup:g}x: {'reached' if result.target_reached else 'not reached'} ({target})")
+    held = getattr(result, "holdout", None)
+    if held is not None and held.status != "off":
+        sizes = held.sizes
+        shown.append(f"held-out test split ({sizes['test']} feeds the search never saw; {sizes['validation']} validation, "
+                     f"{sizes['calibration']} calibration): {held.status.replace('_', ' ')} -- {held.reason}")
     return shown
 
 

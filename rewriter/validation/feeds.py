@@ -11,15 +11,18 @@ Sources:
   pad --, layout, channel order, mean/std or scale);
 * a user's data-loader script (:func:`load_loader_feeds`) for any other preprocessing.
 
-Calibration feeds (for data-aware passes) and judging feeds are split without overlap by
-:func:`split_feeds`; random feeds for the two roles come from different seeds.
+User data (files, images, a data loader) is split three ways without overlap: a held-out *test* split
+(:func:`split_holdout`, ``holdout_fraction`` of the feeds, 1/4 by default; the search never sees it, see
+:mod:`rewriter.holdout`), then calibration feeds (for data-aware passes) and judging (validation) feeds
+(:func:`split_feeds`). Random feeds are not data: they have no test split, and the feeds of the two roles
+come from different seeds.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +312,31 @@ def load_loader_feeds(spec: str, specs: Sequence[InputSpec], limit: int = MAX_LO
     return feeds[:limit]
 
 
+#: The share of the user's feeds held out as the test split by default.
+DEFAULT_HOLDOUT_FRACTION = 0.25
+#: Fewest feeds a three-way split (calibration, validation, test) takes: one of each.
+MIN_SPLIT_FEEDS = 3
+
+
+def split_holdout(feeds: Sequence[Feed], fraction: float = DEFAULT_HOLDOUT_FRACTION, seed: int = 0,
+                  what: str = "the data") -> tuple[list[Feed], list[Feed]]:
+    """Disjoint (test, rest) sets by a seeded permutation: ``max(1, round(n * fraction))`` test feeds (at most
+    ``n - 2``, leaving one calibration and one validation feed), in their original order; the rest keep
+    theirs, so a ``fraction`` of 0 (no test split) leaves :func:`split_feeds` the very list it had before.
+    Too few feeds for three splits is an :class:`InputError` naming the minimum."""
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"--holdout-fraction must be at least 0 and below 1, not {fraction:g}")
+    if fraction == 0.0:
+        return [], list(feeds)
+    n = len(feeds)
+    if n < MIN_SPLIT_FEEDS:
+        raise InputError(f"{what} gives {n} feed(s); a calibration, validation and test split needs at least {MIN_SPLIT_FEEDS} "
+                         "(give more, or --holdout-fraction 0 to hold none out)")
+    n_test = min(n - 2, max(1, round(n * fraction)))
+    held = set(int(i) for i in np.random.default_rng([seed, 0x7E57]).permutation(n)[:n_test])
+    return [feeds[i] for i in range(n) if i in held], [feeds[i] for i in range(n) if i not in held]
+
+
 def split_feeds(feeds: Sequence[Feed], calibration_fraction: float = 0.5, seed: int = 0) -> tuple[list[Feed], list[Feed]]:
     """Disjoint (calibration, validation) sets from one list, by a seeded permutation."""
     if not 0.0 < calibration_fraction < 1.0:
@@ -322,13 +350,30 @@ def split_feeds(feeds: Sequence[Feed], calibration_fraction: float = 0.5, seed: 
 
 @dataclass
 class FeedSet:
-    """Feeds for the two roles. ``validation`` judges numerics; ``calibration`` is for data-aware passes."""
+    """Feeds for three roles. ``validation`` judges numerics; ``calibration`` is for data-aware passes;
+    ``test`` is held out from the search and confirms its result (:mod:`rewriter.holdout`)."""
 
     validation: list[Feed]
     calibration: list[Feed]
     source: str
     #: Random feeds stand in for data: fine for proving exact rewrites, useless for fitting lossy ones.
     synthetic: bool = False
+    #: The held-out test split: the search never runs it (empty: nothing held out).
+    test: list[Feed] = field(default_factory=list)
+
+    def sizes(self) -> dict[str, int]:
+        """How many feeds each split holds."""
+        return {"calibration": len(self.calibration), "validation": len(self.validation), "test": len(self.test)}
+
+    def for_search(self) -> FeedSet:
+        """These feeds without the test split: all the search may see."""
+        return replace(self, test=[]) if self.test else self
+
+    @classmethod
+    def _split(cls, feeds: Sequence[Feed], source: str, what: str, calibration_fraction: float, seed: int, holdout_fraction: float) -> FeedSet:
+        test, rest = split_holdout(feeds, holdout_fraction, seed, what)
+        cal, val = split_feeds(rest, calibration_fraction, seed)
+        return cls(val, cal, source, test=test)
 
     @classmethod
     def random(cls, specs: Sequence[InputSpec], count: int = 8, calibration_count: int = 8, seed: int = 0) -> FeedSet:
@@ -340,7 +385,8 @@ class FeedSet:
         )
 
     @classmethod
-    def from_images(cls, folder: str | Path, spec: ImageSpec, specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
+    def from_images(cls, folder: str | Path, spec: ImageSpec, specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0,
+                    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> FeedSet:
         if len(specs) != 1:
             raise InputError("an image folder can only feed a single-input model")
         feeds = load_image_feeds(folder, spec, specs[0].name)
@@ -348,22 +394,23 @@ class FeedSet:
         got = tuple(feeds[0][specs[0].name].shape)
         if got != want:
             raise InputError(f"--image-spec gives inputs of shape {got}, the model is resolved to {want}")
-        cal, val = split_feeds(feeds, calibration_fraction, seed)
-        return cls(val, cal, f"images in {folder}")
+        return cls._split(feeds, f"images in {folder}", f"--images {folder}", calibration_fraction, seed, holdout_fraction)
 
     @classmethod
-    def from_loader(cls, spec: str, specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
+    def from_loader(cls, spec: str, specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0,
+                    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> FeedSet:
         """Feeds from a data-loader script (:func:`load_loader_feeds`), split like files."""
-        cal, val = split_feeds(load_loader_feeds(spec, specs), calibration_fraction, seed)
-        return cls(val, cal, f"data loader {spec}")
+        return cls._split(load_loader_feeds(spec, specs), f"data loader {spec}", f"--data-loader-script {spec}", calibration_fraction, seed,
+                          holdout_fraction)
 
     @classmethod
-    def from_files(cls, paths: Sequence[str | Path], specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0) -> FeedSet:
+    def from_files(cls, paths: Sequence[str | Path], specs: Sequence[InputSpec], calibration_fraction: float = 0.5, seed: int = 0,
+                   holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> FeedSet:
         feeds: list[Feed] = []
         for path in paths:
             feeds.extend(load_array_feeds(path, specs))
-        cal, val = split_feeds(feeds, calibration_fraction, seed)
-        return cls(val, cal, ", ".join(str(p) for p in paths))
+        source = ", ".join(str(p) for p in paths)
+        return cls._split(feeds, source, f"--feeds {source}", calibration_fraction, seed, holdout_fraction)
 
 
 def feedset_for(
@@ -375,22 +422,27 @@ def feedset_for(
     data_loader: str | None = None,
     count: int = 8,
     seed: int = 0,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
 ) -> FeedSet:
     """The feeds a command judges on: an image folder, ``.npy``/``.npz`` files or a data-loader script
-    (split into calibration and validation halves), else ``count`` seeded random feeds for each role."""
+    (``holdout_fraction`` of them held out as the test split, the rest split into calibration and
+    validation halves), else ``count`` seeded random feeds for each role (no test split: random feeds are
+    not data)."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise InputError(f"--holdout-fraction must be at least 0 and below 1, not {holdout_fraction:g}")
     given = [flag for flag, value in (("--feeds", feeds), ("--images", images), ("--data-loader-script", data_loader)) if value]
     if len(given) > 1:
         raise InputError(f"give one of --feeds, --images and --data-loader-script, not {' and '.join(given)}")
     if data_loader is not None:
         if image_spec is not None:
             raise InputError("--image-spec needs --images DIR")
-        return FeedSet.from_loader(data_loader, specs, seed=seed)
+        return FeedSet.from_loader(data_loader, specs, seed=seed, holdout_fraction=holdout_fraction)
     if images is not None:
         if image_spec is None:
             raise InputError("--images needs --image-spec, e.g. 224x224,NCHW,RGB,scale=0.00392")
-        return FeedSet.from_images(images, ImageSpec.parse(image_spec), specs, seed=seed)
+        return FeedSet.from_images(images, ImageSpec.parse(image_spec), specs, seed=seed, holdout_fraction=holdout_fraction)
     if image_spec is not None:
         raise InputError("--image-spec needs --images DIR")
     if feeds:
-        return FeedSet.from_files(feeds, specs, seed=seed)
+        return FeedSet.from_files(feeds, specs, seed=seed, holdout_fraction=holdout_fraction)
     return FeedSet.random(specs, count=count, calibration_count=count, seed=seed)

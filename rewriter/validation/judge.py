@@ -17,6 +17,7 @@ Decision rules (thresholds are options):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -44,15 +45,38 @@ log = logging.getLogger(__name__)
 MetricFn = Callable[[Any], float]
 
 
+def takes_split(fn: Callable[..., Any]) -> bool:
+    """Whether a metric function takes a ``split`` keyword (see :meth:`TaskMetric.score`)."""
+    try:
+        param = inspect.signature(fn).parameters.get("split")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
 @dataclass(frozen=True)
 class TaskMetric:
     """A user's task metric: ``fn(session) -> float`` (higher is better), the drop it may suffer against
-    the original model, and optionally a floor it must stay at or above."""
+    the original model, and optionally a floor it must stay at or above.
+
+    A function with a ``split`` keyword (``fn(session, split="validation")``) scores the data it is told:
+    ``"validation"`` for every measurement of the search, ``"test"`` for the held-out confirmation after it
+    (:mod:`rewriter.holdout`), which must be data the search never scored. Without the keyword it scores the
+    same data each time, and the confirmation cannot check it on unseen data."""
 
     fn: MetricFn
     max_drop: float = float("inf")
     name: str = "metric"
     min_value: float | None = None
+
+    @property
+    def takes_split(self) -> bool:
+        return takes_split(self.fn)
+
+    def score(self, session: Any, split: str = "validation") -> float:
+        """The metric of ``session`` on ``split`` (``"validation"`` or ``"test"``; a function without the
+        ``split`` keyword is called with the session alone)."""
+        return float(self.fn(session, split=split) if self.takes_split else self.fn(session))
 
     def failure(self, baseline: float, value: float) -> str | None:
         """Why ``value`` fails this metric's gate, or ``None``."""
@@ -177,7 +201,7 @@ class Judge:
 
     def metric_value(self, proto: onnx.ModelProto, session=None) -> float:  # type: ignore[no-untyped-def]
         assert self.config.metric is not None
-        return float(self.config.metric.fn(session if session is not None else eval_session(proto, self.config.runtime)))
+        return self.config.metric.score(session if session is not None else eval_session(proto, self.config.runtime), "validation")
 
     def model_latency(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> LatencyComparison:
         rt = self.config.runtime
