@@ -1,8 +1,9 @@
 """The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and its atomic file writers.
 
-Schema version 3 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
+Schema version 4 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
-provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``input_shapes``, ``budget``, ``feeds``,
+provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``input_shapes``, ``input_shape_notes``
+(dims taken by default: a symbolic batch dim as 1), ``budget``, ``feeds``,
 ``passes`` (per pass: its options, kept, rolled back, skips with reasons, whole-model latency, whether it
 was undone), ``decisions`` (per candidate: pass, nodes, description, options, MACs/params before and
 after, ``decision`` (``kept`` / ``rolled_back`` / ``not_tried``), ``outcome`` (the
@@ -10,6 +11,8 @@ after, ``decision`` (``kept`` / ``rolled_back`` / ``not_tried``), ``outcome`` (t
 end-to-end latency of its pass), ``totals`` (ops, nodes, MACs, params before/after, final numerics,
 final end-to-end speedup with CI), ``gate`` (passed, failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
+
+Changes from version 3: ``input_shape_notes``.
 
 Changes from version 2: decisions carry ``outcome``; candidates never tried are ``decision: not_tried``
 (no longer ``rolled_back``) and are counted in ``not_tried`` of their pass and of the totals.
@@ -33,7 +36,7 @@ from rewriter.pipeline import Decision, OptimizeResult, PassRun
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,10 @@ def build_report(
     gate: Sequence[str] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     pareto: Sequence[ParetoPoint] | None = None,
+    input_shape_notes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema version 3). ``gate``: the final gate's failures."""
+    """The report as a JSON-ready dict (schema version 4). ``gate``: the final gate's failures;
+    ``input_shape_notes``: :func:`rewriter.shapes.input_shape_notes` of the run's model."""
     before, after = result.before, result.after
     options = pass_options or {}
     owners = _pass_of_each_decision(result)
@@ -144,6 +149,7 @@ def build_report(
         "input": {"path": input_path, "sha256": input_sha256},
         "output": {"path": output_path, "sha256": output_sha256},
         "input_shapes": {k: list(v) for k, v in result.input_shapes.items()},
+        "input_shape_notes": [dict(n) for n in input_shape_notes],
         "budget": result.budget,
         "target_speedup": None if result.target_speedup is None else {"speedup": result.target_speedup, "reached": result.target_reached},
         "feeds": result.feeds,
