@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return code or 2
     places = {str(out): "out", str(args.work / "models"): "models", str(args.corpus.resolve()): "corpus", str(args.corpus): "corpus", str(ROOT): "."}
     summary = json.loads(_relative(summary_path.read_text(), places))
+    for row in summary["models"]:
+        row.pop("host", None)  # this machine's name says nothing to a reader
     summary["bench"] = {"wall_s": round(wall, 1), "models_per_hour": round(len(summary["models"]) / wall * 3600, 1), "exit_code": code}
     md = args.out.with_suffix(".md")
     md.write_text(splice(md.read_text() if md.exists() else "", render(summary, wall, code, _meta(args))))
