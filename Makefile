@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 CORPUS_DIR ?= .cache/corpus
 
-.PHONY: demo test test-corpus fuzz fuzz-io audit bench-tool bench html-check venv clean
+.PHONY: demo test test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo html-check venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,14 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
 	$(PY) -m benchmarks.bench --corpus $(CORPUS_DIR) $(BENCH_ARGS)
+
+## make bench-zoo: every corpus model and every builder model (models/zoo.py, sample, repvgg), with their dynamic
+## dims, through ONE optimize-many job (settings: benchmarks/zoo.toml); writes the "Zoo job" section of docs/bench.md
+## and docs/bench_zoo.json. BENCH_ZOO_ARGS passes options, e.g. BENCH_ZOO_ARGS='--ray-address local' (needs the
+## 'ray' extra) or BENCH_ZOO_ARGS='--jobs 1'.
+bench-zoo: $(STAMP)
+	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
+	$(PY) -m benchmarks.zoo --corpus $(CORPUS_DIR) $(BENCH_ZOO_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache

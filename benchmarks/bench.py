@@ -56,6 +56,7 @@ import numpy as np
 import onnx
 
 from benchmarks.images import image_feeds, imagenet_spec
+from benchmarks.zoo import kept_section
 from rewriter.validation.feeds import FeedSet, ImageSpec
 
 log = logging.getLogger("bench")
@@ -695,7 +696,9 @@ def write(results: list[ModelResult], meta: dict[str, Any], out: Path) -> str:
     payload = {"meta": meta, "targets": targets, "models": [r.__dict__ for r in results]}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     text = render(results, meta, targets)
-    out.with_suffix(".md").write_text(text)
+    md = out.with_suffix(".md")
+    zoo_section = kept_section(md.read_text()) if md.exists() else None  # make bench-zoo's section stays
+    md.write_text(text + ("\n" + zoo_section if zoo_section else ""))
     return text
 
 

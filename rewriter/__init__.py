@@ -8,6 +8,9 @@ Python API (the CLI is a thin layer over these)::
 
     # Many models, one guarded job each (local processes, or Ray tasks with ray_address="auto"):
     fleet = rewriter.optimize_many(["a.onnx", "b.onnx"], "out/", rewriter.OptimizeOptions(latency=False))
+    # A zoo: each input shape applies to the models with that input; settings per model by stem or glob:
+    fleet = rewriter.optimize_many(paths, "out/", rewriter.OptimizeOptions(input_shapes={"image": (1, 3, 64, 256)}),
+                                   per_model=[rewriter.ModelSettings("ppocr*", {"passes": "fold_batchnorm"}, {"x": (1, 3, 640, 640)})])
 """
 
 from rewriter.analysis import Analysis, analyze
@@ -22,6 +25,7 @@ from rewriter.pipeline import Decision, OptimizeResult, PassResult, apply_pass, 
 from rewriter.plan import ApplyResult, Plan, apply_plan, plan_from_result
 from rewriter.registry import available_passes, default_passes, resolve_passes
 from rewriter.version import __version__
+from rewriter.zoo import ModelSettings
 
 __all__ = [
     "Analysis",
@@ -35,6 +39,7 @@ __all__ = [
     "InputError",
     "Model",
     "ModelResult",
+    "ModelSettings",
     "OptimizeOptions",
     "OptimizeOutcome",
     "OptimizeResult",

@@ -17,6 +17,9 @@ Example::
     [pass-options.bottleneck]
     rank-fractions = [0.25, 0.5]   # keyword arguments of the pass's constructor (dashes become underscores)
 
+A zoo job (``optimize-many``) may also give settings per model, in ``[models."STEM-OR-GLOB"]`` tables (see
+:mod:`rewriter.zoo`); ``optimize`` applies the tables that match its one model, other commands ignore them.
+
 Errors are :class:`~rewriter.errors.InputError` (exit code 2) naming the file and the key.
 
 :func:`load_config` and :func:`build_passes` are the library part; :func:`command_defaults` maps a
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: The table of per-pass keyword options.
 PASS_OPTIONS_TABLE = "pass-options"
+#: The table of per-model settings of a zoo job (``[models."ppocr*"]``; read by :mod:`rewriter.zoo`).
+MODELS_TABLE = "models"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class RewriterConfig:
     path: Path
     options: dict[str, Any] = field(default_factory=dict)
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``[models.PATTERN]`` tables by pattern, in file order, as written (checked by :func:`rewriter.zoo.model_settings`).
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_config(path: str | os.PathLike[str]) -> RewriterConfig:
@@ -76,11 +83,14 @@ def load_config(path: str | os.PathLike[str]) -> RewriterConfig:
         if not isinstance(opts, dict):
             raise InputError(f"{p}: [{PASS_OPTIONS_TABLE}.{name}] must be a table of keyword options")
         pass_options[name] = {str(k).replace("-", "_"): v for k, v in opts.items()}  # keyword names
+    models = data.pop(MODELS_TABLE, {})
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise InputError(f"{p}: {MODELS_TABLE!r} must be a table of tables ([{MODELS_TABLE}.\"STEM-OR-GLOB\"])")
     for key, value in data.items():
         if isinstance(value, dict):
             hint = f"; per-pass options go in [{PASS_OPTIONS_TABLE}.NAME]" if key == "passes" else ""
             raise InputError(f"{p}: unknown table [{key}]{hint}")
-    return RewriterConfig(p, dict(data), pass_options)
+    return RewriterConfig(p, dict(data), pass_options, dict(models))
 
 
 # -- passes with options -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from rewriter.fleet_results import ERROR, GATE_FAILED, OK, FleetResult, ModelRes
 from rewriter.job import OptimizeOptions
 from rewriter.plan import Plan
 from rewriter.validation.locks import MachineLock
+from rewriter.zoo import ModelPlan, ModelSettings, plan_models
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class _Job:
     threads: int
     log_level: int
     lock_path: str | None = None
+    #: The record of the model's settings for the summary (:meth:`rewriter.zoo.ModelPlan.settings`).
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -308,8 +311,13 @@ def optimize_many(
     cpus_per_job: int | None = None,
     save_plans: bool = False,
     on_result: Callable[[ModelResult], None] | None = None,
+    per_model: Sequence[ModelSettings] = (),
 ) -> FleetResult:
     """One guarded optimization per model, outputs and ``summary.json`` in ``out_dir``.
+
+    Each model runs with ``options`` and the ``per_model`` settings that match it (:mod:`rewriter.zoo`):
+    an input shape applies to the models that have that input (naming an input no model has is a usage
+    error); a ``[models."PATTERN"]`` table's settings win over ``options`` for the models it matches.
 
     Local by default: a pool of ``jobs`` spawned processes (default: one per core). With ``ray_address``
     (``auto``, ``ray://HOST:10001``, ``local``), each model is a Ray task requesting ``cpus_per_job``
@@ -335,28 +343,44 @@ def optimize_many(
     config = options.validation_config()  # the budget and the metric
     if ray_address is None and options.latency:
         config.runtime.providers()  # (Ray nodes may have providers this machine lacks)
-    options = _absolute(options)
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: --out-dir is not a directory")
     inputs = [str(m) for m in models]
+    plans = _check_plans(inputs, plan_models(inputs, options, per_model, max_bytes=options.max_model_bytes))
+    plans = [replace(p, options=_absolute(p.options)) for p in plans]
+    options = _absolute(options)
     names = output_names(inputs)
     _check_inputs_spared(inputs, names, folder)
     if ray_address is None:
-        return _run_fleet(inputs, names, folder, options, None, jobs, cpus_per_job, save_plans, on_result, start)
+        return _run_fleet(inputs, names, folder, options, plans, None, jobs, cpus_per_job, save_plans, on_result, start)
     from rewriter.ray_support import connect
 
     ray, started = connect(ray_address)
     try:
-        return _run_fleet(inputs, names, folder, options, ray, jobs, cpus_per_job, save_plans, on_result, start)
+        return _run_fleet(inputs, names, folder, options, plans, ray, jobs, cpus_per_job, save_plans, on_result, start)
     finally:
         if started:
             ray.shutdown()
 
 
+def _check_plans(inputs: Sequence[str], plans: list[ModelPlan]) -> list[ModelPlan]:
+    """The usage errors of the options a model's tables changed, naming the model, before any job starts."""
+    for model, plan in zip(inputs, plans):
+        if not plan.overrides:
+            continue
+        try:
+            plan.options.check()
+            plan.options.build_passes()
+            plan.options.validation_config()
+        except InputError as exc:
+            raise InputError(f"{model} (settings of {', '.join(plan.tables)}): {exc}") from None
+    return plans
+
+
 def _run_fleet(
-    inputs: Sequence[str], names: Sequence[str], folder: Path, options: OptimizeOptions, ray: Any, jobs: int | None,
-    cpus_per_job: int | None, save_plans: bool, on_result: Callable[[ModelResult], None] | None, start: float,
+    inputs: Sequence[str], names: Sequence[str], folder: Path, options: OptimizeOptions, plans: Sequence[ModelPlan], ray: Any,
+    jobs: int | None, cpus_per_job: int | None, save_plans: bool, on_result: Callable[[ModelResult], None] | None, start: float,
 ) -> FleetResult:
     """Run the checked jobs (locally when ``ray`` is None) and write every output and the summary."""
     try:
@@ -389,7 +413,8 @@ def _run_fleet(
     level = logging.getLogger("rewriter").getEffectiveLevel()
     todo: list[_Job] = []
     for i, (path, name, problem) in enumerate(zip(inputs, names, problems)):
-        job = _Job(i, path, name, str(_outputs(folder, name)["model"]), path, options, save_plans, threads, level)
+        job = _Job(i, path, name, str(_outputs(folder, name)["model"]), path, plans[i].options, save_plans, threads, level,
+                   settings=plans[i].settings())
         if problem is not None:
             done(job, _Return(ERROR, problem))
         else:
@@ -430,9 +455,11 @@ def _finish(job: _Job, ret: _Return, out_dir: Path) -> ModelResult:
     except Exception as exc:
         text = str(exc).strip().splitlines()
         status, error = ERROR, f"writing the outputs failed: {text[0] if text else type(exc).__name__}"
+    notes = (ret.report or {}).get("input_shape_notes", [])
     return ModelResult(
         job.input, job.name, status, error, output, out_sha, report, plan, ret.kept, ret.rolled_back, ret.not_tried,
         ret.speedup, ret.speedup_ci, ret.macs_before, ret.macs_after, ret.seconds, ret.host,
+        {**job.settings, "input_shape_notes": notes} if job.settings else {},
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from rewriter.job import OptimizeOptions
 from rewriter.version import __version__
 
-SUMMARY_VERSION = 2  # 2: per-model not_tried
+SUMMARY_VERSION = 3  # 2: per-model not_tried; 3: per-model settings
 OK, GATE_FAILED, ERROR = "ok", "gate-failed", "error"
 
 
@@ -42,6 +42,11 @@ class ModelResult:
     seconds: float = 0.0
     #: The machine the job ran on.
     host: str | None = None
+    #: Which settings the model ran with (:meth:`rewriter.zoo.ModelPlan.settings`): ``tables`` (the patterns of
+    #: the config's ``[models."PATTERN"]`` tables that matched it), ``input_shapes`` (the shapes given for its
+    #: inputs), ``options`` (the values its tables set) and ``input_shape_notes`` (dims taken by default, from
+    #: its report).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -29,7 +29,7 @@ from rewriter.outcome import Outcome
 from rewriter.pipeline import OptimizeResult
 from rewriter.plan import Plan, plan_from_result
 from rewriter.report import build_report
-from rewriter.shapes import Shape
+from rewriter.shapes import Shape, input_shape_notes
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.judge import ValidationConfig
 
@@ -106,6 +106,8 @@ class OptimizeOutcome:
     input_sha256: str
     #: The final gate's failures; empty when the output may be written.
     gate: list[str]
+    #: Dims the run took by default (a symbolic batch dim as 1): :func:`rewriter.shapes.input_shape_notes`.
+    input_shape_notes: list[dict[str, Any]] = field(default_factory=list)
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
         """The JSON report (schema version 5); the output is recorded only when the gate passed."""
@@ -113,7 +115,7 @@ class OptimizeOutcome:
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
             provider=self.options.provider, threads=self.options.threads, gate=self.gate,
-            pass_options=self.options.pass_options,
+            pass_options=self.options.pass_options, input_shape_notes=self.input_shape_notes,
         )
 
     def plan(self, output_sha256: str | None) -> Plan:
@@ -153,4 +155,5 @@ def optimize_model(
         log.warning("target speedup %gx not reached: %s", options.target_speedup,
                     result.final_latency.ci if result.final_latency is not None else "no rewrite was kept")
     gate = gate_failures(result, config, require_speedup=options.fail_if_no_speedup)
-    return OptimizeOutcome(result, options, config, feeds.made, input_sha, gate)
+    notes = input_shape_notes(model.proto, options.input_shapes)
+    return OptimizeOutcome(result, options, config, feeds.made, input_sha, gate, notes)

@@ -28,6 +28,7 @@ from rewriter.analysis import Analysis, analyze
 from rewriter.contract import Candidate, Pass, RewriteError, Skip
 from rewriter.deadline import Deadline
 from rewriter.decision import Decision, PassRun
+from rewriter.errors import InputError
 from rewriter.holdout import Holdout, confirm
 from rewriter.model import Model
 from rewriter.outcome import Outcome
@@ -181,9 +182,13 @@ def _closing(state: SearchState, model: Model, measured: tuple[Model, LatencyCom
 
 
 def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Deadline, target_speedup: float | None) -> OptimizeResult:
-    """The result of a run with nothing to rewrite: the model as given, no decision, nothing measured."""
-    if original.unresolved is not None and "--input-shape" in original.unresolved:  # shapes might show more
-        log.warning("found nothing to rewrite without input shapes (%s); the model passes through unchanged", original.unresolved)
+    """The result of a run with nothing to rewrite: the model as given, no decision, nothing measured.
+
+    Without resolved input shapes a pass that looked somewhere (a skip) may only have declined for want of
+    them: the missing shape is then asked for (the one-line error naming the flag) rather than the model
+    passed through as if there were nothing in it to rewrite."""
+    if original.unresolved is not None and any(run.skips for run in runs):
+        raise InputError(original.unresolved)
     log.info("nothing to rewrite: no selected pass has a candidate; the model passes through unchanged")
     analysis = analyze(original)
     return OptimizeResult(

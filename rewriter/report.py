@@ -3,7 +3,8 @@
 Schema version 5 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
 provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``normalized`` (the export quirks normalized
-on load, one short note each), ``input_shapes``, ``budget``, ``feeds``,
+on load, one short note each), ``input_shapes``, ``input_shape_notes``
+(dims taken by default: a symbolic batch dim as 1), ``budget``, ``feeds``,
 ``passes`` (per pass: its options, kept, rolled back, skips with reasons, whole-model latency, whether it
 was undone), ``decisions`` (per candidate: pass, nodes, description, options, MACs/params before and
 after, ``decision`` (``kept`` / ``rolled_back`` / ``not_tried``), ``outcome`` (the
@@ -16,7 +17,7 @@ sweep, or null) and ``seconds``.
 
 Changes from version 4: ``holdout``; the outcome ``holdout`` (kept by the search, undone because the result
 broke the budget on the held-out test split).
-Changes from version 3: the top-level ``normalized`` list.
+Changes from version 3: the top-level ``normalized`` list and ``input_shape_notes``.
 
 Changes from version 2: decisions carry ``outcome``; candidates never tried are ``decision: not_tried``
 (no longer ``rolled_back``) and are counted in ``not_tried`` of their pass and of the totals.
@@ -138,8 +139,10 @@ def build_report(
     gate: Sequence[str] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     pareto: Sequence[ParetoPoint] | None = None,
+    input_shape_notes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema version 5). ``gate``: the final gate's failures."""
+    """The report as a JSON-ready dict (schema version 5). ``gate``: the final gate's failures;
+    ``input_shape_notes``: :func:`rewriter.shapes.input_shape_notes` of the run's model."""
     before, after = result.before, result.after
     options = pass_options or {}
     owners = _pass_of_each_decision(result)
@@ -152,6 +155,7 @@ def build_report(
         "output": {"path": output_path, "sha256": output_sha256},
         "normalized": list(result.normalized),
         "input_shapes": {k: list(v) for k, v in result.input_shapes.items()},
+        "input_shape_notes": [dict(n) for n in input_shape_notes],
         "budget": result.budget,
         "target_speedup": None if result.target_speedup is None else {"speedup": result.target_speedup, "reached": result.target_reached},
         "feeds": result.feeds,

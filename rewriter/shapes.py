@@ -109,7 +109,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
                     raise InputError(f"--input-shape {one_line(vi.name)}: dim {i} is {have}, the model fixes it to {want}")
             resolved[vi.name] = shape
             continue
-        example = "x".join(str(d) if isinstance(d, int) else ("1" if i == 0 else "N") for i, d in enumerate(dims))
+        example = shape_example(dims)
         if not has_shape:
             raise InputError(f"input {vi.name!r} has no declared shape; pass --input-shape {one_line(vi.name)}:DIMS")
         shape_list: list[int] = []
@@ -126,6 +126,34 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
             log.info("input %r: dynamic batch dim taken as 1", vi.name)
         resolved[vi.name] = tuple(shape_list)
     return resolved
+
+
+def shape_example(dims: list[int | str | None]) -> str:
+    """The DIMS of the ``--input-shape`` a user must pass: known dims filled in, a symbolic leading dim as 1,
+    the others as letters to replace: ``H`` and ``W`` for the spatial dims of an image input (rank 4 with
+    its channels known first, NCHW, or last, NHWC), else ``D<i>``."""
+    letters = {i: f"D{i}" for i in range(len(dims))}
+    if len(dims) == 4 and isinstance(dims[3], int) and not isinstance(dims[1], int):
+        letters.update({1: "H", 2: "W"})  # NHWC
+    elif len(dims) == 4:
+        letters.update({1: "C", 2: "H", 3: "W"})
+    return "x".join(str(d) if isinstance(d, int) else ("1" if i == 0 and len(dims) > 1 else letters[i]) for i, d in enumerate(dims))
+
+
+def input_shape_notes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> list[dict[str, object]]:
+    """What :func:`resolve_input_shapes` chose without being told: one note per input whose symbolic leading
+    (batch) dim was taken as 1 (``input``, ``dim`` 0, ``declared``: the symbol or null, ``value`` 1,
+    ``note``: the same in words). Inputs named in ``overrides`` were told, so they have none."""
+    given = overrides or {}
+    notes: list[dict[str, object]] = []
+    for vi in graph_inputs(model):
+        if vi.name in given or not vi.type.HasField("tensor_type"):
+            continue
+        dims = declared_dims(vi)
+        if len(dims) > 1 and not isinstance(dims[0], int):
+            notes.append({"input": vi.name, "dim": 0, "declared": dims[0], "value": 1,
+                          "note": f"symbolic leading (batch) dim {dims[0] if dims[0] is not None else '?'} taken as 1"})
+    return notes
 
 
 #: Initializers larger than this enter shape inference as dims and type only (inference needs no more, and

@@ -135,14 +135,15 @@ def test_summary_json(local_run) -> None:  # type: ignore[no-untyped-def]
     result, _ = local_run
     data = json.loads(result.summary.read_text())
     assert data == json.loads(json.dumps(result.to_dict())) | {"seconds": data["seconds"]}
-    assert data["summary_version"] == 2 and data["complete"] is True and data["exit_code"] == 1
+    assert data["summary_version"] == 3 and data["complete"] is True and data["exit_code"] == 1
     assert data["mode"] == "local" and data["options"]["latency"] is False
     assert data["counts"] == {"ok": 5, "gate-failed": 0, "error": 1, "pending": 0, "total": 6}
     rows = {r["name"]: r for r in data["models"]}
     assert rows["bad"]["status"] == "error" and "not an ONNX model" in rows["bad"]["error"]
     assert rows["chain-2"]["output"].endswith("chain-2.onnx") and rows["chain-2"]["report"].endswith("chain-2.report.json")
     assert set(rows["chain"]) == {"input", "name", "status", "error", "output", "output_sha256", "report", "plan", "kept",
-                                  "rolled_back", "not_tried", "speedup", "speedup_ci", "macs_before", "macs_after", "seconds", "host"}
+                                  "rolled_back", "not_tried", "speedup", "speedup_ci", "macs_before", "macs_after", "seconds", "host", "settings"}
+    assert rows["chain"]["settings"] == {"tables": [], "input_shapes": {}, "options": {}, "input_shape_notes": []}
     expected = {"summary.json"} | {f"{n}.{ext}" for n in ("chain", "bn", "gemms", "noop", "chain-2") for ext in ("onnx", "report.json", "plan.json")}
     assert set(os.listdir(result.out_dir)) == expected  # nothing else: no temporary files, nothing for "bad"
 

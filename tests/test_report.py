@@ -83,6 +83,7 @@ def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path:
     assert f"target speedup 1.01x: {'reached' if target['reached'] else 'not reached'} (" in result.output
     assert data["schema_version"] == SCHEMA_VERSION == 5
     assert data["normalized"] == []
+    assert [(n["input"], n["dim"], n["declared"], n["value"]) for n in data["input_shape_notes"]] == [("input", 0, "N", 1)]  # batch N taken as 1
     env = data["environment"]
     assert env["provider"] == "cpu" and env["threads"] == 1 and env["onnxruntime"] and env["cpu"]
     assert data["input"]["sha256"] == sha256_file(sample_path)

@@ -7,7 +7,9 @@ import onnx
 import pytest
 
 from rewriter.errors import InputError
-from rewriter.shapes import graph_inputs, infer_tensor_info, parse_input_shape, parse_input_shapes, resolve_input_shapes
+from rewriter.shapes import (
+    graph_inputs, infer_tensor_info, input_shape_notes, parse_input_shape, parse_input_shapes, resolve_input_shapes, shape_example,
+)
 from tests.helpers import parse
 
 
@@ -80,6 +82,37 @@ def test_other_symbolic_dims_need_an_override(dims: str) -> None:
     assert "'a'" in message
     assert "--input-shape a:" in message
     assert "\n" not in message
+
+
+def test_the_error_gives_the_flag_to_pass_with_the_known_dims() -> None:
+    with pytest.raises(InputError, match=r"^input 'a' has dynamic dims \['N', 3, 'H', 'W'\]; pass --input-shape a:1x3xHxW$"):
+        resolve_input_shapes(two_input_model("N,3,H,W", "1,3,8,8"))
+
+
+@pytest.mark.parametrize(
+    ("dims", "example"),
+    [
+        (["N", 3, "H", "W"], "1x3xHxW"),
+        (["batch", "h", "w", 3], "1xHxWx3"),  # NHWC
+        ([None, 3, "?", "?"], "1x3xHxW"),
+        (["N", "C", "H", "W"], "1xCxHxW"),
+        ([1, "T", 512], "1xD1x512"),
+        (["L"], "D0"),
+    ],
+)
+def test_shape_example_fills_in_the_known_dims(dims: list, example: str) -> None:
+    assert shape_example(dims) == example
+
+
+def test_input_shape_notes_name_each_defaulted_batch_dim() -> None:
+    model = two_input_model("N,3,8,8", "1,3,8,8")
+    assert resolve_input_shapes(model) == {"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}
+    note = {"input": "a", "dim": 0, "declared": "N", "value": 1, "note": "symbolic leading (batch) dim N taken as 1"}
+    assert input_shape_notes(model) == [note]
+    assert input_shape_notes(model, {"a": (2, 3, 8, 8)}) == []  # told: nothing taken by default
+    unnamed = two_input_model("N,3,8,8", "1,3,8,8")
+    unnamed.graph.input[0].type.tensor_type.shape.dim[0].ClearField("dim_param")
+    assert [(n["declared"], n["note"]) for n in input_shape_notes(unnamed)] == [(None, "symbolic leading (batch) dim ? taken as 1")]
 
 
 def test_symbolic_dims_resolve_with_an_override() -> None:

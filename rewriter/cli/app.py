@@ -148,3 +148,11 @@ def pass_options(config_file: Optional[Path]) -> dict[str, dict[str, Any]]:
     from rewriter.config import load_config
 
     return load_config(config_file).pass_options if config_file is not None else {}
+
+
+def model_tables(config_file: Optional[Path]) -> list[Any]:
+    """The ``[models."PATTERN"]`` tables of ``--config``, checked (:class:`rewriter.zoo.ModelSettings`)."""
+    from rewriter.config import load_config
+    from rewriter.zoo import model_settings
+
+    return model_settings(load_config(config_file)) if config_file is not None else []

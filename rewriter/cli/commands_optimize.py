@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from rewriter.cli.app import ConfigOpt, err, guarded, log, model_path, out, pass_options, quiet
+from rewriter.cli.app import ConfigOpt, err, guarded, log, model_path, model_tables, out, pass_options, quiet
 from rewriter.cli.groups import BUDGET, FEEDS, MODEL, OUTPUT, SEARCH, TIMING, ModelArgs, OutputArgs, compose
 from rewriter.cli.tables import fleet_table, optimize_summary
 from rewriter.errors import GateFailed, InputError
@@ -51,6 +51,7 @@ def optimize(
     from rewriter.job import optimize_model
     from rewriter.progress import decision_progress
     from rewriter.report import check_output_paths, write_json
+    from rewriter.zoo import plan_for
 
     target = output.output
     assert target is not None  # a required option
@@ -61,6 +62,7 @@ def optimize(
         raise InputError("--fail-if-no-speedup needs latency measurement; drop --no-latency")
     check_output_paths(target, output.report, output.html, output.save_plan)
     options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data, shapes)
+    options = plan_for(src, options, model_tables(config_file)).options  # its [models."PATTERN"] tables, if any
     outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not quiet()))
     result, gate = outcome.result, outcome.gate
     out_sha = None
@@ -110,11 +112,15 @@ def optimize_many_cmd(
     measure: MeasureOptions,
     output: OutputArgs,
 ) -> None:
-    """Optimize many models, one guarded job each (local processes or Ray tasks); exit 1 if any failed."""
+    """Optimize many models, one guarded job each (local processes or Ray tasks); exit 1 if any failed.
+
+    An --input-shape applies to every model that has that input; settings per model (by file stem or glob) go in
+    the models tables of --config (docs/report.md, "Per-model tables")."""
     from rewriter.fleet import optimize_many
 
     options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data)
-    result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans)
+    result = optimize_many(models, out_dir, options, jobs=jobs, ray_address=ray_address, cpus_per_job=cpus_per_job, save_plans=save_plans,
+                           per_model=model_tables(config_file))
     if not quiet():
         out.print(fleet_table(result))
     counts = result.counts()

@@ -90,14 +90,23 @@ def optimize_summary(result: Any) -> list[Renderable]:
 def fleet_table(result: Any) -> Table:
     """A :class:`~rewriter.fleet.FleetResult`: one row per model."""
     table = Table(title=f"Models ({result.mode})")
-    for col in ("model", "status", "kept", "rolled back", "speedup [95% CI]", "MACs", "seconds", "output / error"):
+    for col in ("model", "status", "settings", "kept", "rolled back", "speedup [95% CI]", "MACs", "seconds", "output / error"):
         table.add_column(col, overflow="fold", justify="right" if col in ("kept", "rolled back", "seconds") else "left")
     for m in result.models:
         speedup = "-" if m.speedup is None else f"{m.speedup:.3f}x [{m.speedup_ci[0]:.3f}, {m.speedup_ci[1]:.3f}]"
         macs = "-" if m.macs_before is None else f"{fmt_int(m.macs_before)}->{fmt_int(m.macs_after or 0)}"
-        table.add_row(Text(m.input), m.status, str(m.kept), str(m.rolled_back), speedup, macs, f"{m.seconds:.1f}",
-                      Text((m.output if m.ok else m.error) or ""))
+        table.add_row(Text(m.input), m.status, Text(_settings(m.settings)), str(m.kept), str(m.rolled_back), speedup, macs,
+                      f"{m.seconds:.1f}", Text((m.output if m.ok else m.error) or ""))
     return table
+
+
+def _settings(settings: dict[str, Any]) -> str:
+    """A model's settings in a zoo job: the shapes given, batch dims taken as 1, the config tables that matched."""
+    parts = [f"{k}:{'x'.join(map(str, v))}" for k, v in settings.get("input_shapes", {}).items()]
+    parts += [f"{n['input']}: batch 1" for n in settings.get("input_shape_notes", [])]
+    if settings.get("tables"):
+        parts.append("tables " + ", ".join(settings["tables"]))
+    return "; ".join(parts) or "-"
 
 
 def validation_summary(rep: Any, base_name: str, feeds: int, metric: str | None) -> list[Renderable]:
