@@ -27,10 +27,6 @@ class Deadline:
     start: float = field(default_factory=time.perf_counter)
     _paces: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_WINDOW), repr=False)
 
-    @property
-    def bounded(self) -> bool:
-        return self.budget_s is not None
-
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -64,3 +65,11 @@ def ray_cluster() -> Iterator[object]:
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, object_store_memory=128 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def report_validator():  # type: ignore[no-untyped-def]
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra: pip install -e '.[dev]'")
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)

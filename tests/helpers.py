@@ -87,3 +87,9 @@ def ops(model: onnx.ModelProto) -> dict[str, int]:
 
 def input_names(model: onnx.ModelProto) -> list[str]:
     return [vi.name for vi in graph_inputs(model)]
+
+
+def assert_valid(validator, data: dict) -> None:  # type: ignore[no-untyped-def]
+    """Every error of ``data`` against a JSON Schema validator (the ``report_validator`` fixture), listed."""
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])

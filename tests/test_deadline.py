@@ -12,7 +12,7 @@ from rewriter.deadline import PACE_WINDOW, Deadline
 def test_an_unbounded_deadline_always_fits() -> None:
     d = Deadline()
     d.record(1e6)
-    assert not d.bounded and d.fits(1e9) and not d.search_over() and not d.over()
+    assert d.fits(1e9) and not d.search_over() and not d.over()
     assert d.search_end is None and d.screen_end is None and d.end is None
 
 

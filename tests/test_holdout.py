@@ -24,10 +24,9 @@ from rewriter.pipeline import optimize
 from rewriter.validation.feeds import FeedSet, feedset_for, input_specs, split_feeds, split_holdout
 from rewriter.validation.judge import TaskMetric, ValidationConfig
 from rewriter.validation.numerics import Budget, OutputStats, compare_outputs
-from tests.helpers import parse, run_reference
+from tests.helpers import assert_valid, parse, run_reference
 from tests.search_fixtures import CHAIN3, ClipInput, Perturb
 from tests.test_cli import assert_one_line_error, invoke
-from tests.test_report import assert_valid, report_validator  # noqa: F401  (a fixture)
 
 LOOSE = ValidationConfig(budget=Budget.parse("cosine>=0.99"), latency=False)
 

@@ -13,10 +13,9 @@ import pytest
 
 from rewriter.io import sha256_file
 from rewriter.pipeline import optimize
-from tests.helpers import parse
+from tests.helpers import assert_valid, parse
 from tests.test_cli import assert_one_line_error, invoke
 from tests.test_io_normalize import RAISED, SORTED, fp16_model, ir3_cnn, ort_run, write
-from tests.test_report import assert_valid, report_validator  # noqa: F401  (a fixture)
 
 #: No Conv, a string input, nodes without names (as many exporters leave them).
 STRINGS = """

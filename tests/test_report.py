@@ -28,6 +28,7 @@ from rewriter.model import Model
 from rewriter.pipeline import OptimizeResult, optimize
 from rewriter.report import ParetoPoint, SCHEMA_VERSION, build_report
 from rewriter.validation.judge import ValidationConfig
+from tests.helpers import assert_valid
 from tests.test_gate import with_latency
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +39,6 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def report_validator():  # type: ignore[no-untyped-def]
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra: pip install -e '.[dev]'")
-    schema = json.loads((ROOT / "docs" / "report.schema.json").read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
-def assert_valid(validator, data: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
-    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
 
 
 class RaisingPass(Pass):
