@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewriter.errors import InputError
+from rewriter.errors import InputError, UnresolvedShape
 from rewriter.graph import const_value, finalize, to_onnx
 from rewriter.io import copy_model, normalize_model, read_model
 from rewriter.shapes import MaybeShape, Shape, TensorInfo, infer_tensor_info, resolve_input_shapes
@@ -92,8 +92,8 @@ class Model:
         unresolved = None
         try:
             shapes = resolve_input_shapes(proto, input_shapes)
-        except InputError as exc:
-            if not defer_unresolved or str(exc).startswith("--input-shape"):  # the user's own mistake
+        except UnresolvedShape as exc:  # a mistake in the user's own --input-shape is raised at once
+            if not defer_unresolved:
                 raise
             shapes, unresolved = {}, str(exc)
             log.info("input shapes not resolved (%s); they are needed only if there is something to rewrite", exc)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from rewriter.errors import InputError
+from rewriter.errors import InputError, UnresolvedShape
 from rewriter.io import copy_fields, one_line
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
     resolved: dict[str, Shape] = {}
     for vi in inputs:
         if not vi.type.HasField("tensor_type"):
-            raise InputError(f"input {vi.name!r} is not a tensor; only tensor inputs are supported")
+            raise UnresolvedShape(f"input {vi.name!r} is not a tensor; only tensor inputs are supported")
         dims = declared_dims(vi)
         has_shape = vi.type.tensor_type.HasField("shape")
         if vi.name in overrides:
@@ -111,7 +111,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
             continue
         example = shape_example(dims)
         if not has_shape:
-            raise InputError(f"input {vi.name!r} has no declared shape; pass --input-shape {one_line(vi.name)}:DIMS")
+            raise UnresolvedShape(f"input {vi.name!r} has no declared shape; pass --input-shape {one_line(vi.name)}:DIMS")
         shape_list: list[int] = []
         for i, d in enumerate(dims):
             if isinstance(d, int):
@@ -119,7 +119,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] 
             elif i == 0 and len(dims) > 1:
                 shape_list.append(1)
             else:
-                raise InputError(
+                raise UnresolvedShape(
                     f"input {vi.name!r} has dynamic dims {dims}; pass --input-shape {one_line(vi.name)}:{example}"
                 )
         if dims and not isinstance(dims[0], int) and len(dims) > 1:

@@ -244,3 +244,20 @@ def test_infer_tensor_info_falls_back_to_declared_shapes_when_inference_raises(m
     assert info["x"].static_shape == (2, 3, 16, 16)  # the resolved input shape, not the declared N
     assert info["W"].static_shape == (8, 3, 3, 3)
     assert "c" not in info
+
+
+def test_a_missing_shape_is_an_unresolved_shape_and_a_bad_flag_is_not() -> None:
+    """The loader defers only what the model lacks (UnresolvedShape); a wrong --input-shape is the user's
+    mistake and is raised at once, as a plain InputError."""
+    from rewriter.errors import UnresolvedShape
+
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) { y = Relu (x) }
+    """)
+    with pytest.raises(UnresolvedShape, match="pass --input-shape x:1x3xHxW"):
+        resolve_input_shapes(model, None)
+    with pytest.raises(InputError) as bad:
+        resolve_input_shapes(model, {"z": (1, 3, 8, 8)})
+    assert not isinstance(bad.value, UnresolvedShape)
+    assert resolve_input_shapes(model, {"x": (2, 3, 8, 8)}) == {"x": (2, 3, 8, 8)}
