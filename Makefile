@@ -20,8 +20,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	mkdir -p $(BUILD)
 	$(PY) -m models.sample $(BUILD)/sample.onnx
-	$(VENV)/bin/onnx-rewriter analyze $(BUILD)/sample.onnx --top 8
-	$(VENV)/bin/onnx-rewriter optimize $(BUILD)/sample.onnx -o $(BUILD)/sample.opt.onnx --report $(BUILD)/sample.report.json --html $(BUILD)/sample.report.html
+	$(VENV)/bin/onnx-bottleneck analyze $(BUILD)/sample.onnx --top 8
+	$(VENV)/bin/onnx-bottleneck optimize $(BUILD)/sample.onnx -o $(BUILD)/sample.opt.onnx --report $(BUILD)/sample.report.json --html $(BUILD)/sample.report.html
 	@echo "reports: $(BUILD)/sample.report.json, $(BUILD)/sample.report.html"
 
 ## make test: the layers contract (import-linter, pyproject.toml), then the default test suite (no network,
@@ -34,7 +34,7 @@ test: $(STAMP)
 ## nothing; fails if chromium is missing -- Debian: apt-get install chromium). Screenshot: build/report.png
 html-check: $(STAMP)
 	mkdir -p $(BUILD)
-	ONNX_REWRITER_REQUIRE_CHROMIUM=1 ONNX_REWRITER_SCREENSHOT_OUT=$(BUILD)/report.png \
+	ONNX_BOTTLENECK_REQUIRE_CHROMIUM=1 ONNX_BOTTLENECK_SCREENSHOT_OUT=$(BUILD)/report.png \
 		$(PY) -m pytest -q tests/test_html_report.py -k screenshot -p no:cacheprovider
 	@echo "screenshot: $(BUILD)/report.png"
 
@@ -56,7 +56,7 @@ audit: $(STAMP)
 ## make test-corpus: fetch the real models of the corpus and run the tests that need them.
 test-corpus: $(STAMP)
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
-	ONNX_REWRITER_CORPUS=$(CORPUS_DIR) $(PY) -m pytest -m corpus -q
+	ONNX_BOTTLENECK_CORPUS=$(CORPUS_DIR) $(PY) -m pytest -m corpus -q
 
 ## make bench-tool: tool wall time on open-nsfw against onnxslim (installs onnxslim into the venv).
 bench-tool: $(STAMP)

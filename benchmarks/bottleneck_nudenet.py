@@ -50,7 +50,7 @@ def main() -> None:
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     if args.html:
         points = [ParetoPoint(p.speedup, p.error, f"step {p.step}") for p in result.points]
-        write_html(args.html, {"tool": "onnx-rewriter", "input": {"path": "nudenet-320n.onnx"}, "decisions": [], "passes": [],
+        write_html(args.html, {"tool": "onnx-bottleneck", "input": {"path": "nudenet-320n.onnx"}, "decisions": [], "passes": [],
                                "totals": {}, "budget": result.search.budget, "pareto": [p.to_dict() for p in points]})
     for p in result.points:
         sys.stdout.write(f"{p.step:3d}  {p.speedup:.3f}x [{p.ci_low:.3f}, {p.ci_high:.3f}]  1-cos {p.error:.2e}  {'*' if p.step in result.front else ' '}  {p.label}\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Wall time of our tool against onnxslim on the same model, interleaved runs in fresh processes.
 
-Ours = ``onnx-rewriter analyze MODEL`` + ``onnx-rewriter optimize MODEL -o OUT --no-latency`` (exact
+Ours = ``onnx-bottleneck analyze MODEL`` + ``onnx-bottleneck optimize MODEL -o OUT --no-latency`` (exact
 passes, numerics validated, latency not measured); theirs = ``onnxslim MODEL OUT``. Each round runs both
 (alternating which goes first); the result is the ratio of median wall times with a 95% paired bootstrap
 interval.
@@ -43,7 +43,7 @@ def main() -> None:
     slim = shutil.which("onnxslim", path=str(BIN)) or shutil.which("onnxslim")
     if slim is None:
         raise SystemExit("onnxslim is not installed (pip install onnxslim)")
-    ours_bin = str(BIN / "onnx-rewriter")
+    ours_bin = str(BIN / "onnx-bottleneck")
     with tempfile.TemporaryDirectory() as tmp:
         ours = [[ours_bin, "--quiet", "analyze", str(model)],
                 [ours_bin, "--quiet", "optimize", str(model), "-o", f"{tmp}/ours.onnx", "--no-latency"]]

@@ -7,7 +7,7 @@ every builder (``models/zoo.py`` with its symbolic batch dim ``N``, ``models/sam
 ``benchmarks/zoo.toml`` (the input shapes the dynamic inputs need, per model where two models share an
 input name); everything else is the exact default. The job is the CLI in a child process:
 
-    onnx-rewriter optimize-many MODELS... --config benchmarks/zoo.toml --out-dir WORK/out [--ray-address local] [--jobs N]
+    onnx-bottleneck optimize-many MODELS... --config benchmarks/zoo.toml --out-dir WORK/out [--ray-address local] [--jobs N]
 
 Writes the "Zoo job" section of ``docs/bench.md`` (between its markers; the rest of the file is left as
 it is, and ``make bench`` keeps the section) -- the per-model outcomes, the job's wall time and models
@@ -162,7 +162,7 @@ def _meta(args: argparse.Namespace) -> dict[str, str]:
     except (OSError, StopIteration):
         pass
     versions = [f"python {platform.python_version()}"]
-    for dist in ("onnx-rewriter", "onnxruntime", "onnx", "numpy"):
+    for dist in ("onnx-bottleneck", "onnxruntime", "onnx", "numpy"):
         try:
             versions.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:

@@ -1,4 +1,4 @@
-"""onnx-rewriter from Python: optimize the sample model, read the decisions, save the report, a plan and
+"""onnx-bottleneck from Python: optimize the sample model, read the decisions, save the report, a plan and
 an HTML page, then replay the plan and check it reproduces the optimized model byte for byte.
 
 Run it from a checkout (``models``, the sample-model builders, lives at the repository root)::

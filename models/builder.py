@@ -115,7 +115,7 @@ class NetBuilder:
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="onnx-rewriter-models")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="onnx-bottleneck-models")
         model.ir_version = 8
         onnx.checker.check_model(model, full_check=True)
         return model

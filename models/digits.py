@@ -313,7 +313,7 @@ def export_onnx(params: Params, opset: int = 17) -> onnx.ModelProto:
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="onnx-rewriter-models")
+                              producer_name="onnx-bottleneck-models")
     model.ir_version = 8
     model.doc_string = "8x8 sklearn digits upscaled to 32x32 in [0, 1]; trained by models/digits.py"
     onnx.checker.check_model(model, full_check=True)

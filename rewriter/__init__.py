@@ -1,4 +1,4 @@
-"""onnx-rewriter: guarded structural rewrites for ONNX CNNs.
+"""onnx-bottleneck: guarded structural rewrites for ONNX CNNs.
 
 Python API (the CLI is a thin layer over these)::
 

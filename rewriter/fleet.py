@@ -1,4 +1,4 @@
-"""Many models, one guarded optimization each (``onnx-rewriter optimize-many``).
+"""Many models, one guarded optimization each (``onnx-bottleneck optimize-many``).
 
 Each model is one *job*: the same :func:`~rewriter.job.optimize_model` that ``optimize`` runs, in a
 worker -- a process of a local pool (spawned, ``jobs`` of them, by default one per core), or a Ray task
@@ -124,7 +124,7 @@ def _unpack(packed: tuple[bytes, list[tuple[int, bytes]]]) -> onnx.ModelProto:
 def _job_logging(level: int, label: str) -> Iterator[None]:
     """The driver's log level in this worker, each line naming the model."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("onnx-rewriter: " + label.replace("%", "%%") + ": %(message)s"))
+    handler.setFormatter(logging.Formatter("onnx-bottleneck: " + label.replace("%", "%%") + ": %(message)s"))
     loggers = [logging.getLogger("rewriter"), logging.getLogger("passes")]
     saved = [(lg, lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
@@ -171,7 +171,7 @@ def run_job(job: _Job) -> _Return:
             if isinstance(job.source, str):
                 src = Path(job.source)
             else:
-                scratch = Path(tempfile.mkdtemp(prefix="onnx-rewriter-job-"))
+                scratch = Path(tempfile.mkdtemp(prefix="onnx-bottleneck-job-"))
                 src = _materialize(job.source, scratch)
             try:
                 outcome = optimize_model(src, job.options)

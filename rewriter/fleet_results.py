@@ -100,7 +100,7 @@ def summary(
     counts = {s: sum(m.status == s for m in done) for s in (OK, GATE_FAILED, ERROR)}
     return {
         "summary_version": SUMMARY_VERSION,
-        "tool": "onnx-rewriter",
+        "tool": "onnx-bottleneck",
         "tool_version": __version__,
         "complete": complete,
         "mode": mode,

@@ -389,10 +389,10 @@ def render_html(
     env = report.get("environment", {})
     gate = report.get("gate") or {"passed": True, "failures": []}
     inp, out = report.get("input", {}), report.get("output", {})
-    name = title or f"onnx-rewriter report: {os.path.basename(str(inp.get('path') or 'model'))}"
+    name = title or f"onnx-bottleneck report: {os.path.basename(str(inp.get('path') or 'model'))}"
     body = [
         f"<h1>{_e(name)}</h1>",
-        f'<p class="muted">onnx-rewriter {_e(env.get("tool_version", "?"))}, onnxruntime {_e(env.get("onnxruntime", "?"))}, '
+        f'<p class="muted">onnx-bottleneck {_e(env.get("tool_version", "?"))}, onnxruntime {_e(env.get("onnxruntime", "?"))}, '
         f'provider {_e(env.get("provider", "?"))}, {_e(env.get("threads", "?"))} thread(s), {_e(env.get("cpu", "?"))}; '
         f"report schema {_e(report.get('schema_version', '?'))}</p>",
         f'<p><span class="badge {"pass" if gate.get("passed") else "fail"}">gate {"passed" if gate.get("passed") else "failed"}</span> '

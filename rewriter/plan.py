@@ -14,7 +14,7 @@ same digest (the same ``--feeds``/``--images``, ``--seed`` and ``--holdout-fract
 
 Plan file (JSON), version 1::
 
-    {"plan_version": 1, "tool": "onnx-rewriter", "tool_version": "0.1.0",
+    {"plan_version": 1, "tool": "onnx-bottleneck", "tool_version": "0.2.0",
      "input_sha256": "...", "output_sha256": "..." | null,
      "input_shapes": {"x": [1, 3, 224, 224]},
      "pass_options": {"fuse_1x1_chain": {}},
@@ -83,7 +83,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "plan_version": PLAN_VERSION,
-            "tool": "onnx-rewriter",
+            "tool": "onnx-bottleneck",
             "tool_version": __version__,
             "input_sha256": self.input_sha256,
             "output_sha256": self.output_sha256,

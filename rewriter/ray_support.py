@@ -1,4 +1,4 @@
-"""Ray, imported only when asked for: the optional extra ``onnx-rewriter[ray]``.
+"""Ray, imported only when asked for: the optional extra ``onnx-bottleneck[ray]``.
 
 :func:`connect` joins the cluster at an address (``auto``: the one ``ray start`` runs on this machine;
 ``ray://HOST:10001``; ``local``: a new one-machine cluster) unless this process is already connected, in
@@ -14,7 +14,7 @@ from rewriter.errors import InputError
 
 log = logging.getLogger(__name__)
 
-RAY_MISSING = "Ray is not installed: pip install 'onnx-rewriter[ray]'"
+RAY_MISSING = "Ray is not installed: pip install 'onnx-bottleneck[ray]'"
 
 
 def import_ray() -> Any:

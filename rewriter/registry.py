@@ -1,5 +1,5 @@
 """Which passes exist: the built-in tuple in ``passes.ALL_PASSES`` plus third-party passes registered under
-the entry-point group ``onnx_rewriter.passes`` (each entry point names a :class:`~rewriter.contract.Pass`
+the entry-point group ``onnx_bottleneck.passes`` (each entry point names a :class:`~rewriter.contract.Pass`
 subclass). Nothing registers itself on import.
 """
 
@@ -16,7 +16,7 @@ from rewriter.errors import InputError
 
 log = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "onnx_rewriter.passes"
+ENTRY_POINT_GROUP = "onnx_bottleneck.passes"
 
 
 def builtin_passes() -> tuple[type[Pass], ...]:

@@ -149,7 +149,7 @@ def build_report(
     failures = list(gate or [])
     return {
         "schema_version": SCHEMA_VERSION,
-        "tool": "onnx-rewriter",
+        "tool": "onnx-bottleneck",
         "environment": environment(provider, threads),
         "input": {"path": input_path, "sha256": input_sha256},
         "output": {"path": output_path, "sha256": output_sha256},

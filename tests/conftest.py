@@ -43,16 +43,16 @@ def sample_path(tmp_path: Path, sample_model: onnx.ModelProto) -> Path:
 
 
 def corpus_dir() -> Path | None:
-    value = os.environ.get("ONNX_REWRITER_CORPUS")
+    value = os.environ.get("ONNX_BOTTLENECK_CORPUS")
     return Path(value) if value else None
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    """Folder of the fetched corpus models (``make test-corpus`` sets ONNX_REWRITER_CORPUS)."""
+    """Folder of the fetched corpus models (``make test-corpus`` sets ONNX_BOTTLENECK_CORPUS)."""
     folder = corpus_dir()
     if folder is None or not folder.is_dir():
-        pytest.fail("corpus tests need ONNX_REWRITER_CORPUS pointing at scripts/fetch_corpus.py's folder (run make test-corpus)")
+        pytest.fail("corpus tests need ONNX_BOTTLENECK_CORPUS pointing at scripts/fetch_corpus.py's folder (run make test-corpus)")
     return folder
 
 

@@ -329,9 +329,9 @@ def test_validate_perturbed_weight_fails_with_exit_1(sample_path: Path, sample_m
 
 # -- the installed entry point -------------------------------------------------------------------------
 def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
-    script = Path(sys.executable).parent / "onnx-rewriter"
+    script = Path(sys.executable).parent / "onnx-bottleneck"
     if not script.exists():
-        pytest.skip("onnx-rewriter console script is not installed next to this Python")
+        pytest.skip("onnx-bottleneck console script is not installed next to this Python")
     missing = tmp_path / "missing.onnx"
     proc = subprocess.run([str(script), "analyze", str(missing)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

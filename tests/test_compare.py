@@ -1,4 +1,4 @@
-"""validate_models: two models judged against each other (``onnx-rewriter validate``)."""
+"""validate_models: two models judged against each other (``onnx-bottleneck validate``)."""
 
 from __future__ import annotations
 

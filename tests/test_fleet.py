@@ -306,13 +306,13 @@ def test_cli_ray_missing_is_a_usage_error(inputs: list[Path], tmp_path: Path, mo
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     out = tmp_path / "out"
     result = runner.invoke(app, ["optimize-many", str(inputs[0]), "--out-dir", str(out), "--ray-address", "auto"])
-    assert one_line_error(result) == "error: Ray is not installed: pip install 'onnx-rewriter[ray]'"
+    assert one_line_error(result) == "error: Ray is not installed: pip install 'onnx-bottleneck[ray]'"
     assert not out.exists()
     metric = tmp_path / "metric.py"
     metric.write_text("from rewriter.validation.sharded import NpzTop1Accuracy\nmetric = NpzTop1Accuracy(('x.npz',))\n")
     result = runner.invoke(app, ["optimize", str(inputs[0]), "-o", str(tmp_path / "o.onnx"), "--metric", f"{metric}:metric",
                                  "--metric-ray-address", "auto"])
-    assert one_line_error(result) == "error: Ray is not installed: pip install 'onnx-rewriter[ray]'"
+    assert one_line_error(result) == "error: Ray is not installed: pip install 'onnx-bottleneck[ray]'"
     assert not (tmp_path / "o.onnx").exists()
 
 

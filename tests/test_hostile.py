@@ -5,7 +5,7 @@ line on stderr naming the problem, write nothing and leave every input byte-iden
 but unusual models) must exit 0 and leave the unusual parts untouched. Never a traceback, never a hang.
 
 The children are forked from a server process (:func:`serve`) that has imported the tool once, and run
-``rewriter.cli.main`` -- the function the ``onnx-rewriter`` console script calls -- with their own argv,
+``rewriter.cli.main`` -- the function the ``onnx-bottleneck`` console script calls -- with their own argv,
 stdout and stderr: the same code path as the installed script, without paying its import time a hundred
 times. ``test_console_script`` runs a few cases through the installed script itself.
 """
@@ -70,7 +70,7 @@ def serve() -> None:
                     os.dup2(target, fd)
                     os.close(target)
                 channel.close()
-                sys.argv = ["onnx-rewriter", *request["argv"]]
+                sys.argv = ["onnx-bottleneck", *request["argv"]]
                 from rewriter.cli import main
 
                 try:
@@ -121,7 +121,7 @@ class CliServer:
         if ended is None:
             os.kill(started["pid"], signal.SIGKILL)
             self._reply(None)
-            pytest.fail(f"onnx-rewriter {' '.join(args)} still running after {timeout} s (a hang)")
+            pytest.fail(f"onnx-bottleneck {' '.join(args)} still running after {timeout} s (a hang)")
         return Run(ended["exit"], out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def close(self) -> None:
@@ -191,10 +191,10 @@ def test_hostile_case(name: str, command: str, tmp_path: Path, cli: CliServer) -
 
 @pytest.mark.parametrize("name", ["fifo_as_model", "ext_hard_link", "custom_domain_op"])
 def test_console_script(name: str, tmp_path: Path) -> None:
-    """A few cases through the installed ``onnx-rewriter`` script itself, in a plain subprocess."""
-    script = Path(sys.executable).parent / "onnx-rewriter"
+    """A few cases through the installed ``onnx-bottleneck`` script itself, in a plain subprocess."""
+    script = Path(sys.executable).parent / "onnx-bottleneck"
     if not script.exists():
-        pytest.skip("onnx-rewriter console script is not installed next to this Python")
+        pytest.skip("onnx-bottleneck console script is not installed next to this Python")
     case = CASES[name](tmp_path)
     before = snapshot(tmp_path)
     proc = subprocess.run([str(script), "analyze", str(case.model)], capture_output=True, text=True, timeout=TIME_LIMIT_S)
@@ -262,6 +262,6 @@ def test_exhausted_time_budget_is_reported(tmp_path: Path, cli: CliServer) -> No
     scratch.mkdir()
     run = cli.run(["optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--no-latency", "--time-budget", "0"], scratch)
     assert run.returncode == 0, run.stderr
-    assert run.stderr.strip().splitlines() == ["onnx-rewriter: validation time budget of 0s exhausted: 1 candidate(s) not tried"]
+    assert run.stderr.strip().splitlines() == ["onnx-bottleneck: validation time budget of 0s exhausted: 1 candidate(s) not tried"]
     negative = cli.run(["optimize", str(path), "-o", str(tmp_path / "out2.onnx"), "--time-budget", "-1"], scratch)
     assert negative.returncode == 2 and not (tmp_path / "out2.onnx").exists()

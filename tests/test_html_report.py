@@ -1,8 +1,8 @@
 """The HTML report: one self-contained file with per-layer bars, the Pareto curve and the decision table,
 checked as markup and rendered in a real headless browser (Debian's chromium) when one is installed.
 
-``make html-check`` runs the browser test with ONNX_REWRITER_REQUIRE_CHROMIUM=1, which turns the skip
-into a failure, and keeps the screenshot (ONNX_REWRITER_SCREENSHOT_OUT).
+``make html-check`` runs the browser test with ONNX_BOTTLENECK_REQUIRE_CHROMIUM=1, which turns the skip
+into a failure, and keeps the screenshot (ONNX_BOTTLENECK_SCREENSHOT_OUT).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_screenshot_in_headless_chromium(full_report: tuple[dict, list[LayerRow]
     browser = find_chromium()
     if browser is None:
         message = "no chromium or chromium-browser on PATH (Debian: apt-get install chromium); HTML not rendered in a browser"
-        if os.environ.get("ONNX_REWRITER_REQUIRE_CHROMIUM"):
+        if os.environ.get("ONNX_BOTTLENECK_REQUIRE_CHROMIUM"):
             pytest.fail(message)
         pytest.skip(message)
     Image = pytest.importorskip("PIL.Image", reason="Pillow is in the dev extra")
@@ -170,6 +170,6 @@ def test_screenshot_in_headless_chromium(full_report: tuple[dict, list[LayerRow]
         assert len(colours) > 16  # text, bars and tables, not a blank page
         assert _colour_present(rgb, _hex(AFTER_COLOUR)), "no 'after' bars in the screenshot"
         assert _colour_present(rgb, _hex(FRONT_COLOUR)), "no Pareto front in the screenshot"
-    keep = os.environ.get("ONNX_REWRITER_SCREENSHOT_OUT")
+    keep = os.environ.get("ONNX_BOTTLENECK_SCREENSHOT_OUT")
     if keep:
         shutil.copyfile(shot, keep)

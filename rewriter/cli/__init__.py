@@ -1,4 +1,4 @@
-"""Command-line interface: a thin layer over the library (``onnx-rewriter``, :func:`main`).
+"""Command-line interface: a thin layer over the library (``onnx-bottleneck``, :func:`main`).
 
 The commands compose option groups (:mod:`rewriter.cli.groups`); each group declares its flags once and
 builds one library object. Results are drawn by :mod:`rewriter.cli.tables`.

@@ -48,7 +48,7 @@ class _StderrHandler(logging.Handler):
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.INFO if verbose else (logging.ERROR if quiet else logging.WARNING)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("onnx-rewriter: %(message)s"))
+    handler.setFormatter(logging.Formatter("onnx-bottleneck: %(message)s"))
     root = logging.getLogger("rewriter")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -147,7 +147,7 @@ def sweep(
         write_json({"model": str(model), **result.to_dict()}, json_path)
     if html is not None:
         points = [ParetoPoint(p.speedup, p.error, f"step {p.step}") for p in result.points]
-        report = {"tool": "onnx-rewriter", "input": {"path": str(model)}, "decisions": [], "passes": [], "totals": {},
+        report = {"tool": "onnx-bottleneck", "input": {"path": str(model)}, "decisions": [], "passes": [], "totals": {},
                   "budget": result.search.budget, "pareto": [p.to_dict() for p in points]}
         write_html(html, report)
     out.print(sweep_table(result, model.name))

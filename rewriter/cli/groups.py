@@ -186,7 +186,7 @@ BUDGET: Group[BudgetOptions] = Group("Budget", (
     Flag("max_metric_drop", float, 0.01, ("--max-metric-drop",), "Largest allowed drop of --metric."),
     Flag("min_metric", Optional[float], None, ("--min-metric",), "Floor --metric must stay at or above."),
     Flag("metric_ray_address", Optional[str], None, ("--metric-ray-address",),
-         "Run a sharded --metric's map over this Ray cluster (auto, ray://HOST:10001); needs the 'ray' extra of onnx-rewriter."),
+         "Run a sharded --metric's map over this Ray cluster (auto, ray://HOST:10001); needs the 'ray' extra of onnx-bottleneck."),
 ), BudgetOptions)
 
 TIMING: Group[MeasureOptions] = Group("Timing", (

@@ -1,4 +1,4 @@
-"""Compare two models (``onnx-rewriter validate``): numerics of the candidate against the base as
+"""Compare two models (``onnx-bottleneck validate``): numerics of the candidate against the base as
 reference, and their latency A/B."""
 
 from __future__ import annotations

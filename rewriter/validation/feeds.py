@@ -256,7 +256,7 @@ def load_image_feeds(folder: str | Path, spec: ImageSpec, input_name: str, limit
     try:
         from PIL import Image
     except ImportError:
-        raise InputError("reading image folders needs Pillow: pip install 'onnx-rewriter[images]'") from None
+        raise InputError("reading image folders needs Pillow: pip install 'onnx-bottleneck[images]'") from None
     p = Path(folder)
     if not p.is_dir():
         raise InputError(f"{p}: not a folder of images")

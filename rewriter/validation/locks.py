@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def default_lock_path() -> Path:
     """The machine-wide timing lock file (in the system's temporary folder)."""
-    return Path(tempfile.gettempdir()) / "onnx-rewriter-timing.lock"
+    return Path(tempfile.gettempdir()) / "onnx-bottleneck-timing.lock"
 
 
 class MachineLock:

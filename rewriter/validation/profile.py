@@ -1,4 +1,4 @@
-"""Latency of one model (``onnx-rewriter bench``) and where the time goes, per op type, from
+"""Latency of one model (``onnx-bottleneck bench``) and where the time goes, per op type, from
 onnxruntime's profiler (the sum of kernel times of each op type over the profiled runs)."""
 
 from __future__ import annotations
