@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from rewriter.contract import Candidate, Skip
 from rewriter.outcome import Outcome
-from rewriter.validation.judge import Verdict
+from rewriter.validation.judge import ProfileLatency, Verdict
 from rewriter.validation.latency import LatencyComparison
 
 
@@ -77,6 +77,8 @@ class PassRun:
     not_tried: int = 0
     skips: list[Skip] = field(default_factory=list)
     model_latency: LatencyComparison | None = None
+    #: The whole-model check at each deployment profile, primary first (empty with a single profile).
+    profile_latency: list[ProfileLatency] = field(default_factory=list)
     reverted: str | None = None
 
     def count(self, decisions: list[Decision]) -> None:

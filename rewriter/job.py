@@ -110,11 +110,11 @@ class OptimizeOutcome:
     input_shape_notes: list[dict[str, Any]] = field(default_factory=list)
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
-        """The JSON report (schema version 5); the output is recorded only when the gate passed."""
+        """The JSON report (schema version 6); the output is recorded only when the gate passed."""
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
-            provider=self.options.provider, threads=self.options.threads, gate=self.gate,
+            provider=self.options.provider, threads=self.config.runtime.threads, batch=self.config.deployments[0].batch, gate=self.gate,
             pass_options=self.options.pass_options, input_shape_notes=self.input_shape_notes,
         )
 

@@ -37,7 +37,8 @@ from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.screening import Screening, rank, screen_candidates
 from rewriter.trial import apply_candidate, try_candidate
-from rewriter.validation.judge import Judge, Verdict
+from rewriter.validation.deployment import DeploymentProfile
+from rewriter.validation.judge import Judge, ProfileLatency, Verdict
 from rewriter.validation.latency import LatencyComparison, pooled
 from rewriter.validation.numerics import OutputStats
 
@@ -48,19 +49,20 @@ CONFIRMATIONS = 2
 
 
 def settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool,
-            first: LatencyComparison | None = None) -> LatencyComparison:
-    """The whole-model comparison a pass is kept or undone on. Where the interval leaves the call open
-    while the point estimate takes a side (a noisy machine), more pairs are measured and pooled, up to
-    ``CONFIRMATIONS`` times and while the judge's deadline has time left: one unlucky measurement must not
-    undo a whole search. ``first``: a measurement of this very pair already taken (it is not repeated)."""
-    lat = first if first is not None else judge.model_latency(base.proto, model.proto)
+            first: LatencyComparison | None = None, profile: DeploymentProfile | None = None) -> LatencyComparison:
+    """The whole-model comparison a pass is kept or undone on, at ``profile`` (default: the primary one).
+    Where the interval leaves the call open while the point estimate takes a side (a noisy machine), more
+    pairs are measured and pooled, up to ``CONFIRMATIONS`` times and while the judge's deadline has time
+    left: one unlucky measurement must not undo a whole search. ``first``: a measurement of this very pair
+    already taken (it is not repeated)."""
+    lat = first if first is not None else judge.model_latency(base.proto, model.proto, profile)
     for _ in range(CONFIRMATIONS):
         ci = lat.ci
         open_call = (not ci.slower(threshold) and ci.speedup < threshold) if exact else (not ci.faster(threshold) and ci.speedup > threshold)
         if not open_call or judge.deadline.over():
             break
         log.info("whole-model speedup %s is not settled; measuring more pairs", ci)
-        lat = pooled(lat, judge.model_latency(base.proto, model.proto), seed=judge.config.timing.seed)
+        lat = pooled(lat, judge.model_latency(base.proto, model.proto, profile), seed=judge.config.timing.seed)
     return lat
 
 
@@ -348,24 +350,39 @@ class PassSearch:
 
     # -- the pass's end ----------------------------------------------------------------------------------
     def close(self, before_pass: Model, model: Model) -> Model:
-        """Check the pass end to end (``model`` against ``before_pass``) when it changed the model and latency
-        is measured; undo it when the whole model does not pay. Sets the run's counts; the model kept."""
+        """Check the pass end to end (``model`` against ``before_pass``, at every deployment profile) when it
+        changed the model and latency is measured; undo it when the whole model does not pay on one of them.
+        Sets the run's counts; the model kept."""
         state, config = self.state, self.state.judge.config
         if model is not before_pass and config.latency:
-            exact, target = self.p.exact, state.target
-            threshold = config.exact_min_speedup if exact else config.lossy_min_speedup
-            first = target.last if target is not None and target.model is model and before_pass is state.original else None
-            lat = settled(state.judge, before_pass, model, threshold, exact, first)
-            self.run.model_latency = lat
-            undo = lat.ci.slower(config.exact_min_speedup) if exact else not lat.ci.faster(config.lossy_min_speedup)
-            if undo:
-                self.run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
+            failed = self._settle(before_pass, model)
+            if failed is not None:
+                self.run.reverted = f"whole-model speedup {failed} does not pay; pass undone"
                 log.info("%s: %s", self.p.name, self.run.reverted)
                 model = before_pass
-                if target is not None and not exact:
-                    target.reset()
+                if state.target is not None and not self.p.exact:
+                    state.target.reset()
                 for i in range(self.first, len(state.decisions)):
                     if state.decisions[i].kept:
                         state.decisions[i] = state.decisions[i].undone(self.run.reverted)
         self.run.count(self.decisions)
         return model
+
+    def _settle(self, before_pass: Model, model: Model) -> str | None:
+        """Measure the pass end to end at each profile, primary first (the run records them); the first
+        profile it does not pay on, as ``CI[ at PROFILE]``, or ``None``."""
+        state, config = self.state, self.state.judge.config
+        exact, target = self.p.exact, state.target
+        threshold = config.exact_min_speedup if exact else config.lossy_min_speedup
+        first = target.last if target is not None and target.model is model and before_pass is state.original else None
+        profiles = config.deployments
+        for i, profile in enumerate(profiles):
+            lat = settled(state.judge, before_pass, model, threshold, exact, first if i == 0 else None, profile)
+            if i == 0:
+                self.run.model_latency = lat
+            if len(profiles) > 1:
+                self.run.profile_latency.append(ProfileLatency(profile, lat, "model"))
+            undo = lat.ci.slower(config.exact_min_speedup) if exact else not lat.ci.faster(config.lossy_min_speedup)
+            if undo:
+                return f"{lat.ci}" + (f" at {profile.label}" if len(profiles) > 1 else "")
+        return None

@@ -53,7 +53,7 @@ def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
     while not (queue[0].ci.speedup > 1.0 and queue[0].ci.low <= 1.0):  # an open call: faster, not shown
         queue[0] = comparison(0.4)
     calls = []
-    judge = SimpleNamespace(config=ValidationConfig(), deadline=Deadline(), model_latency=lambda base, cand: calls.append(1) or queue[len(calls) - 1])
+    judge = SimpleNamespace(config=ValidationConfig(), deadline=Deadline(), model_latency=lambda base, cand, profile=None: calls.append(1) or queue[len(calls) - 1])
     model = Model.from_source(parse(CHAIN3))
     settled = _settled(judge, model, model, 1.0, exact=False)  # type: ignore[arg-type]
     assert len(calls) >= 2 and settled.ci.pairs == 12 * len(calls) and settled.ci.faster(1.0)

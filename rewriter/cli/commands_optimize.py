@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -91,7 +91,14 @@ def optimize(
     out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
               + f", {len(result.rolled_back)} rolled back"
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
-              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else "") + normalized)
+              + (f", end-to-end speedup {_speedups(result)}" if result.final_latency else "") + normalized)
+
+
+def _speedups(result: Any) -> str:
+    """The end-to-end speedup, with the profile of each where there are several."""
+    if not result.profile_latency:
+        return str(result.final_latency.ci)
+    return "; ".join(f"{p.latency.ci} at {p.profile.label}" for p in result.profile_latency)
 
 
 @guarded

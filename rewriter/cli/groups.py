@@ -158,6 +158,10 @@ def _feed_options(**values: Any) -> FeedOptions:
     return FeedOptions(tuple(str(f) for f in feeds or ()), None if images is None else str(images), **values)
 
 
+def _measure_options(**values: Any) -> MeasureOptions:
+    return MeasureOptions(**{**values, "profiles": tuple(values.get("profiles") or ())} if "profiles" in values else values)
+
+
 # -- the groups --------------------------------------------------------------------------------------
 MODEL: Group[ModelArgs] = Group("Model", (
     Flag("input_shape", Optional[list[str]], None, ("--input-shape",), "Resolve an input's dims: NAME:1x3x224x224 (repeatable)."),
@@ -193,11 +197,14 @@ TIMING: Group[MeasureOptions] = Group("Timing", (
     Flag("latency", bool, True, ("--latency/--no-latency",), "Gate rewrites on measured latency."),
     Flag("subgraph", bool, True, ("--subgraph/--whole-model",), "Time each rewrite on its region (fast) or the whole model."),
     Flag("threads", int, 1, ("--threads",), "Intra-op threads of the timed sessions.", min=1),
+    Flag("batch", int, 1, ("--batch",), "Batch of the timed and numerics feeds (the model's first input dim must allow it).", min=1),
+    Flag("profiles", Optional[list[str]], None, ("--profile",),
+         "Deployment profile threads=T,batch=B (repeatable; the first is primary): a rewrite is kept only if it pays on every one."),
     Flag("provider", str, "cpu", ("--provider",), "Execution provider for timing: cpu, cuda, tensorrt."),
     Flag("min_speedup", float, 1.0, ("--min-speedup",), "Lossy rewrites are kept only if the speedup CI lies above this."),
     Flag("exact_min_speedup", float, 0.99, ("--exact-min-speedup",), "Exact rewrites are rolled back if the speedup CI lies wholly below this."),
     Flag("max_pairs", int, 40, ("--max-pairs",), "Most interleaved timing pairs per comparison.", min=4),
-), MeasureOptions)
+), _measure_options)
 
 SEARCH: Group[SearchOptions] = Group("Search", (
     Flag("passes", Optional[str], None, ("--passes",), "Comma-separated pass names (default: all exact passes)."),
