@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 CORPUS_DIR ?= .cache/corpus
 
-.PHONY: demo test test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo html-check venv clean
+.PHONY: demo test test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo bench-profiles html-check venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,13 @@ bench: $(STAMP)
 bench-zoo: $(STAMP)
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
 	$(PY) -m benchmarks.zoo --corpus $(CORPUS_DIR) $(BENCH_ZOO_ARGS)
+
+## make bench-profiles: a lossy search on a trained detector of the corpus judged at two deployment profiles
+## (--profile threads=1,batch=1 --profile threads=2,batch=8) through the CLI; writes docs/profiles_nudenet.json.
+bench-profiles: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
+	$(PY) -m benchmarks.profiles --corpus $(CORPUS_DIR) --json docs/profiles_nudenet.json $(BENCH_PROFILES_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache

@@ -114,7 +114,7 @@ class OptimizeOutcome:
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
-            provider=self.options.provider, threads=self.config.runtime.threads, batch=self.config.deployments[0].batch, gate=self.gate,
+            provider=self.options.provider, threads=self.config.runtime.threads, batch=self.config.deployments[0].batch, profiles=self.config.deployments, gate=self.gate,
             pass_options=self.options.pass_options, input_shape_notes=self.input_shape_notes,
         )
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from rewriter.io import check_destination, write_atomically
 from rewriter.pipeline import Decision, OptimizeResult, PassRun
+from rewriter.validation.deployment import DeploymentProfile
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
 
@@ -121,13 +122,15 @@ def decision_dict(d: Decision, run: PassRun | None = None) -> dict[str, Any]:
     }
 
 
-def profiles_dict(result: OptimizeResult, threads: int, batch: int) -> list[dict[str, Any]]:
-    """Each deployment profile, primary first, with the end-to-end comparison at it (``latency`` null when not
-    measured); without several profiles, the one the run was judged at (``threads``, ``batch``)."""
-    if result.profile_latency:
-        return [{**p.profile.to_dict(), "primary": i == 0, "latency": _latency(p.latency, "model")}
-                for i, p in enumerate(result.profile_latency)]
-    return [{"threads": threads, "batch": batch, "primary": True, "latency": _latency(result.final_latency, "model")}]
+def profiles_dict(result: OptimizeResult, threads: int, batch: int,
+                  profiles: Sequence[DeploymentProfile] | None = None) -> list[dict[str, Any]]:
+    """Each deployment profile of the run (``profiles``; default: the one of ``threads`` and ``batch``), primary
+    first, with the end-to-end comparison at it (``latency`` null where not measured: nothing kept, or no latency)."""
+    listed = list(profiles) if profiles else [DeploymentProfile(threads, batch)]
+    measured = {p.profile: p.latency for p in result.profile_latency}
+    if not measured and result.final_latency is not None:
+        measured[listed[0]] = result.final_latency
+    return [{**p.to_dict(), "primary": i == 0, "latency": _latency(measured.get(p), "model")} for i, p in enumerate(listed)]
 
 
 def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
@@ -150,6 +153,7 @@ def build_report(
     provider: str,
     threads: int,
     batch: int = 1,
+    profiles: Sequence[DeploymentProfile] | None = None,
     gate: Sequence[str] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     pareto: Sequence[ParetoPoint] | None = None,
@@ -204,7 +208,7 @@ def build_report(
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
             "final_latency": _latency(result.final_latency, "model"),
         },
-        "profiles": profiles_dict(result, threads, batch),
+        "profiles": profiles_dict(result, threads, batch, profiles),
         "holdout": None if result.holdout is None else result.holdout.to_dict(),
         "gate": {"passed": not failures, "failures": failures},
         "pareto": None if pareto is None else [p.to_dict() for p in pareto],
