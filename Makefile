@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 CORPUS_DIR ?= .cache/corpus
 
-.PHONY: demo test test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo bench-profiles html-check venv clean
+.PHONY: demo test docs test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo bench-profiles html-check venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+## make docs: build the documentation site (mkdocs.yml, pages in docs/) into build/site with `mkdocs build
+## --strict`: a broken internal link or anchor fails it (tests/test_docs.py runs the same check in make test).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir $(BUILD)/site
+	@echo "site: $(BUILD)/site/index.html"
 
 ## make html-check: render the HTML report in headless chromium and check the screenshot (installs
 ## nothing; fails if chromium is missing -- Debian: apt-get install chromium). Screenshot: build/report.png
