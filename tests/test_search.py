@@ -38,7 +38,7 @@ def test_lossy_candidates_are_screened_and_tried_by_measured_error() -> None:
 def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
     from types import SimpleNamespace
 
-    from rewriter.search import CONFIRMATIONS, settled as _settled
+    from rewriter.rounds import CONFIRMATIONS, settled as _settled
     from rewriter.validation.latency import LatencyComparison
     from rewriter.validation.stats import bootstrap_speedup
 
@@ -148,7 +148,7 @@ def test_a_round_that_fails_together_is_proven_one_by_one(monkeypatch: pytest.Mo
 
 
 def test_round_proof_covers_the_candidates_it_applied_and_only_exact_rounds() -> None:
-    from rewriter.search import prove_round as _prove_round
+    from rewriter.rounds import prove_round as _prove_round
     from rewriter.validation.judge import Judge
 
     model = Model.from_source(parse(THREE_BN, seed=1))
