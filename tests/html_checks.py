@@ -96,7 +96,10 @@ CHECK_SCRIPT = r"""
   while ((m = re.exec(text)) !== null) out.placeholders.push(text.slice(Math.max(0, m.index - 40), m.index + 40));
   document.querySelectorAll("h2").forEach(function (h) {
     let n = h.nextElementSibling, ok = false;
-    while (n && n.tagName !== "H2") { if (n.tagName === "svg" || n.tagName === "SVG" || n.innerText.trim() || n.querySelector("svg")) ok = true; n = n.nextElementSibling; }
+    while (n && n.tagName !== "H2") {
+      if (n.tagName !== "SCRIPT" && (n.tagName.toLowerCase() === "svg" || (n.innerText || "").trim() || n.querySelector("svg"))) ok = true;
+      n = n.nextElementSibling;
+    }
     if (!ok) out.empty.push(h.innerText);
   });
   const pre = document.createElement("pre");

@@ -146,7 +146,8 @@ def latency_chart_svg(rows: Sequence[LayerRow]) -> str:
         return '<p class="muted">No layer recorded a kernel time.</p>'
     label_w, bar_w, value_w, row_h, top = 300, 520, 270, 22, 30
     width, height = label_w + bar_w + value_w, top + row_h * len(chosen) + 10
-    vmax = max(max(t.high for t in (r.time_before, r.time_after) if t is not None) for r in chosen) or 1.0
+    # Scaled to the medians; a whisker reaching past the chart (one slow round) is cut at its edge.
+    vmax = 1.1 * max(max(t.median for t in (r.time_before, r.time_after) if t is not None) for r in chosen) or 1.0
     legend = [(BEFORE_COLOUR, "before"), (AFTER_COLOUR, "after, changed"), (UNCHANGED_COLOUR, "after, within noise")]
     parts = [_svg_open(width, height, "latency per layer"), *_legend(label_w, legend)]
     for i, r in enumerate(chosen):
@@ -158,8 +159,8 @@ def latency_chart_svg(rows: Sequence[LayerRow]) -> str:
                 continue
             yy = y + 2 + k * 9
             tip = f"median {fmt_ms(t.median)}, rounds {t.low:.3f}-{t.high:.3f} ms ({t.rounds} rounds)"
-            parts.append(f'<rect x="{label_w}" y="{yy}" width="{max(1.0, bar_w * t.median / vmax):.1f}" height="8" fill="{colour}"><title>{e(tip)}</title></rect>')
-            x_lo, x_hi = label_w + bar_w * t.low / vmax, label_w + bar_w * t.high / vmax
+            parts.append(f'<rect x="{label_w}" y="{yy}" width="{max(1.0, bar_w * min(1.0, t.median / vmax)):.1f}" height="8" fill="{colour}"><title>{e(tip)}</title></rect>')
+            x_lo, x_hi = (label_w + bar_w * min(1.0, v / vmax) for v in (t.low, t.high))
             parts.append(f'<line x1="{x_lo:.1f}" x2="{x_hi:.1f}" y1="{yy + 4}" y2="{yy + 4}" stroke="#2d3748" stroke-width="1"/>')
         parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 13}" class="vl">{e(_latency_note(r))}</text>')
     parts.append("</svg>")
