@@ -272,9 +272,9 @@ def curve_svg(points: Sequence[CurvePoint], xlabel: str, ylabel: str = "speedup 
     for p in sorted(points, key=lambda p: p.front):  # the front on top
         colour = FRONT_COLOUR if p.front else BEFORE_COLOUR
         parts.append(f'<circle cx="{xs.px(p.x):.1f}" cy="{py(p.speedup):.1f}" r="{5 if p.front else 4}" fill="{colour}"><title>{e(p.tip)}</title></circle>')
-    order = sorted(front, key=lambda p: -p.speedup)[:1] + front
-    seen: set[int] = set()
-    anchors = [(xs.px(p.x), py(p.speedup), p.label) for p in order if p.label and not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+    fastest = max(front, key=lambda p: p.speedup, default=None)
+    order = [fastest] + [p for p in front if p is not fastest] if fastest is not None else []
+    anchors = [(xs.px(p.x), py(p.speedup), p.label) for p in order if p.label]
     markers = [Box(xs.px(p.x) - 5, py(p.speedup) - 5, xs.px(p.x) + 5, py(p.speedup) + 5) for p in front]
     for x, y, anchor, text in place_labels(anchors, Box(ml + 2, mt + 2, ml + pw - 2, mt + ph - 2), markers):
         parts.append(f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" class="pl">{e(text)}</text>')
