@@ -118,7 +118,7 @@ def validate(
 def sweep(
     model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write the speedup-vs-error curve as a self-contained HTML page."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the sweep as a self-contained HTML page (the curve in the budget's metric, the Pareto front)."),
     config_file: Optional[Path] = ConfigOpt,
     *,
     search: SearchOptions,
@@ -129,10 +129,10 @@ def sweep(
 ) -> None:
     """The speedup-vs-error Pareto curve of a lossy search, measured end to end at every kept step."""
     from rewriter.config import build_passes
-    from rewriter.html_report import write_html
+    from rewriter.html_report import write_sweep_html
     from rewriter.model import Model
     from rewriter.options import validation_config
-    from rewriter.report import ParetoPoint, check_output_paths, write_json
+    from rewriter.report import check_output_paths, write_json
     from rewriter.sweep import sweep as run_sweep
 
     src = model_path(model)
@@ -142,14 +142,13 @@ def sweep(
     config = validation_config(budget, measure)
     source = Model.from_source(src, model_args.shapes())
     feedset = replace(feeds, holdout_fraction=0.0).feedset(source)
-    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=search.time_budget, screen=search.screen)
+    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=search.time_budget, screen=search.screen,
+                       input_path=src)
+    data = {"model": str(model), **result.to_dict()}
     if json_path is not None:
-        write_json({"model": str(model), **result.to_dict()}, json_path)
+        write_json(data, json_path)
     if html is not None:
-        points = [ParetoPoint(p.speedup, p.error, f"step {p.step}") for p in result.points]
-        report = {"tool": "onnx-bottleneck", "input": {"path": str(model)}, "decisions": [], "passes": [], "totals": {},
-                  "budget": result.search.budget, "pareto": [p.to_dict() for p in points]}
-        write_html(html, report)
+        write_sweep_html(html, data)
     out.print(sweep_table(result, model.name))
 
 
