@@ -210,6 +210,7 @@ def optimize(
     time_budget_s: float | None = None,
     max_model_bytes: int | None = None,
     on_decision: Callable[[Decision, Model], None] | None = None,
+    on_round: Callable[[str, int], None] | None = None,
     judge: Judge | None = None,
     screen: bool = True,
     target_speedup: float | None = None,
@@ -223,7 +224,8 @@ def optimize(
     only when needed too). ``time_budget_s`` caps the whole
     call (search and closing end-to-end measurements, give or take one candidate); candidates left when
     it runs out are recorded as not tried. ``on_decision`` is called
-    after each judged candidate with the decision and the model accepted after it (progress, sweeps).
+    after each judged candidate with the decision and the model accepted after it (progress, sweeps);
+    ``on_round`` when a pass's round starts, with the pass's name and how many candidates it will go through.
     ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
     ``screen``: measure lossy families before judging and order by predicted error (see
     :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
@@ -248,7 +250,7 @@ def optimize(
         feeds = feeds()  # a candidate has to be judged: the feeds are made now
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
-    state = SearchState(original, judge, deadline, target, screen, on_decision)
+    state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
     model, runs = original, []
     measured: tuple[Model, LatencyComparison] | None = None  # a whole-model timing against the original
     for p in selected:

@@ -49,7 +49,7 @@ def optimize(
     from rewriter.html_report import layer_rows, profile_layers, write_html
     from rewriter.io import check_output_path, save_model, sha256_file
     from rewriter.job import optimize_model
-    from rewriter.progress import decision_progress
+    from rewriter.progress import DecisionProgress
     from rewriter.report import check_output_paths, write_json
     from rewriter.zoo import plan_for
 
@@ -63,7 +63,8 @@ def optimize(
     check_output_paths(target, output.report, output.html, output.save_plan)
     options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data, shapes)
     options = plan_for(src, options, model_tables(config_file)).options  # its [models."PATTERN"] tables, if any
-    outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not quiet()))
+    shown = DecisionProgress(err, enabled=sys.stderr.isatty() and not quiet(), time_budget_s=options.time_budget)
+    outcome = optimize_model(src, options, progress=shown, on_decision=shown.on_decision, on_round=shown.on_round)
     result, gate = outcome.result, outcome.gate
     out_sha = None
     if not gate:
@@ -78,8 +79,8 @@ def optimize(
         layers = layer_rows(result.before, result.after) if result.nothing_to_rewrite else profile_layers(result, outcome.config.runtime)
         write_html(output.html, data, layers=layers)
     if not quiet():
-        for shown in optimize_summary(result):
-            out.print(shown)
+        for line in optimize_summary(result, options.metric):
+            out.print(line)
     if gate:
         raise GateFailed("gate failed, no output written: " + "; ".join(gate))
     normalized = f" (normalized on load: {'; '.join(result.normalized)})" if result.normalized else ""
@@ -91,7 +92,12 @@ def optimize(
     out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
               + f", {len(result.rolled_back)} rolled back"
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
-              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else "") + normalized)
+              + (f", end-to-end speedup {result.final_latency.ci} ({_timed(options)})" if result.final_latency else "") + normalized)
+
+
+def _timed(options: OptimizeOptions) -> str:
+    """How the latency was measured, for the closing line: threads and provider."""
+    return f"onnxruntime, {options.threads} intra-op thread{'s' if options.threads != 1 else ''}, {options.provider}"
 
 
 @guarded
