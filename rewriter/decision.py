@@ -53,7 +53,8 @@ class Decision:
         why, and the speedup CI when latency was measured."""
         c, v = self.candidate, self.verdict
         what = "kept" if self.kept else "rolled back" if self.tried else "not tried"
-        why = "" if self.outcome is Outcome.KEPT else f": {self.reason}"
+        reason = self.reason.removeprefix(f"{self.outcome.value}: ")  # "numerics: numerics: ..." reads once
+        why = "" if self.outcome is Outcome.KEPT else f": {reason}"
         speed = "not measured" if v is None or v.latency is None else f"{v.latency.ci} ({v.latency_scope})"
         text = f"{c.pass_name}: {what} {c.description} [nodes {', '.join(c.nodes)}] -- {self.outcome.value}{why}; speedup {speed}"
         return " ".join(text.split())

@@ -221,11 +221,10 @@ def optimize(
     ``passes``: names, instances, or ``None`` for the exact defaults. ``feeds``: a feed set, a function
     making one (called once, when a candidate first needs judging: a model no selected pass has a
     candidate for is returned as it was, with no feed made), or ``None`` for seeded random feeds (made
-    only when needed too). ``time_budget_s`` caps the whole
-    call (search and closing end-to-end measurements, give or take one candidate); candidates left when
-    it runs out are recorded as not tried. ``on_decision`` is called
-    after each judged candidate with the decision and the model accepted after it (progress, sweeps);
-    ``on_round`` when a pass's round starts, with the pass's name and how many candidates it will go through.
+    only when needed too). ``time_budget_s`` caps the whole call (search and closing end-to-end measurements,
+    give or take one candidate); candidates left when it runs out are recorded as not tried. ``on_decision``
+    is called after each judged candidate with the decision and the model accepted after it (progress,
+    sweeps); ``on_round`` when a pass's round starts, with the pass's name and its number of candidates.
     ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
     ``screen``: measure lossy families before judging and order by predicted error (see
     :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
