@@ -18,6 +18,8 @@ from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchO
 
 #: The groups ``optimize`` and ``optimize-many`` share: every option of one guarded optimization.
 _OPTIMIZE_GROUPS = {"search": SEARCH, "model_args": MODEL, "feeds": FEEDS, "budget": BUDGET, "measure": TIMING}
+#: The --help panels of options of one command: optimize-many's workers, apply's plan.
+_WORKERS, _PLAN = "Workers", "Plan"
 
 
 def _optimize_options(
@@ -104,11 +106,11 @@ def _timed(options: OptimizeOptions) -> str:
 @compose(**_OPTIMIZE_GROUPS, output=OUTPUT.only("external_data"))
 def optimize_many_cmd(
     models: list[Path] = typer.Argument(..., help="ONNX model files (never modified)."),
-    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for <stem>.onnx, <stem>.report.json and summary.json (created if missing)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Models at once: local worker processes (default: one per core) or Ray tasks in flight."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run each model as a Ray task on this cluster: auto, ray://HOST:10001 or local (needs the 'ray' extra of onnx-bottleneck)."),
-    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", min=1, help="Whole CPUs each Ray task requests (default: --threads)."),
-    save_plans: bool = typer.Option(False, "--save-plans", help="Also write each model's kept rewrites as <stem>.plan.json for `apply`."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for <stem>.onnx, <stem>.report.json and summary.json (created if missing).", rich_help_panel=OUTPUT.panel),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Models at once: local worker processes (default: one per core) or Ray tasks in flight.", rich_help_panel=_WORKERS),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run each model as a Ray task on this cluster: auto, ray://HOST:10001 or local (needs the 'ray' extra of onnx-bottleneck).", rich_help_panel=_WORKERS),
+    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", min=1, help="Whole CPUs each Ray task requests (default: --threads).", rich_help_panel=_WORKERS),
+    save_plans: bool = typer.Option(False, "--save-plans", help="Also write each model's kept rewrites as <stem>.plan.json for `apply`.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     search: SearchOptions,
@@ -148,8 +150,8 @@ def optimize_many_cmd(
 )
 def apply_plan_cmd(
     model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
-    plan: Path = typer.Option(..., "--plan", help="Plan written by optimize --save-plan."),
-    force: bool = typer.Option(False, "--force", help="Replay even if the model or calibration data differ from the plan's."),
+    plan: Path = typer.Option(..., "--plan", help="Plan written by optimize --save-plan.", rich_help_panel=_PLAN),
+    force: bool = typer.Option(False, "--force", help="Replay even if the model or calibration data differ from the plan's.", rich_help_panel=_PLAN),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,
