@@ -2,8 +2,8 @@
 
 :class:`DecisionProgress` is handed to the pipeline as its ``on_round`` and ``on_decision`` callbacks
 (:func:`rewriter.pipeline.optimize`), so the search knows nothing about it. While the run works it shows one
-live line on a console (stderr): the pass, candidates judged and left in the current round, the time left of
-``--time-budget``, and the best speedup a kept rewrite has shown so far. The CLI enables it only when stderr
+live line on a console (stderr): the pass, candidates judged and left in the current round, the best speedup
+a kept rewrite has shown so far, and the time left of ``--time-budget``. The CLI enables it only when stderr
 is a terminal and ``--quiet`` is not given; disabled, it does nothing, so logs and CI output stay plain (the
 plain per-decision lines of ``-v`` are the search's log records, :meth:`rewriter.decision.Decision.line`).
 """
@@ -36,7 +36,6 @@ class DecisionProgress:
         self.kept = 0
         self.left: int | None = None
         self.best: RatioCI | None = None
-        self.best_scope: str | None = None
         self.start = clock()
         self._progress: Any = None
 
@@ -56,7 +55,7 @@ class DecisionProgress:
         if decision.kept:
             self.kept += 1
             if v is not None and v.latency is not None and (self.best is None or v.latency.ci.speedup > self.best.speedup):
-                self.best, self.best_scope = v.latency.ci, v.latency_scope
+                self.best = v.latency.ci
         self._refresh()
 
     # -- what is shown -----------------------------------------------------------------------------------
@@ -67,15 +66,16 @@ class DecisionProgress:
         return max(0.0, self.time_budget_s - (self.clock() - self.start))
 
     def status(self) -> str:
-        """The status line, e.g. ``bottleneck: 5 judged (3 kept), 4 left in this round | 81 s left of 120 s |
-        best kept 1.942x [1.806, 2.051] subgraph``."""
-        parts = [f"{self.pass_name + ': ' if self.pass_name else ''}{self.judged} judged ({self.kept} kept)"
-                 + ("" if self.left is None else f", {self.left} left in this round")]
-        left = self.time_left()
-        if left is not None:
-            parts.append(f"{left:.0f} s left of {self.time_budget_s:g} s")
+        """The status line, short enough for an 80-column terminal, e.g. ``bottleneck: 10 judged, 2 kept, 1 left
+        | best 1.942x [1.806, 2.051] | 24 of 30 s left`` ("left": candidates left in the pass's current round;
+        "best": the best speedup CI a kept rewrite has shown; the time left of ``--time-budget``, else the time
+        elapsed)."""
+        parts = [f"{self.pass_name + ': ' if self.pass_name else ''}{self.judged} judged, {self.kept} kept"
+                 + ("" if self.left is None else f", {self.left} left")]
         if self.best is not None:
-            parts.append(f"best kept {self.best}" + (f" {self.best_scope}" if self.best_scope else ""))
+            parts.append(f"best {self.best}")
+        left = self.time_left()
+        parts.append(f"{self.clock() - self.start:.0f} s elapsed" if left is None else f"{left:.0f} of {self.time_budget_s:g} s left")
         return " | ".join(parts)
 
     def _refresh(self) -> None:
@@ -87,10 +87,9 @@ class DecisionProgress:
         self.start = self.clock()
         if not self.enabled:
             return self
-        from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+        from rich.progress import Progress, SpinnerColumn
 
-        self._progress = Progress(SpinnerColumn(), TimeElapsedColumn(), _StatusColumn(self), console=self.console,
-                                  transient=True)
+        self._progress = Progress(SpinnerColumn(), _StatusColumn(self), console=self.console, transient=True)
         self._progress.add_task("run", total=None)
         self._progress.start()
         return self

@@ -41,18 +41,20 @@ def test_progress_shows_judged_left_time_and_best_speedup_on_a_terminal() -> Non
         shown.on_decision(decision("conv5", Outcome.LATENCY, 1.02))
         shown.on_decision(decision("conv2", Outcome.KEPT, 1.2))
         status = shown.status()
-    assert status == "bottleneck: 3 judged (2 kept), 1 left in this round | 45 s left of 60 s | best kept 1.500x [1.400, 1.600] subgraph"
+    assert status == "bottleneck: 3 judged, 2 kept, 1 left | best 1.500x [1.400, 1.600] | 45 of 60 s left"
     text = screen.getvalue()
     assert "\x1b[" in text  # drawn as a live terminal display
-    assert "3 judged (2 kept), 1 left in this round" in text and "best kept 1.500x" in text
+    assert "bottleneck: 3 judged, 2 kept, 1 left | best 1.500x [1.400, 1.600]" in text
     clock.now += 100
     assert shown.time_left() == 0.0
 
 
 def test_progress_without_a_time_budget_or_a_kept_rewrite_says_less() -> None:
-    shown = DecisionProgress(Console(file=io.StringIO()), enabled=False)
+    clock = Clock()
+    shown = DecisionProgress(Console(file=io.StringIO()), enabled=False, clock=clock)
+    clock.now += 7
     shown.on_decision(decision("conv3", Outcome.NUMERICS, None))
-    assert shown.status() == "bottleneck: 1 judged (0 kept)"
+    assert shown.status() == "bottleneck: 1 judged, 0 kept | 7 s elapsed"
 
 
 def test_disabled_progress_draws_nothing() -> None:
@@ -76,8 +78,8 @@ def test_progress_follows_a_real_search(sample_model) -> None:  # type: ignore[n
         result = optimize(sample_model, ["fuse_1x1_chain"], config=ValidationConfig(latency=False),
                           on_decision=shown.on_decision, on_round=shown.on_round)
     assert len(result.decisions) == 1
-    assert shown.status() == "fuse_1x1_chain: 1 judged (1 kept), 0 left in this round"
-    assert "fuse_1x1_chain: 1 judged (1 kept)" in screen.getvalue()
+    assert shown.status().startswith("fuse_1x1_chain: 1 judged, 1 kept, 0 left | ")
+    assert "fuse_1x1_chain: 1 judged, 1 kept, 0 left" in screen.getvalue()
 
 
 def test_a_decision_is_one_plain_line() -> None:
