@@ -48,6 +48,17 @@ class Decision:
     def tried(self) -> bool:
         return self.outcome.tried
 
+    def line(self) -> str:
+        """One plain line for logs (``-v``, CI): pass, what and where, kept or rolled back with the outcome and
+        why, and the speedup CI when latency was measured."""
+        c, v = self.candidate, self.verdict
+        what = "kept" if self.kept else "rolled back" if self.tried else "not tried"
+        reason = self.reason.removeprefix(f"{self.outcome.value}: ")  # "numerics: numerics: ..." reads once
+        why = "" if self.outcome is Outcome.KEPT else f": {reason}"
+        speed = "not measured" if v is None or v.latency is None else f"{v.latency.ci} ({v.latency_scope})"
+        text = f"{c.pass_name}: {what} {c.description} [nodes {', '.join(c.nodes)}] -- {self.outcome.value}{why}; speedup {speed}"
+        return " ".join(text.split())
+
     def superseded_by(self, description: str) -> Decision:
         return replace(self, outcome=Outcome.SUPERSEDED, reason=f"{self.reason}; later replaced by: {description}")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from rewriter import pipeline  # module attribute: tests replace pipeline.optimize
 from rewriter.contract import Pass
+from rewriter.decision import Decision
 from rewriter.errors import InputError
 from rewriter.gate import gate_failures
 from rewriter.io import sha256_file
@@ -131,11 +132,14 @@ def optimize_model(
     options: OptimizeOptions,
     *,
     progress: AbstractContextManager[Any] | None = None,
+    on_decision: Callable[[Decision, Model], None] | None = None,
+    on_round: Callable[[str, int], None] | None = None,
 ) -> OptimizeOutcome:
     """Load a model file, run the guarded pipeline on it and apply the final gate; writes nothing.
 
     Bad options or an unusable model raise :class:`InputError`. ``progress`` is entered around the
-    pipeline run (the CLI's progress line).
+    pipeline run (the CLI's progress line); ``on_decision`` and ``on_round`` are the pipeline's callbacks
+    (:func:`rewriter.pipeline.optimize`) that drive it.
     """
     options.check()
     selected = options.build_passes()
@@ -147,7 +151,8 @@ def optimize_model(
     feeds = _FeedsOnDemand(lambda: options.feedset(model))
     with progress if progress is not None else nullcontext():
         result = pipeline.optimize(model, selected, feeds=feeds, config=config, time_budget_s=options.time_budget, screen=options.screen,
-                                   target_speedup=options.target_speedup, holdout_fail=options.holdout_fail)
+                                   target_speedup=options.target_speedup, holdout_fail=options.holdout_fail,
+                                   on_decision=on_decision, on_round=on_round)
     untried = sum(d.outcome is Outcome.NOT_TRIED_TIME for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)

@@ -198,6 +198,23 @@ def _closing(state: SearchState, model: Model, measured: Measured | None) -> tup
                       for p in judge.config.deployments]
 
 
+def _search(state: SearchState, selected: Sequence[Pass], max_rounds: int) -> tuple[Model, list[PassRun], Measured | None]:
+    """Each pass's search in turn, closed end to end: the model left, the passes' runs, and the first pass's
+    closing timing against the original (the very pair the final comparison would time, when it is the result)."""
+    model, runs = state.original, []
+    measured: Measured | None = None
+    for p in selected:
+        search = PassSearch(p, state)
+        before_pass = model
+        after_pass = search.search(model, max_rounds)
+        model = search.close(before_pass, after_pass)
+        runs.append(search.run)
+        if before_pass is state.original and search.run.model_latency is not None:
+            primary = ProfileLatency(state.judge.config.deployments[0], search.run.model_latency, "model")
+            measured = (after_pass, search.run.profile_latency or [primary])
+    return model, runs, measured
+
+
 def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Deadline, target_speedup: float | None) -> OptimizeResult:
     """The result of a run with nothing to rewrite: the model as given, no decision, nothing measured.
 
@@ -227,6 +244,7 @@ def optimize(
     time_budget_s: float | None = None,
     max_model_bytes: int | None = None,
     on_decision: Callable[[Decision, Model], None] | None = None,
+    on_round: Callable[[str, int], None] | None = None,
     judge: Judge | None = None,
     screen: bool = True,
     target_speedup: float | None = None,
@@ -237,10 +255,10 @@ def optimize(
     ``passes``: names, instances, or ``None`` for the exact defaults. ``feeds``: a feed set, a function
     making one (called once, when a candidate first needs judging: a model no selected pass has a
     candidate for is returned as it was, with no feed made), or ``None`` for seeded random feeds (made
-    only when needed too). ``time_budget_s`` caps the whole
-    call (search and closing end-to-end measurements, give or take one candidate); candidates left when
-    it runs out are recorded as not tried. ``on_decision`` is called
-    after each judged candidate with the decision and the model accepted after it (progress, sweeps).
+    only when needed too). ``time_budget_s`` caps the whole call (search and closing end-to-end measurements,
+    give or take one candidate); candidates left when it runs out are recorded as not tried. ``on_decision``
+    is called after each judged candidate with the decision and the model accepted after it (progress,
+    sweeps); ``on_round`` when a pass's round starts, with the pass's name and its number of candidates.
     ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
     ``screen``: measure lossy families before judging and order by predicted error (see
     :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
@@ -265,17 +283,8 @@ def optimize(
     feeds = _made(feeds, config)
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
-    state = SearchState(original, judge, deadline, target, screen, on_decision)
-    model, runs = original, []
-    measured: Measured | None = None  # a whole-model timing against the original
-    for p in selected:
-        search = PassSearch(p, state)
-        before_pass = model
-        after_pass = search.search(model, max_rounds)
-        model = search.close(before_pass, after_pass)
-        runs.append(search.run)
-        if before_pass is original and search.run.model_latency is not None:  # the same pairs the final comparison would time
-            measured = (after_pass, search.run.profile_latency or [ProfileLatency(config.deployments[0], search.run.model_latency, "model")])
+    state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
+    model, runs, measured = _search(state, selected, max_rounds)
     model, holdout = confirm(state, model, runs, selected, feeds if feeds is not None else judge.feeds, fail=holdout_fail)
     final_numerics, final = _closing(state, model, measured)
     return OptimizeResult(

@@ -125,6 +125,8 @@ class SearchState:
     screen: bool = True
     #: Called after each judged candidate with its decision and the model accepted after it.
     on_decision: Callable[[Decision, Model], None] | None = None
+    #: Called when a round starts with the pass's name and the number of candidates it will go through.
+    on_round: Callable[[str, int], None] | None = None
     decisions: list[Decision] = field(default_factory=list)
 
 
@@ -200,6 +202,8 @@ class PassSearch:
     def _round(self, model: Model, todo: list[Candidate]) -> tuple[Model, bool]:
         """Try every candidate of one round in order; the accepted model and whether it changed."""
         todo = self._order(model, todo)
+        if self.state.on_round is not None:
+            self.state.on_round(self.p.name, len(todo))
         proof = prove_round(self.p, model, todo, self.state.judge, self.state.deadline)
         together = None if proof is None else settle_round(self.p, model, proof, self.state.judge, self.state.deadline)
         if together is not None:
@@ -283,7 +287,7 @@ class PassSearch:
             state.on_decision(decision, trial.model if trial.model is not None else model)
         if cand.family is not None and decision.outcome.accuracy:
             self.failed_levels[cand.family] = min(cand.level, self.failed_levels.get(cand.family, float("inf")))
-        log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
+        log.info("%s", decision.line())
         if trial.model is None:
             return None
         self._note_made(cand, len(state.decisions) - 1, new_nodes(model, trial.model))

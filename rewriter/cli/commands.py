@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from rewriter.cli.app import ConfigOpt, err, guarded, model_path, out, pass_options, quiet
-from rewriter.cli.groups import BUDGET, FEEDS, MODEL, SEARCH, TIMING, ModelArgs, compose
+from rewriter.cli.groups import BUDGET, FEEDS, MODEL, OUTPUT, SEARCH, TIMING, ModelArgs, compose
 from rewriter.cli.tables import analysis_tables, fmt_int, op_time_table, passes_table, sweep_table, validation_summary
 from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchOptions
 
@@ -24,8 +24,8 @@ _ALL_FEEDS = ("feeds", "images", "image_spec", "data_loader_script", "num_feeds"
 @compose(model_args=MODEL)
 def analyze(
     model: Path = typer.Argument(..., help="ONNX model file."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON."),
-    top: int = typer.Option(20, "--top", min=1, help="How many expensive convs to list."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON.", rich_help_panel=OUTPUT.panel),
+    top: int = typer.Option(20, "--top", min=1, help="How many expensive convs to list.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,
@@ -66,7 +66,7 @@ def list_passes() -> None:
 def validate(
     base: Path = typer.Argument(..., help="Reference model."),
     candidate: Path = typer.Argument(..., help="Model to judge against the reference."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,
@@ -117,8 +117,8 @@ def validate(
 )
 def sweep(
     model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write the sweep as a self-contained HTML page (the curve in the budget's metric, the Pareto front)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON.", rich_help_panel=OUTPUT.panel),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the sweep as a self-contained HTML page (the curve in the budget's metric, the Pareto front).", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     search: SearchOptions,
@@ -156,8 +156,8 @@ def sweep(
 @compose(model_args=MODEL.only("input_shape"), measure=TIMING.only("threads", "provider"))
 def bench(
     model: Path = typer.Argument(..., help="ONNX model file."),
-    runs: int = typer.Option(50, "--runs", min=2, help="Timed runs."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    runs: int = typer.Option(50, "--runs", min=2, help="Timed runs.", rich_help_panel=TIMING.panel),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,
