@@ -148,10 +148,19 @@ def test_end_to_end_section_has_a_row_per_setting(full_report: tuple[dict, list[
     data, _ = full_report
     measured = {**data, "totals": {**data["totals"], "final_latency": {"speedup": 1.5, "ci_low": 1.4, "ci_high": 1.6, "pairs": 20,
                                                                         "base_median_ms": 3.0, "candidate_median_ms": 2.0}}}
-    assert end_to_end_rows(measured) == [("cpu, 1 thread(s)", measured["totals"]["final_latency"])]
+    lat = measured["totals"]["final_latency"]
+    measured["profiles"] = [{"threads": 1, "batch": 1, "primary": True, "latency": lat}]
+    assert end_to_end_rows(measured) == [("cpu, 1 thread(s), batch 1", lat)]
     page = render_html(measured)
     assert "End-to-end latency" in page and "1.500x [1.400, 1.600]" in page and "2 ms" in page
     assert "not measured" in render_html(data)  # latency=False: said, not left blank
+    slower = {**lat, "speedup": 1.2, "ci_low": 1.1, "ci_high": 1.3}
+    two = {**measured, "profiles": measured["profiles"] + [{"threads": 2, "batch": 8, "primary": False, "latency": slower}]}
+    assert end_to_end_rows(two) == [("cpu, 1 thread(s), batch 1, primary", lat), ("cpu, 2 thread(s), batch 8", slower)]
+    page = render_html(two)
+    assert "1.500x [1.400, 1.600]" in page and "1.200x [1.100, 1.300]" in page and not page_problems(page)
+    del two["profiles"]  # a report of schema 5 and before: the run's own setting
+    assert end_to_end_rows(two) == [("cpu, 1 thread(s)", lat)]
 
 
 # -- per-layer latency: noise is drawn as unchanged --------------------------------------------------------

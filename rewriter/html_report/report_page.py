@@ -65,11 +65,16 @@ def _cards(report: Mapping[str, Any]) -> str:
 
 
 def end_to_end_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any] | None]]:
-    """``(setting, latency dict)`` rows of the end-to-end section. The extension point for more deployment
-    settings: today one row, the run's own (``totals.final_latency``); a report listing more settings adds
-    one row each here, and :func:`_end_to_end_html` draws them all."""
+    """``(setting, latency dict)`` rows of the end-to-end section: one per deployment profile of the report
+    (``profiles``, schema 6; the primary first), else the run's own setting (``totals.final_latency``)."""
     env = report.get("environment") or {}
-    setting = ", ".join(str(v) for v in (env.get("provider"), f"{env['threads']} thread(s)" if known(env.get("threads")) else None) if known(v))
+    provider = env.get("provider") if known(env.get("provider")) else None
+    profiles = [p for p in report.get("profiles") or [] if isinstance(p, Mapping)]
+    if profiles:
+        return [(", ".join(x for x in (provider, f"{p.get('threads')} thread(s)", f"batch {p.get('batch')}",
+                                        "primary" if p.get("primary") and len(profiles) > 1 else None) if x),
+                 p.get("latency")) for p in profiles]
+    setting = ", ".join(str(v) for v in (provider, f"{env['threads']} thread(s)" if known(env.get("threads")) else None) if known(v))
     return [(setting or "this run's settings", (report.get("totals") or {}).get("final_latency"))]
 
 
