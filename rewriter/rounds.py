@@ -29,9 +29,9 @@ from rewriter.decision import Decision
 from rewriter.deadline import Deadline
 from rewriter.model import Model
 from rewriter.outcome import Outcome
-from rewriter.trial import apply_candidate
+from rewriter.trial import apply_candidates
 from rewriter.validation.deployment import DeploymentProfile
-from rewriter.validation.judge import Judge, ProfileLatency, Verdict, speculative
+from rewriter.validation.judge import Judge, ProfileLatency, Verdict
 from rewriter.validation.latency import LatencyComparison, pooled
 from rewriter.validation.numerics import OutputStats
 
@@ -89,30 +89,22 @@ def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, 
     candidates): they are then proven alone."""
     if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
         return None
-    current, applied, reducing, made = model, [], True, {}
+    if deadline is not None and deadline.search_over():
+        return None
     try:
-        for cand in todo:
-            if deadline is not None and deadline.search_over():
-                return None
-            if any(current.node(n) is None for n in cand.nodes):
-                continue
-            after = apply_candidate(p, current, cand)
-            reducing = reducing and not speculative(current, after, cand)
-            made[cand.key] = new_nodes(current, after)
-            current = after
-            applied.append(cand)
-        if len(applied) < 2:
+        done = apply_candidates(p, model, todo, None if deadline is None else deadline.search_over)
+        if len(done.candidates) < 2:
             return None
-        stats = judge.numerics(current.proto)
+        stats = judge.numerics(done.model.proto)
     except Exception as exc:  # the one-by-one path records which rewrite fails, and why
         log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)
         return None
     failures = judge.config.budget.failures(stats, exact=True)
     if failures:
-        log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(applied), "; ".join(failures))
+        log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(done.candidates), "; ".join(failures))
         return None
-    log.info("%s: %d rewrites proven exact together", p.name, len(applied))
-    return RoundProof(stats, tuple(c.key for c in applied), tuple(applied), current, reducing, made)
+    log.info("%s: %d rewrites proven exact together", p.name, len(done.candidates))
+    return RoundProof(stats, tuple(c.key for c in done.candidates), done.candidates, done.model, done.reducing, done.made)
 
 
 def new_nodes(before: Model, after: Model) -> frozenset[str]:
@@ -174,11 +166,9 @@ class _Bisection:
     def settle(self, base: Model, cands: Sequence[Candidate], group: Model | None = None) -> Model:
         """Keep what of ``cands`` (applied on ``base`` in order) is not shown slower; the model left."""
         if group is None:
-            group = base
-            for cand in cands:
-                after = apply_candidate(self.p, group, cand)
-                self.made[cand.key] = new_nodes(group, after)
-                group = after
+            done = apply_candidates(self.p, base, cands)
+            self.made.update(done.made)
+            group = done.model
         profiles, slower_at = self.time(base, group)
         if slower_at is None or len(cands) == 1:
             self.groups.append(GroupVerdict(tuple(cands), profiles, slower_at))

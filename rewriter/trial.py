@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rewriter.contract import Candidate, Pass, RewriteError
@@ -30,6 +30,46 @@ def apply_candidate(p: Pass, model: Model, candidate: Candidate) -> Model:
     trial = model.fork()
     p.apply(trial, candidate)
     return trial.commit()
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Several candidates applied to one fork, committed once (:func:`apply_candidates`)."""
+
+    model: Model
+    #: The candidates applied, in order (those whose nodes an earlier one consumed are left out).
+    candidates: tuple[Candidate, ...]
+    #: The names of the nodes each candidate made, by candidate key.
+    made: dict[str, frozenset[str]]
+    #: Whether each candidate lowered MACs or the number of compute nodes (see ``speculative`` in the judge).
+    reducing: bool
+
+
+def apply_candidates(p: Pass, model: Model, candidates: Sequence[Candidate], stop: Callable[[], bool] | None = None) -> Applied:
+    """``model`` with ``candidates`` applied in turn to ONE fork, committed once: one export and one shape
+    inference for the lot instead of one per candidate (what an exact round proven together costs). A
+    candidate sharing a node with an earlier one is skipped (it was consumed). Raises what the pass raises, and
+    :class:`RewriteError` when ``stop()`` turns true between two candidates."""
+    fork = model.fork()
+    graph = fork.graph
+    consumed: set[str] = set()
+    applied: list[Candidate] = []
+    made: dict[str, frozenset[str]] = {}
+    reducing = True
+    for cand in candidates:
+        if consumed.intersection(cand.nodes) or any(fork.node(n) is None for n in cand.nodes):
+            continue
+        if stop is not None and stop():
+            raise RewriteError("stopped: no time left")
+        known = len(graph.nodes)
+        p.apply(fork, cand)
+        new = graph.nodes[known:]
+        made[cand.key] = frozenset(n.name for n in new)
+        added = sum(1 for n in new if n.op != "Constant")
+        reducing = reducing and (cand.cost.macs_after < cand.cost.macs_before or added < len(cand.nodes))
+        consumed.update(cand.nodes)
+        applied.append(cand)
+    return Applied(fork.commit(), tuple(applied), made, reducing)
 
 
 @dataclass(frozen=True)
