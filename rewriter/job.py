@@ -115,9 +115,16 @@ class OptimizeOutcome:
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
-            provider=self.options.provider, threads=self.config.runtime.threads, batch=self.config.deployments[0].batch, profiles=self.config.deployments, gate=self.gate,
+            provider=self.options.provider, threads=self.config.runtime.threads, batch=self._batch(), profiles=self.config.profiles or None, gate=self.gate,
             pass_options=self.options.pass_options, input_shape_notes=self.input_shape_notes,
         )
+
+    def _batch(self) -> int:
+        """The batch the run was judged at: the primary profile's, else the first input's resolved first dim."""
+        if self.config.profiles:
+            return self.config.profiles[0].batch
+        shapes = [s for s in self.result.input_shapes.values() if len(s)]
+        return int(shapes[0][0]) if shapes and int(shapes[0][0]) > 0 else 1
 
     def plan(self, output_sha256: str | None) -> Plan:
         """The kept rewrites as a plan for ``apply``."""

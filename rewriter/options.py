@@ -143,5 +143,5 @@ def validation_config(budget: BudgetOptions, measure: MeasureOptions) -> Validat
         lossy_min_speedup=measure.min_speedup,
         timing=TimingOptions(max_pairs=measure.max_pairs, min_pairs=min(10, measure.max_pairs)),
         metric=metric,
-        profiles=measure.deployments(),
+        profiles=measure.deployments() if measure.profiles or measure.batch != 1 else (),
     )

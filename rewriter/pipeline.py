@@ -141,11 +141,12 @@ def _check_target(target_speedup: float | None, config: ValidationConfig) -> Tar
 
 
 def _made(feeds: Feeds, config: ValidationConfig) -> FeedSet | None:
-    """The run's feeds, made now if they were a function (a candidate has to be judged), re-batched to the
-    primary profile's batch -- the held-out split too: numerics run at that batch (``None``: random ones)."""
+    """The run's feeds, made now if they were a function (a candidate has to be judged); with deployment
+    profiles, re-batched to the primary one's batch -- the held-out split too: numerics run at that batch
+    (``None``: random ones)."""
     if callable(feeds):
         feeds = feeds()
-    return None if feeds is None else feeds.rebatched(config.deployments[0].batch)
+    return None if feeds is None or not config.profiles else feeds.rebatched(config.profiles[0].batch)
 
 
 def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, config: ValidationConfig, deadline: Deadline) -> Judge:
@@ -274,7 +275,7 @@ def optimize(
     selected = resolve_passes(passes)
     lazy = judge is None and not isinstance(feeds, FeedSet)  # feeds not made yet: made only if needed
     original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
-    check_batches(original.proto, config.deployments)
+    check_batches(original.proto, config.profiles)
     budget = config.budget.describe(exact=all(p.exact for p in selected))
     if lazy:
         idle = nothing_to_rewrite(selected, original)

@@ -245,3 +245,20 @@ def test_the_report_lists_every_profile_even_when_nothing_was_kept() -> None:
                           threads=1, profiles=TWO)
     assert report["profiles"] == [{"threads": 1, "batch": 1, "primary": True, "latency": None},
                                   {"threads": 2, "batch": 4, "primary": False, "latency": None}]
+
+
+def test_without_profiles_a_model_runs_at_its_own_batch_and_feeds_stay_as_they_are() -> None:
+    fixed2 = DYNAMIC.replace("float[N, 4, 12, 12] X", "float[2, 4, 12, 12] X").replace("float[N, 8, 12, 12] Y", "float[2, 8, 12, 12] Y")
+    result = optimize(parse(fixed2), ["fold_batchnorm"], config=ValidationConfig(timing=FAST))
+    assert result.decisions and result.decisions[0].verdict is not None
+    model = Model.from_source(parse(fixed2))
+    judge = Judge(model, None, ValidationConfig(timing=FAST))
+    assert judge.feeds.validation[0]["X"].shape[0] == 2 and judge.timing_feed(1) is judge.feeds.validation[0]
+    assert judge.shaped(model, 1) is model  # no profiles: regions are timed at the model's resolved shapes
+
+
+def test_a_batch_dim_stored_as_minus_one_is_dynamic() -> None:
+    minus_one = parse(DYNAMIC)
+    minus_one.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    minus_one.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # how some exporters write a dynamic batch
+    assert batch_error(minus_one, 8) is None

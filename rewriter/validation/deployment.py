@@ -94,7 +94,7 @@ def batch_error(model: onnx.ModelProto, batch: int) -> str | None:
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue
         dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 and dims[0].dim_value != batch:  # -1, 0: dynamic
             return (f"input {vi.name!r} fixes its batch dim at {dims[0].dim_value}: the model cannot run at batch {batch} "
                     f"(export it with a dynamic batch dim, or drop the profile)")
     return None

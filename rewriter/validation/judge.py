@@ -109,7 +109,7 @@ class ValidationConfig:
     lossy_min_speedup: float = 1.0
     metric: TaskMetric | None = None
     #: The deployment profiles latency must pay on, the primary first (its threads are ``runtime.threads``);
-    #: empty: the one profile of ``runtime.threads`` at batch 1.
+    #: empty: the one profile of ``runtime.threads`` on the feeds as they are (the model's resolved batch).
     profiles: tuple[DeploymentProfile, ...] = ()
 
     @property
@@ -183,8 +183,8 @@ class Judge:
         #: The run's time budget (unbounded by default): what the judge's own extra measurements may spend.
         self.deadline = deadline or Deadline()
         feeds = feeds or FeedSet.random(input_specs(original.proto, original.require_shapes()))
-        #: Numerics run at the primary profile's batch (the validation and test feeds re-batched to it).
-        self.feeds = feeds.rebatched(self.config.deployments[0].batch)
+        #: With profiles, numerics run at the primary profile's batch (the validation and test feeds re-batched to it).
+        self.feeds = feeds.rebatched(self.config.profiles[0].batch) if self.config.profiles else feeds
         if not self.feeds.validation:
             raise InputError("no validation feeds")
         self._timing_feeds: dict[int, dict] = {}
@@ -235,7 +235,10 @@ class Judge:
         return self.config.deployments[0] if profile is None else profile
 
     def timing_feed(self, batch: int) -> dict:
-        """The feed latency is timed on at ``batch``: the first ``batch`` rows of the validation feeds."""
+        """The feed latency is timed on at ``batch``: the first ``batch`` rows of the validation feeds (without
+        profiles: the first validation feed as it is)."""
+        if not self.config.profiles:
+            return self.feeds.validation[0]
         if batch not in self._timing_feeds:
             self._timing_feeds[batch] = rows(self.feeds.validation, batch)
         return self._timing_feeds[batch]
@@ -249,9 +252,10 @@ class Judge:
 
     def shaped(self, accepted: Model, batch: int) -> Model:
         """``accepted`` with its inputs' first dim at ``batch`` (for the shapes of a region timed at that batch);
-        ``accepted`` itself where it already is. The last one per batch is kept."""
+        ``accepted`` itself where it already is, or when the run has no profiles (timed as resolved). The last one
+        per batch is kept."""
         shapes = shapes_at(accepted.input_shapes, batch)
-        if shapes == accepted.input_shapes:
+        if not self.config.profiles or shapes == accepted.input_shapes:
             return accepted
         hit = self._shaped.get(batch)
         if hit is None or hit[0] is not accepted:
