@@ -11,7 +11,8 @@ Example::
     passes = ["fold_batchnorm", "fuse_1x1_chain"]
     input-shape = ["x:1x3x224x224"]
     max-error = "cosine>=0.999"
-    threads = 1
+    threads = 1                    # or several deployment profiles, the first primary:
+    # profile = ["threads=1,batch=1", "threads=2,batch=8"]
     report = "build/report.json"
 
     [pass-options.bottleneck]

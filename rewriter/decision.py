@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from rewriter.contract import Candidate, Skip
 from rewriter.outcome import Outcome
-from rewriter.validation.judge import Verdict
+from rewriter.validation.judge import ProfileLatency, Verdict
 from rewriter.validation.latency import LatencyComparison
 
 
@@ -48,6 +48,17 @@ class Decision:
     def tried(self) -> bool:
         return self.outcome.tried
 
+    def line(self) -> str:
+        """One plain line for logs (``-v``, CI): pass, what and where, kept or rolled back with the outcome and
+        why, and the speedup CI when latency was measured."""
+        c, v = self.candidate, self.verdict
+        what = "kept" if self.kept else "rolled back" if self.tried else "not tried"
+        reason = self.reason.removeprefix(f"{self.outcome.value}: ")  # "numerics: numerics: ..." reads once
+        why = "" if self.outcome is Outcome.KEPT else f": {reason}"
+        speed = "not measured" if v is None or v.latency is None else f"{v.latency.ci} ({v.latency_scope})"
+        text = f"{c.pass_name}: {what} {c.description} [nodes {', '.join(c.nodes)}] -- {self.outcome.value}{why}; speedup {speed}"
+        return " ".join(text.split())
+
     def superseded_by(self, description: str) -> Decision:
         return replace(self, outcome=Outcome.SUPERSEDED, reason=f"{self.reason}; later replaced by: {description}")
 
@@ -77,6 +88,8 @@ class PassRun:
     not_tried: int = 0
     skips: list[Skip] = field(default_factory=list)
     model_latency: LatencyComparison | None = None
+    #: The whole-model check at each deployment profile, primary first (empty with a single profile).
+    profile_latency: list[ProfileLatency] = field(default_factory=list)
     reverted: str | None = None
 
     def count(self, decisions: list[Decision]) -> None:

@@ -321,7 +321,7 @@ def optimize_many(
 
     Local by default: a pool of ``jobs`` spawned processes (default: one per core). With ``ray_address``
     (``auto``, ``ray://HOST:10001``, ``local``), each model is a Ray task requesting ``cpus_per_job``
-    CPUs (default: ``options.threads``), at most ``jobs`` in flight (default: twice the cluster's slots).
+    CPUs (default: the most threads of ``options``' deployment profiles), at most ``jobs`` in flight (default: twice the cluster's slots).
     Usage errors (bad options, ``out_dir`` a file, Ray missing) raise :class:`InputError` before any job
     starts; a model's own failure is in its :class:`ModelResult`. ``on_result`` is called in the calling
     process as each model finishes.
@@ -398,7 +398,7 @@ def _run_fleet(
     else:
         from rewriter.ray_support import cluster_cpus
 
-        threads = cpus_per_job or max(1, options.threads)
+        threads = cpus_per_job or max(p.threads for p in options.deployments())
         workers = jobs or max(1, 2 * (cluster_cpus(ray) // threads))
 
     def done(job: _Job, ret: _Return) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from rewriter import pipeline  # module attribute: tests replace pipeline.optimize
 from rewriter.contract import Pass
+from rewriter.decision import Decision
 from rewriter.errors import InputError
 from rewriter.gate import gate_failures
 from rewriter.io import sha256_file
@@ -110,11 +111,11 @@ class OptimizeOutcome:
     input_shape_notes: list[dict[str, Any]] = field(default_factory=list)
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
-        """The JSON report (schema version 5); the output is recorded only when the gate passed."""
+        """The JSON report (schema version 6); the output is recorded only when the gate passed."""
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,
-            provider=self.options.provider, threads=self.options.threads, gate=self.gate,
+            provider=self.options.provider, threads=self.config.runtime.threads, batch=self.config.deployments[0].batch, profiles=self.config.deployments, gate=self.gate,
             pass_options=self.options.pass_options, input_shape_notes=self.input_shape_notes,
         )
 
@@ -131,11 +132,14 @@ def optimize_model(
     options: OptimizeOptions,
     *,
     progress: AbstractContextManager[Any] | None = None,
+    on_decision: Callable[[Decision, Model], None] | None = None,
+    on_round: Callable[[str, int], None] | None = None,
 ) -> OptimizeOutcome:
     """Load a model file, run the guarded pipeline on it and apply the final gate; writes nothing.
 
     Bad options or an unusable model raise :class:`InputError`. ``progress`` is entered around the
-    pipeline run (the CLI's progress line).
+    pipeline run (the CLI's progress line); ``on_decision`` and ``on_round`` are the pipeline's callbacks
+    (:func:`rewriter.pipeline.optimize`) that drive it.
     """
     options.check()
     selected = options.build_passes()
@@ -147,7 +151,8 @@ def optimize_model(
     feeds = _FeedsOnDemand(lambda: options.feedset(model))
     with progress if progress is not None else nullcontext():
         result = pipeline.optimize(model, selected, feeds=feeds, config=config, time_budget_s=options.time_budget, screen=options.screen,
-                                   target_speedup=options.target_speedup, holdout_fail=options.holdout_fail)
+                                   target_speedup=options.target_speedup, holdout_fail=options.holdout_fail,
+                                   on_decision=on_decision, on_round=on_round)
     untried = sum(d.outcome is Outcome.NOT_TRIED_TIME for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)

@@ -7,7 +7,8 @@ is made of (it inherits their fields):
   :meth:`FeedOptions.feedset` builds the :class:`~rewriter.validation.feeds.FeedSet`.
 - :class:`BudgetOptions`: how far outputs may move (``--max-error``, the exact gate's tolerances) and the
   task metric.
-- :class:`MeasureOptions`: whether and how latency is measured (provider, threads, thresholds, pairs).
+- :class:`MeasureOptions`: whether and how latency is measured (provider, deployment profiles -- threads and
+  batch --, thresholds, pairs).
 - :class:`SearchOptions`: which passes run, the time budget and the speedup target.
 
 :func:`validation_config` is the one place a judge's
@@ -82,12 +83,22 @@ class MeasureOptions:
     min_speedup: float = 1.0
     exact_min_speedup: float = 0.99
     max_pairs: int = 40
+    #: The batch of the timed and numerics feeds (the first dim of every input).
+    batch: int = 1
+    #: Deployment profiles as ``threads=T,batch=B``, the primary first (instead of ``threads``/``batch``).
+    profiles: tuple[str, ...] = ()
+
+    def deployments(self) -> tuple[Any, ...]:
+        """The :class:`~rewriter.validation.deployment.DeploymentProfile` s latency is judged on, primary first."""
+        from rewriter.validation.deployment import profiles_from
+
+        return profiles_from(self.threads, self.batch, self.profiles)
 
     def runtime(self) -> Any:
-        """The deploy sessions' :class:`~rewriter.validation.runtime.RuntimeOptions`."""
+        """The deploy sessions' :class:`~rewriter.validation.runtime.RuntimeOptions` (the primary profile's threads)."""
         from rewriter.validation.runtime import RuntimeOptions
 
-        return RuntimeOptions(provider=self.provider, threads=self.threads)
+        return RuntimeOptions(provider=self.provider, threads=self.deployments()[0].threads)
 
 
 @dataclass(frozen=True)
@@ -132,4 +143,5 @@ def validation_config(budget: BudgetOptions, measure: MeasureOptions) -> Validat
         lossy_min_speedup=measure.min_speedup,
         timing=TimingOptions(max_pairs=measure.max_pairs, min_pairs=min(10, measure.max_pairs)),
         metric=metric,
+        profiles=measure.deployments(),
     )

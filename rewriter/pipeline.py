@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -39,7 +39,8 @@ from rewriter.shapes import Shape
 from rewriter.trial import apply_candidate
 from rewriter.validation.calibration import Calibration
 from rewriter.validation.feeds import FeedSet
-from rewriter.validation.judge import Judge, ValidationConfig
+from rewriter.validation.deployment import check_batches
+from rewriter.validation.judge import Judge, ProfileLatency, ValidationConfig
 from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.numerics import OutputStats
 
@@ -83,6 +84,8 @@ class OptimizeResult:
     normalized: tuple[str, ...] = ()
     #: The held-out confirmation (:mod:`rewriter.holdout`); ``None`` when the result was built without one.
     holdout: Holdout | None = None
+    #: The end-to-end comparison at each deployment profile, primary first (empty with a single profile).
+    profile_latency: list[ProfileLatency] = field(default_factory=list)
 
     @property
     def nothing_to_rewrite(self) -> bool:
@@ -123,8 +126,8 @@ class OptimizeResult:
 
 def closing_reserve(config: ValidationConfig) -> float:
     """Seconds a time budget keeps back for the closing end-to-end comparisons (one after the pass, one
-    final; each about the timing budget plus a second of set-up)."""
-    return 2 * (config.timing.time_budget_s + 1.0) if config.latency else 0.0
+    final, at each deployment profile; each about the timing budget plus a second of set-up)."""
+    return 2 * (config.timing.time_budget_s + 1.0) * len(config.deployments) if config.latency else 0.0
 
 
 def _check_target(target_speedup: float | None, config: ValidationConfig) -> Target | None:
@@ -135,6 +138,14 @@ def _check_target(target_speedup: float | None, config: ValidationConfig) -> Tar
     if not config.latency:
         raise ValueError("optimize: target_speedup needs latency measurement (config.latency)")
     return Target(target_speedup)
+
+
+def _made(feeds: Feeds, config: ValidationConfig) -> FeedSet | None:
+    """The run's feeds, made now if they were a function (a candidate has to be judged), re-batched to the
+    primary profile's batch -- the held-out split too: numerics run at that batch (``None``: random ones)."""
+    if callable(feeds):
+        feeds = feeds()
+    return None if feeds is None else feeds.rebatched(config.deployments[0].batch)
 
 
 def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, config: ValidationConfig, deadline: Deadline) -> Judge:
@@ -164,21 +175,44 @@ def _bind_calibration(selected: Sequence[Pass], judge: Judge, original: Model) -
         p.use_calibration(calibration)
 
 
-def _closing(state: SearchState, model: Model, measured: tuple[Model, LatencyComparison] | None) -> tuple[dict[str, OutputStats], LatencyComparison | None]:
-    """The output model's end-to-end numerics and latency against the original (a measurement of that very
-    pair already taken -- the first pass's closing check, or the target's -- is reused)."""
+#: A whole-model timing of a model against the original already taken: the model, and its comparisons at each
+#: profile (primary first).
+Measured = tuple[Model, list[ProfileLatency]]
+
+
+def _closing(state: SearchState, model: Model, measured: Measured | None) -> tuple[dict[str, OutputStats], list[ProfileLatency]]:
+    """The output model's end-to-end numerics and latency against the original at each deployment profile
+    (a measurement of that very pair already taken -- the first pass's closing check, or the target's -- is
+    reused)."""
     original, judge = state.original, state.judge
     if model is original:
-        return {}, None
+        return {}, []
     target = state.target
     if target is not None and target.model is model and target.last is not None and (measured is None or measured[0] is not model):
-        measured = (model, target.last)
+        measured = (model, [ProfileLatency(judge.config.deployments[0], target.last, "model")])
     numerics = judge.numerics(model.proto)
     if not judge.config.latency:
-        return numerics, None
-    if measured is not None and measured[0] is model:
-        return numerics, measured[1]
-    return numerics, judge.model_latency(original.proto, model.proto)
+        return numerics, []
+    reuse = {m.profile: m for m in measured[1]} if measured is not None and measured[0] is model else {}
+    return numerics, [reuse.get(p) or ProfileLatency(p, judge.model_latency(original.proto, model.proto, p), "model")
+                      for p in judge.config.deployments]
+
+
+def _search(state: SearchState, selected: Sequence[Pass], max_rounds: int) -> tuple[Model, list[PassRun], Measured | None]:
+    """Each pass's search in turn, closed end to end: the model left, the passes' runs, and the first pass's
+    closing timing against the original (the very pair the final comparison would time, when it is the result)."""
+    model, runs = state.original, []
+    measured: Measured | None = None
+    for p in selected:
+        search = PassSearch(p, state)
+        before_pass = model
+        after_pass = search.search(model, max_rounds)
+        model = search.close(before_pass, after_pass)
+        runs.append(search.run)
+        if before_pass is state.original and search.run.model_latency is not None:
+            primary = ProfileLatency(state.judge.config.deployments[0], search.run.model_latency, "model")
+            measured = (after_pass, search.run.profile_latency or [primary])
+    return model, runs, measured
 
 
 def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Deadline, target_speedup: float | None) -> OptimizeResult:
@@ -210,6 +244,7 @@ def optimize(
     time_budget_s: float | None = None,
     max_model_bytes: int | None = None,
     on_decision: Callable[[Decision, Model], None] | None = None,
+    on_round: Callable[[str, int], None] | None = None,
     judge: Judge | None = None,
     screen: bool = True,
     target_speedup: float | None = None,
@@ -220,10 +255,10 @@ def optimize(
     ``passes``: names, instances, or ``None`` for the exact defaults. ``feeds``: a feed set, a function
     making one (called once, when a candidate first needs judging: a model no selected pass has a
     candidate for is returned as it was, with no feed made), or ``None`` for seeded random feeds (made
-    only when needed too). ``time_budget_s`` caps the whole
-    call (search and closing end-to-end measurements, give or take one candidate); candidates left when
-    it runs out are recorded as not tried. ``on_decision`` is called
-    after each judged candidate with the decision and the model accepted after it (progress, sweeps).
+    only when needed too). ``time_budget_s`` caps the whole call (search and closing end-to-end measurements,
+    give or take one candidate); candidates left when it runs out are recorded as not tried. ``on_decision``
+    is called after each judged candidate with the decision and the model accepted after it (progress,
+    sweeps); ``on_round`` when a pass's round starts, with the pass's name and its number of candidates.
     ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
     ``screen``: measure lossy families before judging and order by predicted error (see
     :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
@@ -239,28 +274,19 @@ def optimize(
     selected = resolve_passes(passes)
     lazy = judge is None and not isinstance(feeds, FeedSet)  # feeds not made yet: made only if needed
     original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
+    check_batches(original.proto, config.deployments)
     budget = config.budget.for_model(original.proto).describe(exact=all(p.exact for p in selected))
     if lazy:
         idle = nothing_to_rewrite(selected, original)
         if idle is not None:
             return _unchanged(original, idle, budget, deadline, target_speedup)
-    if callable(feeds):
-        feeds = feeds()  # a candidate has to be judged: the feeds are made now
+    feeds = _made(feeds, config)
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
-    state = SearchState(original, judge, deadline, target, screen, on_decision)
-    model, runs = original, []
-    measured: tuple[Model, LatencyComparison] | None = None  # a whole-model timing against the original
-    for p in selected:
-        search = PassSearch(p, state)
-        before_pass = model
-        after_pass = search.search(model, max_rounds)
-        model = search.close(before_pass, after_pass)
-        runs.append(search.run)
-        if before_pass is original and search.run.model_latency is not None:
-            measured = (after_pass, search.run.model_latency)  # the same pair the final comparison would time
+    state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
+    model, runs, measured = _search(state, selected, max_rounds)
     model, holdout = confirm(state, model, runs, selected, feeds if feeds is not None else judge.feeds, fail=holdout_fail)
-    final_numerics, final_latency = _closing(state, model, measured)
+    final_numerics, final = _closing(state, model, measured)
     return OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
         original=original.proto,
@@ -270,13 +296,14 @@ def optimize(
         before=analyze(original),
         after=analyze(model),
         final_numerics=final_numerics,
-        final_latency=final_latency,
+        final_latency=final[0].latency if final else None,
         budget=budget,
         feeds=judge.feeds.source,
         seconds=deadline.elapsed(),
         target_speedup=target_speedup,
         normalized=original.normalized,
         holdout=holdout,
+        profile_latency=final if len(final) > 1 else [],
     )
 
 

@@ -1,6 +1,6 @@
 """The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and its atomic file writers.
 
-Schema version 5 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
+Schema version 6 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
 provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``normalized`` (the export quirks normalized
 on load, one short note each), ``input_shapes``, ``input_shape_notes``
@@ -15,6 +15,9 @@ test split before and after backing off, what was backed off; :mod:`rewriter.hol
 failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
 
+Changes from version 5: ``profiles`` (the deployment profiles, primary first, each with the end-to-end
+speedup and CI at it; one entry without ``--profile``); each decision's ``latency_profiles`` and each pass's
+``profiles`` (the comparison at every profile measured, empty with a single profile); ``environment.batch``.
 Changes from version 4: ``holdout``; the outcome ``holdout`` (kept by the search, undone because the result
 broke the budget on the held-out test split).
 Changes from version 3: the top-level ``normalized`` list and ``input_shape_notes``.
@@ -38,10 +41,11 @@ from typing import Any
 
 from rewriter.io import check_destination, write_atomically
 from rewriter.pipeline import Decision, OptimizeResult, PassRun
+from rewriter.validation.deployment import DeploymentProfile
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,24 @@ def decision_dict(d: Decision, run: PassRun | None = None) -> dict[str, Any]:
         "reason": d.reason,
         "numerics": {} if v is None else {k: s.to_dict() for k, s in v.numerics.items()},
         "latency": None if v is None else _latency(v.latency, v.latency_scope),
+        "latency_profiles": [] if v is None else [p.to_dict() for p in v.profiles],
         "end_to_end": None if run is None else _latency(run.model_latency, "model"),
         "metric": None if v is None else v.metric,
         "seconds": 0.0 if v is None else round(v.seconds, 4),
         "screening": None if d.screening is None else d.screening.to_dict(),
         "superseded": d.superseded,
     }
+
+
+def profiles_dict(result: OptimizeResult, threads: int, batch: int,
+                  profiles: Sequence[DeploymentProfile] | None = None) -> list[dict[str, Any]]:
+    """Each deployment profile of the run (``profiles``; default: the one of ``threads`` and ``batch``), primary
+    first, with the end-to-end comparison at it (``latency`` null where not measured: nothing kept, or no latency)."""
+    listed = list(profiles) if profiles else [DeploymentProfile(threads, batch)]
+    measured = {p.profile: p.latency for p in result.profile_latency}
+    if not measured and result.final_latency is not None:
+        measured[listed[0]] = result.final_latency
+    return [{**p.to_dict(), "primary": i == 0, "latency": _latency(measured.get(p), "model")} for i, p in enumerate(listed)]
 
 
 def _pass_of_each_decision(result: OptimizeResult) -> list[PassRun | None]:
@@ -136,12 +152,14 @@ def build_report(
     output_sha256: str | None,
     provider: str,
     threads: int,
+    batch: int = 1,
+    profiles: Sequence[DeploymentProfile] | None = None,
     gate: Sequence[str] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     pareto: Sequence[ParetoPoint] | None = None,
     input_shape_notes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema version 5). ``gate``: the final gate's failures;
+    """The report as a JSON-ready dict (schema version 6). ``gate``: the final gate's failures;
     ``input_shape_notes``: :func:`rewriter.shapes.input_shape_notes` of the run's model."""
     before, after = result.before, result.after
     options = pass_options or {}
@@ -150,7 +168,7 @@ def build_report(
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "onnx-bottleneck",
-        "environment": environment(provider, threads),
+        "environment": {**environment(provider, threads), "batch": batch},
         "input": {"path": input_path, "sha256": input_sha256},
         "output": {"path": output_path, "sha256": output_sha256},
         "normalized": list(result.normalized),
@@ -169,6 +187,7 @@ def build_report(
                 "not_tried": r.not_tried,
                 "reverted": r.reverted,
                 "model_latency": _latency(r.model_latency, "model"),
+                "profiles": [p.to_dict() for p in r.profile_latency],
                 "skips": [{"nodes": list(s.nodes), "reason": s.reason} for s in r.skips],
             }
             for r in result.passes
@@ -189,6 +208,7 @@ def build_report(
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
             "final_latency": _latency(result.final_latency, "model"),
         },
+        "profiles": profiles_dict(result, threads, batch, profiles),
         "holdout": None if result.holdout is None else result.holdout.to_dict(),
         "gate": {"passed": not failures, "failures": failures},
         "pareto": None if pareto is None else [p.to_dict() for p in pareto],

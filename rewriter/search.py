@@ -36,33 +36,14 @@ from rewriter.decision import Decision, PassRun, not_tried
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.screening import Screening, rank, screen_candidates
-from rewriter.trial import apply_candidate, try_candidate
-from rewriter.validation.judge import Judge, Verdict
-from rewriter.validation.latency import LatencyComparison, pooled
+from rewriter.rounds import SettledRound, new_nodes, prove_round, round_decision, settle_round, settled
+from rewriter.trial import try_candidate
+from rewriter.validation.deployment import DeploymentProfile
+from rewriter.validation.judge import Judge, ProfileLatency, Verdict
+from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.numerics import OutputStats
 
 log = logging.getLogger(__name__)
-
-#: Extra whole-model measurements, pooled with the first, when its interval and its point estimate disagree.
-CONFIRMATIONS = 2
-
-
-def settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool,
-            first: LatencyComparison | None = None) -> LatencyComparison:
-    """The whole-model comparison a pass is kept or undone on. Where the interval leaves the call open
-    while the point estimate takes a side (a noisy machine), more pairs are measured and pooled, up to
-    ``CONFIRMATIONS`` times and while the judge's deadline has time left: one unlucky measurement must not
-    undo a whole search. ``first``: a measurement of this very pair already taken (it is not repeated)."""
-    lat = first if first is not None else judge.model_latency(base.proto, model.proto)
-    for _ in range(CONFIRMATIONS):
-        ci = lat.ci
-        open_call = (not ci.slower(threshold) and ci.speedup < threshold) if exact else (not ci.faster(threshold) and ci.speedup > threshold)
-        if not open_call or judge.deadline.over():
-            break
-        log.info("whole-model speedup %s is not settled; measuring more pairs", ci)
-        lat = pooled(lat, judge.model_latency(base.proto, model.proto), seed=judge.config.timing.seed)
-    return lat
-
 
 @dataclass
 class Target:
@@ -109,51 +90,6 @@ class Target:
         self.last, self.model, self.saved_s, self.reached = None, None, 0.0, False
 
 
-@dataclass(frozen=True)
-class RoundProof:
-    """An exact pass's round proven together: every candidate applied in turn (each to the model the one
-    before made, as the one-by-one path does while it keeps them all), and the numerics of the result."""
-
-    numerics: dict[str, OutputStats]
-    order: tuple[str, ...]  # candidate keys, in the order applied
-
-    def covers(self, kept: Sequence[str], key: str) -> bool:
-        """Whether the one-by-one path, having kept ``kept`` this round, is about to build the next model of
-        the proof (so far it built the same ones)."""
-        n = len(kept)
-        return n < len(self.order) and self.order[n] == key and tuple(kept) == self.order[:n]
-
-
-def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, deadline: Deadline | None = None) -> RoundProof | None:
-    """Apply every candidate of an exact pass's round in turn (skipping those whose nodes an earlier one
-    consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
-    rewrite raises, the search's ``deadline`` passes, or there is nothing to share (fewer than two
-    candidates): they are then proven alone."""
-    if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
-        return None
-    current, order = model, []
-    try:
-        for cand in todo:
-            if deadline is not None and deadline.search_over():
-                return None
-            if any(current.node(n) is None for n in cand.nodes):
-                continue
-            current = apply_candidate(p, current, cand)
-            order.append(cand.key)
-        if len(order) < 2:
-            return None
-        stats = judge.numerics(current.proto)
-    except Exception as exc:  # the one-by-one path records which rewrite fails, and why
-        log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)
-        return None
-    failures = judge.config.budget.failures(stats, exact=True)
-    if failures:
-        log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(order), "; ".join(failures))
-        return None
-    log.info("%s: %d rewrites proven exact together", p.name, len(order))
-    return RoundProof(stats, tuple(order))
-
-
 def nothing_to_rewrite(passes: Sequence[Pass], model: Model) -> list[PassRun] | None:
     """The passes' runs, with their skips, when none of them has a candidate on ``model``; ``None`` as soon as
     one has. Needs no data: data-aware passes look without calibration (they are handed theirs before
@@ -189,6 +125,8 @@ class SearchState:
     screen: bool = True
     #: Called after each judged candidate with its decision and the model accepted after it.
     on_decision: Callable[[Decision, Model], None] | None = None
+    #: Called when a round starts with the pass's name and the number of candidates it will go through.
+    on_round: Callable[[str, int], None] | None = None
     decisions: list[Decision] = field(default_factory=list)
 
 
@@ -205,6 +143,8 @@ class PassSearch:
         self.families: dict[str, tuple[float, Candidate] | None] = {}  # screened family -> (error, measured variant)
         self.created: dict[str, int] = {}  # node name -> index of the decision whose rewrite made it
         self.screened: dict[str, Screening] = {}
+        #: A whole-model timing already taken: (base, model, comparison per profile) of a round judged as a group.
+        self.whole: tuple[Model, Model, tuple[ProfileLatency, ...]] | None = None
         self.find_seconds = 0.0
 
     @property
@@ -262,7 +202,12 @@ class PassSearch:
     def _round(self, model: Model, todo: list[Candidate]) -> tuple[Model, bool]:
         """Try every candidate of one round in order; the accepted model and whether it changed."""
         todo = self._order(model, todo)
+        if self.state.on_round is not None:
+            self.state.on_round(self.p.name, len(todo))
         proof = prove_round(self.p, model, todo, self.state.judge, self.state.deadline)
+        together = None if proof is None else settle_round(self.p, model, proof, self.state.judge, self.state.deadline)
+        if together is not None:
+            return self._record_round(model, together), True
         round_kept: list[str] = []
         changed = False
         for cand in todo:
@@ -282,6 +227,24 @@ class PassSearch:
                 model, changed = accepted, True
                 round_kept.append(current.key)
         return model, changed
+
+    def _record_round(self, model: Model, settled_round: SettledRound) -> Model:
+        """Record the decisions of a round judged as a group (:func:`~rewriter.rounds.settle_round`); the model it left."""
+        state, n = self.state, sum(len(g.candidates) for g in settled_round.groups)
+        if len(settled_round.groups) == 1 and settled_round.groups[0].slower_at is None:  # one timing of this very pair
+            self.whole = (model, settled_round.model, settled_round.groups[0].profiles)
+        for group in settled_round.groups:
+            for cand in group.candidates:
+                self.tried.add(cand.key)
+                decision = round_decision(cand, group, settled_round, n)
+                state.deadline.record(decision.verdict.seconds if decision.verdict else 0.0)
+                state.decisions.append(decision)
+                if decision.kept:
+                    self._note_made(cand, len(state.decisions) - 1, settled_round.made.get(cand.key, frozenset()))
+                if state.on_decision is not None:
+                    state.on_decision(decision, settled_round.model)
+                log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
+        return settled_round.model
 
     def _current(self, model: Model, cand: Candidate) -> Candidate | None:
         """``cand`` as it applies to ``model`` now: itself, or -- when an earlier rewrite of this round
@@ -324,15 +287,15 @@ class PassSearch:
             state.on_decision(decision, trial.model if trial.model is not None else model)
         if cand.family is not None and decision.outcome.accuracy:
             self.failed_levels[cand.family] = min(cand.level, self.failed_levels.get(cand.family, float("inf")))
-        log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
+        log.info("%s", decision.line())
         if trial.model is None:
             return None
-        self._note_replaced(cand, len(state.decisions) - 1, model, trial.model)
+        self._note_made(cand, len(state.decisions) - 1, new_nodes(model, trial.model))
         if state.target is not None and not self.p.exact:
             state.target.after_kept(decision.verdict, state.judge, state.original, trial.model)
         return trial.model
 
-    def _note_replaced(self, cand: Candidate, index: int, before: Model, after: Model) -> None:
+    def _note_made(self, cand: Candidate, index: int, made: frozenset[str]) -> None:
         """Record which nodes the kept decision ``index`` made; where it replaced only nodes that earlier kept
         decisions made (a stronger variant in place of a milder one), mark those superseded (they stay kept:
         a plan replays them in order, and the later one rewrites their nodes)."""
@@ -341,31 +304,47 @@ class PassSearch:
         if earlier and all(n in created for n in cand.nodes):
             for j in sorted(earlier):
                 decisions[j] = decisions[j].superseded_by(cand.description)
-        old = {n.name for n in before.proto.graph.node}
-        for n in after.proto.graph.node:
-            if n.name not in old:
-                created[n.name] = index
+        for name in made:
+            created[name] = index
 
     # -- the pass's end ----------------------------------------------------------------------------------
     def close(self, before_pass: Model, model: Model) -> Model:
-        """Check the pass end to end (``model`` against ``before_pass``) when it changed the model and latency
-        is measured; undo it when the whole model does not pay. Sets the run's counts; the model kept."""
+        """Check the pass end to end (``model`` against ``before_pass``, at every deployment profile) when it
+        changed the model and latency is measured; undo it when the whole model does not pay on one of them.
+        Sets the run's counts; the model kept."""
         state, config = self.state, self.state.judge.config
         if model is not before_pass and config.latency:
-            exact, target = self.p.exact, state.target
-            threshold = config.exact_min_speedup if exact else config.lossy_min_speedup
-            first = target.last if target is not None and target.model is model and before_pass is state.original else None
-            lat = settled(state.judge, before_pass, model, threshold, exact, first)
-            self.run.model_latency = lat
-            undo = lat.ci.slower(config.exact_min_speedup) if exact else not lat.ci.faster(config.lossy_min_speedup)
-            if undo:
-                self.run.reverted = f"whole-model speedup {lat.ci} does not pay; pass undone"
+            failed = self._settle(before_pass, model)
+            if failed is not None:
+                self.run.reverted = f"whole-model speedup {failed} does not pay; pass undone"
                 log.info("%s: %s", self.p.name, self.run.reverted)
                 model = before_pass
-                if target is not None and not exact:
-                    target.reset()
+                if state.target is not None and not self.p.exact:
+                    state.target.reset()
                 for i in range(self.first, len(state.decisions)):
                     if state.decisions[i].kept:
                         state.decisions[i] = state.decisions[i].undone(self.run.reverted)
         self.run.count(self.decisions)
         return model
+
+    def _settle(self, before_pass: Model, model: Model) -> str | None:
+        """Measure the pass end to end at each profile, primary first (the run records them); the first
+        profile it does not pay on, as ``CI[ at PROFILE]``, or ``None``."""
+        state, config = self.state, self.state.judge.config
+        exact, target = self.p.exact, state.target
+        threshold = config.exact_min_speedup if exact else config.lossy_min_speedup
+        first = target.last if target is not None and target.model is model and before_pass is state.original else None
+        profiles = config.deployments
+        known = {}
+        if self.whole is not None and self.whole[0] is before_pass and self.whole[1] is model:
+            known = {p.profile: p.latency for p in self.whole[2]}  # the pass was one round, timed as a group
+        for i, profile in enumerate(profiles):
+            lat = settled(state.judge, before_pass, model, threshold, exact, known.get(profile) or (first if i == 0 else None), profile)
+            if i == 0:
+                self.run.model_latency = lat
+            if len(profiles) > 1:
+                self.run.profile_latency.append(ProfileLatency(profile, lat, "model"))
+            undo = lat.ci.slower(config.exact_min_speedup) if exact else not lat.ci.faster(config.lossy_min_speedup)
+            if undo:
+                return f"{lat.ci}" + (f" at {profile.label}" if len(profiles) > 1 else "")
+        return None

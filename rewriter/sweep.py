@@ -7,11 +7,18 @@ the end-to-end speedup with its 95% CI (interleaved, the deploy settings). The p
 front (no other point is both faster and more accurate) are the choices worth offering; ``optimize``
 with a budget between two points stops near the first one. Measuring one path costs one search plus a
 latency A/B per step, instead of one search per budget.
+
+Each point also carries the worst value over outputs of every term of the budget (``budget_values``, e.g.
+``{"cosine": 0.9991, "top1_drop": 0.0}``), so a curve can be drawn in the budget's own metric; the result
+carries the environment the latencies were measured in and the input file's path and sha256 (what the
+sweep page, :func:`rewriter.html_report.render_sweep_html`, shows).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -22,6 +29,7 @@ from rewriter.pipeline import Decision, OptimizeResult, Source, optimize
 from rewriter.shapes import Shape
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.judge import Judge, ValidationConfig
+from rewriter.validation.numerics import Budget, OutputStats
 from rewriter.validation.runtime import eval_session
 
 log = logging.getLogger(__name__)
@@ -39,9 +47,12 @@ class SweepPoint:
     max_abs: float
     metric: float | None
     macs: int
+    #: The worst value over outputs of each budget term (key: the metric, ``@output`` when the term names
+    #: one); ``None`` where no output has a finite value (an SNR of identical outputs).
+    budget_values: Mapping[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "budget_values": dict(self.budget_values)}
 
 
 @dataclass
@@ -49,15 +60,38 @@ class SweepResult:
     points: list[SweepPoint]
     search: OptimizeResult
     front: list[int] = field(default_factory=list)
+    #: :func:`rewriter.report.environment` of the measurements (tool and runtime versions, provider, threads, CPU).
+    environment: Mapping[str, Any] = field(default_factory=dict)
+    #: ``path`` and ``sha256`` of the input file (empty when the sweep was handed a model in memory).
+    input: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "input": dict(self.input),
+            "environment": dict(self.environment),
             "points": [p.to_dict() for p in self.points],
             "front": self.front,
             "budget": self.search.budget,
             "feeds": self.search.feeds,
             "seconds_search": round(self.search.seconds, 2),
         }
+
+
+def budget_values(budget: Budget, stats: Mapping[str, OutputStats]) -> dict[str, float | None]:
+    """The worst value over outputs of each term of ``budget`` (the lowest of a ``>=`` term, the highest of a
+    ``<=`` one), keyed by the term's metric (and ``@output``)."""
+    out: dict[str, float | None] = {}
+    for b in budget.bounds:
+        vals = [v for name, s in stats.items() if b.output in (None, name) for v in [s.value(b.metric)] if v is not None and math.isfinite(v)]
+        out[b.metric + (f"@{b.output}" if b.output else "")] = (min(vals) if b.op == ">=" else max(vals)) if vals else None
+    return out
+
+
+def _input_of(source: Source, input_path: str | os.PathLike[str] | None) -> dict[str, str]:
+    from rewriter.io import sha256_file
+
+    path = input_path if input_path is not None else source if isinstance(source, (str, os.PathLike)) else None
+    return {} if path is None else {"path": str(path), "sha256": sha256_file(path)}
 
 
 class TradeOff(Protocol):
@@ -96,10 +130,13 @@ def sweep(
     config: ValidationConfig | None = None,
     time_budget_s: float | None = None,
     screen: bool = True,
+    input_path: str | os.PathLike[str] | None = None,
 ) -> SweepResult:
     """Run the search once at ``config``'s (loosest) budget and measure every kept lossy step. The curve is
-    the search's own: a test split in ``feeds`` is left out (nothing is confirmed or backed off)."""
+    the search's own: a test split in ``feeds`` is left out (nothing is confirmed or backed off).
+    ``input_path``: the file a ``source`` in memory was loaded from (its sha256 goes into the result)."""
     from rewriter.analysis import analyze
+    from rewriter.report import environment
 
     config = config or ValidationConfig()
     feeds = None if feeds is None else feeds.for_search()
@@ -129,6 +166,8 @@ def sweep(
             max_abs=max(s.max_abs for s in stats.values()),
             metric=metric,
             macs=analyze(model).total_macs,
+            budget_values=budget_values(config.budget, stats),
         ))
         log.info("step %d: speedup %.3f, error %.3g (%s)", i, speedup, points[-1].error, label)
-    return SweepResult(points, result, [p.step for p in pareto_front(points)])
+    env = environment(config.runtime.provider, config.runtime.threads)
+    return SweepResult(points, result, [p.step for p in pareto_front(points)], env, _input_of(source, input_path))

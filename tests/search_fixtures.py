@@ -103,11 +103,11 @@ class ClockedJudge:
         class Clocked(Judge):
             calls = 0
 
-            def model_latency(self, base, candidate):  # type: ignore[no-untyped-def]
+            def model_latency(self, base, candidate, profile=None):  # type: ignore[no-untyped-def]
                 Clocked.calls += 1
                 return comparison(millis(base), millis(candidate))
 
-            def region_latency(self, accepted, trial, candidate):  # type: ignore[no-untyped-def]
+            def region_latency(self, accepted, trial, candidate, profile=None):  # type: ignore[no-untyped-def]
                 return comparison(2.0, 1.0)
 
         return Clocked(model, None, config)

@@ -14,6 +14,7 @@ import pytest
 from rewriter.io import sha256_file
 from rewriter.pipeline import optimize
 from tests.helpers import assert_valid, parse
+from tests.html_checks import page_problems
 from tests.test_cli import assert_one_line_error, invoke
 from tests.test_io_normalize import RAISED, SORTED, fp16_model, ir3_cnn, ort_run, write
 
@@ -64,6 +65,7 @@ def test_nothing_to_rewrite_passes_through_without_feeds(text: str, tmp_path: Pa
     assert data["output"]["sha256"] == data["input"]["sha256"] == sha
     assert data["gate"] == {"passed": True, "failures": []}
     assert "No candidate was found" in html.read_text()  # and nothing profiled
+    assert page_problems(html.read_text()) == []  # nothing measured is left out or said, never printed as None
 
 
 def test_a_candidate_still_needs_feeds(tmp_path: Path) -> None:

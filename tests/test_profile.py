@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rewriter.validation.profile import bench_model, op_times_from_trace
+from rewriter.validation.profile import LayerTime, bench_model, latency_change, op_times_from_trace, profile_layer_times
 from rewriter.validation.runtime import RuntimeOptions
 
 
@@ -51,3 +51,29 @@ def test_bench_model_on_sample(sample_path: Path, optimization: str) -> None:
     if optimization == "disabled":
         # Unfused graph: every op type of the sample shows up.
         assert {"Conv", "Relu", "MaxPool", "Concat", "Add", "GlobalAveragePool", "Flatten", "Gemm"} <= set(result.op_share)
+
+
+# -- per-layer times before and after, and the noise rule -------------------------------------------------
+
+def test_latency_change_needs_disjoint_ranges_and_a_visible_difference() -> None:
+    before = LayerTime(1.00, 0.95, 1.05, 9)
+    assert latency_change(before, LayerTime(0.80, 0.78, 0.82, 9)) == "faster"
+    assert latency_change(before, LayerTime(1.30, 1.20, 1.40, 9)) == "slower"
+    assert latency_change(before, LayerTime(0.80, 0.70, 0.96, 9)) == "unchanged"  # ranges overlap: noise
+    assert latency_change(LayerTime(1.0, 1.0, 1.0, 9), LayerTime(0.97, 0.97, 0.97, 9)) == "unchanged"  # disjoint, under 5%
+    assert latency_change(LayerTime(0.010, 0.010, 0.010, 9), LayerTime(0.009, 0.009, 0.009, 9)) == "unchanged"  # under the resolution
+
+
+def test_profile_layer_times_interleaves_fresh_rounds_and_summarizes_their_medians() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def profiler(proto, round_):  # type: ignore[no-untyped-def]
+        calls.append((proto, round_))
+        jitter = [0.0, 10.0, -10.0][round_ % 3]  # microseconds
+        return {"conv": [100.0 + jitter, 999.0, 100.0 + jitter], "gone": []} if proto == "A" else {"conv": [90.0 + jitter] * 3}
+
+    a, b = profile_layer_times(["A", "B"], profiler, rounds=4)  # type: ignore[list-item]
+    assert calls == [("A", 0), ("B", 0), ("B", 1), ("A", 1), ("A", 2), ("B", 2), ("B", 3), ("A", 3)]
+    assert a == {"conv": LayerTime(0.1, 0.09, 0.11, 4)}  # each round's median (999 is one slow run), in ms; "gone" never ran
+    assert b["conv"].median == pytest.approx(0.09) and b["conv"].rounds == 4
+    assert latency_change(a["conv"], b["conv"]) == "unchanged"  # 10% apart, but the round ranges overlap

@@ -38,7 +38,7 @@ def test_lossy_candidates_are_screened_and_tried_by_measured_error() -> None:
 def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
     from types import SimpleNamespace
 
-    from rewriter.search import CONFIRMATIONS, settled as _settled
+    from rewriter.rounds import CONFIRMATIONS, settled as _settled
     from rewriter.validation.latency import LatencyComparison
     from rewriter.validation.stats import bootstrap_speedup
 
@@ -53,7 +53,7 @@ def test_an_open_whole_model_call_is_settled_with_more_pooled_pairs() -> None:
     while not (queue[0].ci.speedup > 1.0 and queue[0].ci.low <= 1.0):  # an open call: faster, not shown
         queue[0] = comparison(0.4)
     calls = []
-    judge = SimpleNamespace(config=ValidationConfig(), deadline=Deadline(), model_latency=lambda base, cand: calls.append(1) or queue[len(calls) - 1])
+    judge = SimpleNamespace(config=ValidationConfig(), deadline=Deadline(), model_latency=lambda base, cand, profile=None: calls.append(1) or queue[len(calls) - 1])
     model = Model.from_source(parse(CHAIN3))
     settled = _settled(judge, model, model, 1.0, exact=False)  # type: ignore[arg-type]
     assert len(calls) >= 2 and settled.ci.pairs == 12 * len(calls) and settled.ci.faster(1.0)
@@ -148,7 +148,7 @@ def test_a_round_that_fails_together_is_proven_one_by_one(monkeypatch: pytest.Mo
 
 
 def test_round_proof_covers_the_candidates_it_applied_and_only_exact_rounds() -> None:
-    from rewriter.search import prove_round as _prove_round
+    from rewriter.rounds import prove_round as _prove_round
     from rewriter.validation.judge import Judge
 
     model = Model.from_source(parse(THREE_BN, seed=1))

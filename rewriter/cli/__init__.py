@@ -11,18 +11,19 @@ from __future__ import annotations
 
 from rewriter.cli import commands, commands_optimize
 from rewriter.cli.app import app
+from rewriter.cli.examples import epilog
 
 __all__ = ["app", "hoist_global_flags", "main"]
 
-# In the order --help lists them.
-app.command()(commands.analyze)
-app.command(name="passes")(commands.list_passes)
-app.command()(commands_optimize.optimize)
-app.command(name="optimize-many")(commands_optimize.optimize_many_cmd)
-app.command(name="apply")(commands_optimize.apply_plan_cmd)
-app.command()(commands.validate)
-app.command()(commands.sweep)
-app.command()(commands.bench)
+# In the order --help lists them; each command's --help ends with its examples.
+app.command(epilog=epilog("analyze"))(commands.analyze)
+app.command(name="passes", epilog=epilog("passes"))(commands.list_passes)
+app.command(epilog=epilog("optimize"))(commands_optimize.optimize)
+app.command(name="optimize-many", epilog=epilog("optimize-many"))(commands_optimize.optimize_many_cmd)
+app.command(name="apply", epilog=epilog("apply"))(commands_optimize.apply_plan_cmd)
+app.command(epilog=epilog("validate"))(commands.validate)
+app.command(epilog=epilog("sweep"))(commands.sweep)
+app.command(epilog=epilog("bench"))(commands.bench)
 
 
 #: The app's own flags (``--debug``, ``--verbose``, ``--quiet``), accepted after the command too.

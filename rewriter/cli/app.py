@@ -86,7 +86,7 @@ def guarded(fn: F) -> F:
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each decision."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the search does: one plain line per decision (for CI logs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the essential result."),
 ) -> None:
     _state["debug"] = debug

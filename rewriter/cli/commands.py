@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from rewriter.cli.app import ConfigOpt, err, guarded, model_path, out, pass_options, quiet
-from rewriter.cli.groups import BUDGET, FEEDS, MODEL, SEARCH, TIMING, ModelArgs, compose
+from rewriter.cli.groups import BUDGET, FEEDS, MODEL, OUTPUT, SEARCH, TIMING, ModelArgs, compose
 from rewriter.cli.tables import analysis_tables, fmt_int, op_time_table, passes_table, sweep_table, validation_summary
 from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchOptions
 
@@ -24,8 +24,8 @@ _ALL_FEEDS = ("feeds", "images", "image_spec", "data_loader_script", "num_feeds"
 @compose(model_args=MODEL)
 def analyze(
     model: Path = typer.Argument(..., help="ONNX model file."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON."),
-    top: int = typer.Option(20, "--top", min=1, help="How many expensive convs to list."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON.", rich_help_panel=OUTPUT.panel),
+    top: int = typer.Option(20, "--top", min=1, help="How many expensive convs to list.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,
@@ -66,7 +66,7 @@ def list_passes() -> None:
 def validate(
     base: Path = typer.Argument(..., help="Reference model."),
     candidate: Path = typer.Argument(..., help="Model to judge against the reference."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,
@@ -117,8 +117,8 @@ def validate(
 )
 def sweep(
     model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write the speedup-vs-error curve as a self-contained HTML page."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the points as JSON.", rich_help_panel=OUTPUT.panel),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the sweep as a self-contained HTML page (the curve in the budget's metric, the Pareto front).", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     search: SearchOptions,
@@ -129,10 +129,10 @@ def sweep(
 ) -> None:
     """The speedup-vs-error Pareto curve of a lossy search, measured end to end at every kept step."""
     from rewriter.config import build_passes
-    from rewriter.html_report import write_html
+    from rewriter.html_report import write_sweep_html
     from rewriter.model import Model
     from rewriter.options import validation_config
-    from rewriter.report import ParetoPoint, check_output_paths, write_json
+    from rewriter.report import check_output_paths, write_json
     from rewriter.sweep import sweep as run_sweep
 
     src = model_path(model)
@@ -142,14 +142,13 @@ def sweep(
     config = validation_config(budget, measure)
     source = Model.from_source(src, model_args.shapes())
     feedset = replace(feeds, holdout_fraction=0.0).feedset(source)
-    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=search.time_budget, screen=search.screen)
+    result = run_sweep(source, selected, feeds=feedset, config=config, time_budget_s=search.time_budget, screen=search.screen,
+                       input_path=src)
+    data = {"model": str(model), **result.to_dict()}
     if json_path is not None:
-        write_json({"model": str(model), **result.to_dict()}, json_path)
+        write_json(data, json_path)
     if html is not None:
-        points = [ParetoPoint(p.speedup, p.error, f"step {p.step}") for p in result.points]
-        report = {"tool": "onnx-bottleneck", "input": {"path": str(model)}, "decisions": [], "passes": [], "totals": {},
-                  "budget": result.search.budget, "pareto": [p.to_dict() for p in points]}
-        write_html(html, report)
+        write_sweep_html(html, data)
     out.print(sweep_table(result, model.name))
 
 
@@ -157,8 +156,8 @@ def sweep(
 @compose(model_args=MODEL.only("input_shape"), measure=TIMING.only("threads", "provider"))
 def bench(
     model: Path = typer.Argument(..., help="ONNX model file."),
-    runs: int = typer.Option(50, "--runs", min=2, help="Timed runs."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    runs: int = typer.Option(50, "--runs", min=2, help="Timed runs.", rich_help_panel=TIMING.panel),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,

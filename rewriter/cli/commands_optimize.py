@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -18,6 +18,8 @@ from rewriter.options import BudgetOptions, FeedOptions, MeasureOptions, SearchO
 
 #: The groups ``optimize`` and ``optimize-many`` share: every option of one guarded optimization.
 _OPTIMIZE_GROUPS = {"search": SEARCH, "model_args": MODEL, "feeds": FEEDS, "budget": BUDGET, "measure": TIMING}
+#: The --help panels of options of one command: optimize-many's workers, apply's plan.
+_WORKERS, _PLAN = "Workers", "Plan"
 
 
 def _optimize_options(
@@ -49,7 +51,7 @@ def optimize(
     from rewriter.html_report import layer_rows, profile_layers, write_html
     from rewriter.io import check_output_path, save_model, sha256_file
     from rewriter.job import optimize_model
-    from rewriter.progress import decision_progress
+    from rewriter.progress import DecisionProgress
     from rewriter.report import check_output_paths, write_json
     from rewriter.zoo import plan_for
 
@@ -63,7 +65,8 @@ def optimize(
     check_output_paths(target, output.report, output.html, output.save_plan)
     options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data, shapes)
     options = plan_for(src, options, model_tables(config_file)).options  # its [models."PATTERN"] tables, if any
-    outcome = optimize_model(src, options, progress=decision_progress(err, sys.stderr.isatty() and not quiet()))
+    shown = DecisionProgress(err, enabled=sys.stderr.isatty() and not quiet(), time_budget_s=options.time_budget)
+    outcome = optimize_model(src, options, progress=shown, on_decision=shown.on_decision, on_round=shown.on_round)
     result, gate = outcome.result, outcome.gate
     out_sha = None
     if not gate:
@@ -78,8 +81,8 @@ def optimize(
         layers = layer_rows(result.before, result.after) if result.nothing_to_rewrite else profile_layers(result, outcome.config.runtime)
         write_html(output.html, data, layers=layers)
     if not quiet():
-        for shown in optimize_summary(result):
-            out.print(shown)
+        for line in optimize_summary(result, options.metric):
+            out.print(line)
     if gate:
         raise GateFailed("gate failed, no output written: " + "; ".join(gate))
     normalized = f" (normalized on load: {'; '.join(result.normalized)})" if result.normalized else ""
@@ -91,18 +94,35 @@ def optimize(
     out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
               + f", {len(result.rolled_back)} rolled back"
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
-              + (f", end-to-end speedup {result.final_latency.ci}" if result.final_latency else "") + normalized)
+              + (f", end-to-end speedup {_speedups(result)} ({_timed(options)})" if result.final_latency else "") + normalized)
+
+
+def _speedups(result: Any) -> str:
+    """The end-to-end speedup, with the profile of each where there are several."""
+    if not result.profile_latency:
+        return str(result.final_latency.ci)
+    return "; ".join(f"{p.latency.ci} at {p.profile.label}" for p in result.profile_latency)
+
+
+def _timed(options: OptimizeOptions) -> str:
+    """How the latency was measured, for the closing line: threads (or profiles) and provider."""
+    profiles = options.deployments()
+    if len(profiles) > 1:
+        return f"onnxruntime, {options.provider}"
+    p = profiles[0]
+    batch = f", batch {p.batch}" if p.batch != 1 else ""
+    return f"onnxruntime, {p.threads} intra-op thread{'s' if p.threads != 1 else ''}{batch}, {options.provider}"
 
 
 @guarded
 @compose(**_OPTIMIZE_GROUPS, output=OUTPUT.only("external_data"))
 def optimize_many_cmd(
     models: list[Path] = typer.Argument(..., help="ONNX model files (never modified)."),
-    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for <stem>.onnx, <stem>.report.json and summary.json (created if missing)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Models at once: local worker processes (default: one per core) or Ray tasks in flight."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run each model as a Ray task on this cluster: auto, ray://HOST:10001 or local (needs the 'ray' extra of onnx-bottleneck)."),
-    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", min=1, help="Whole CPUs each Ray task requests (default: --threads)."),
-    save_plans: bool = typer.Option(False, "--save-plans", help="Also write each model's kept rewrites as <stem>.plan.json for `apply`."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for <stem>.onnx, <stem>.report.json and summary.json (created if missing).", rich_help_panel=OUTPUT.panel),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Models at once: local worker processes (default: one per core) or Ray tasks in flight.", rich_help_panel=_WORKERS),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run each model as a Ray task on this cluster: auto, ray://HOST:10001 or local (needs the 'ray' extra of onnx-bottleneck).", rich_help_panel=_WORKERS),
+    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", min=1, help="Whole CPUs each Ray task requests (default: --threads).", rich_help_panel=_WORKERS),
+    save_plans: bool = typer.Option(False, "--save-plans", help="Also write each model's kept rewrites as <stem>.plan.json for `apply`.", rich_help_panel=OUTPUT.panel),
     config_file: Optional[Path] = ConfigOpt,
     *,
     search: SearchOptions,
@@ -142,8 +162,8 @@ def optimize_many_cmd(
 )
 def apply_plan_cmd(
     model: Path = typer.Argument(..., help="ONNX model file (never modified)."),
-    plan: Path = typer.Option(..., "--plan", help="Plan written by optimize --save-plan."),
-    force: bool = typer.Option(False, "--force", help="Replay even if the model or calibration data differ from the plan's."),
+    plan: Path = typer.Option(..., "--plan", help="Plan written by optimize --save-plan.", rich_help_panel=_PLAN),
+    force: bool = typer.Option(False, "--force", help="Replay even if the model or calibration data differ from the plan's.", rich_help_panel=_PLAN),
     config_file: Optional[Path] = ConfigOpt,
     *,
     model_args: ModelArgs,

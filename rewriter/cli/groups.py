@@ -13,9 +13,11 @@ A command takes a group as one keyword-only parameter, typed with the object the
 A command that needs a flag with another default or help, or only some of a group's flags, says so with
 :meth:`Group.only` and :meth:`Group.but`; a flag left out gets the object's default.
 
-The groups: :data:`MODEL` (input shapes, size limit), :data:`FEEDS`, :data:`BUDGET` (error budget and task
-metric), :data:`TIMING` (latency measurement), :data:`SEARCH` (passes, time budget, speedup target) and
-:data:`OUTPUT` (where results are written).
+The groups (and their ``--help`` panels): :data:`MODEL` ("Inputs and shapes": input shapes, size limit),
+:data:`FEEDS` ("Data": feeds, calibration and held-out split), :data:`BUDGET` (error budget and task metric),
+:data:`TIMING` (latency measurement), :data:`SEARCH` (passes, time budget, speedup target) and :data:`OUTPUT`
+(where results are written). A command's own options name one of these panels too (``rich_help_panel``), so
+``--help`` lists every option under what it is about.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def compose(**groups: Group[Any]) -> Callable[[F], F]:
             for p in sig.parameters.values()
             if p.name not in groups
         ]
-        params = own + [p for g in groups.values() for p in g.parameters()]
+        params = sorted(own + [p for g in groups.values() for p in g.parameters()], key=_panel_rank)
         names = [p.name for p in params]
         if len(set(names)) != len(names):
             raise TypeError(f"{fn.__name__}: a flag is declared twice: {sorted(n for n in names if names.count(n) > 1)}")
@@ -114,6 +116,19 @@ def compose(**groups: Group[Any]) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+#: The order of the --help panels after typer's "Arguments" and "Options" (--config, --help): the groups'
+#: panels in the order a user thinks of them, a command's panels of its own just before "Output".
+PANEL_ORDER = ("Inputs and shapes", "Data", "Budget", "Timing", "Search", "Output")
+
+
+def _panel_rank(p: inspect.Parameter) -> float:
+    """Where a parameter's panel comes in ``--help`` (a stable sort keeps the order within a panel)."""
+    panel = getattr(p.default, "rich_help_panel", None)
+    if isinstance(p.default, typer.models.ArgumentInfo) or panel is None:
+        return -1
+    return PANEL_ORDER.index(panel) if panel in PANEL_ORDER else PANEL_ORDER.index("Output") - 0.5
 
 
 # -- the objects the CLI-only groups build -----------------------------------------------------------
@@ -158,13 +173,17 @@ def _feed_options(**values: Any) -> FeedOptions:
     return FeedOptions(tuple(str(f) for f in feeds or ()), None if images is None else str(images), **values)
 
 
+def _measure_options(**values: Any) -> MeasureOptions:
+    return MeasureOptions(**{**values, "profiles": tuple(values.get("profiles") or ())} if "profiles" in values else values)
+
+
 # -- the groups --------------------------------------------------------------------------------------
-MODEL: Group[ModelArgs] = Group("Model", (
+MODEL: Group[ModelArgs] = Group("Inputs and shapes", (
     Flag("input_shape", Optional[list[str]], None, ("--input-shape",), "Resolve an input's dims: NAME:1x3x224x224 (repeatable)."),
     Flag("max_model_bytes", Optional[int], None, ("--max-model-bytes",), "Refuse models (file plus external data) larger than this.", min=1),
 ), _model_args)
 
-FEEDS: Group[FeedOptions] = Group("Feeds", (
+FEEDS: Group[FeedOptions] = Group("Data", (
     Flag("feeds", Optional[list[Path]], None, ("--feeds",), ".npy/.npz file of inputs (repeatable); default: seeded random feeds."),
     Flag("images", Optional[Path], None, ("--images",), "Folder of images to use as feeds (needs --image-spec)."),
     Flag("image_spec", Optional[str], None, ("--image-spec",),
@@ -193,11 +212,14 @@ TIMING: Group[MeasureOptions] = Group("Timing", (
     Flag("latency", bool, True, ("--latency/--no-latency",), "Gate rewrites on measured latency."),
     Flag("subgraph", bool, True, ("--subgraph/--whole-model",), "Time each rewrite on its region (fast) or the whole model."),
     Flag("threads", int, 1, ("--threads",), "Intra-op threads of the timed sessions.", min=1),
+    Flag("batch", int, 1, ("--batch",), "Batch of the timed and numerics feeds (the model's first input dim must allow it).", min=1),
+    Flag("profiles", Optional[list[str]], None, ("--profile",),
+         "Deployment profile threads=T,batch=B (repeatable; the first is primary): a rewrite is kept only if it pays on every one."),
     Flag("provider", str, "cpu", ("--provider",), "Execution provider for timing: cpu, cuda, tensorrt."),
     Flag("min_speedup", float, 1.0, ("--min-speedup",), "Lossy rewrites are kept only if the speedup CI lies above this."),
     Flag("exact_min_speedup", float, 0.99, ("--exact-min-speedup",), "Exact rewrites are rolled back if the speedup CI lies wholly below this."),
     Flag("max_pairs", int, 40, ("--max-pairs",), "Most interleaved timing pairs per comparison.", min=4),
-), MeasureOptions)
+), _measure_options)
 
 SEARCH: Group[SearchOptions] = Group("Search", (
     Flag("passes", Optional[str], None, ("--passes",), "Comma-separated pass names (default: all exact passes)."),

@@ -47,7 +47,7 @@ def analysis_tables(result: Any, top: int) -> list[Table]:
     return [table, hist]
 
 
-def optimize_summary(result: Any) -> list[Renderable]:
+def optimize_summary(result: Any, metric: str | None = None) -> list[Renderable]:
     """An :class:`~rewriter.pipeline.OptimizeResult`: the decisions, then the totals, numerics and target."""
     shown: list[Renderable] = []
     table = Table(title="Decisions")
@@ -70,8 +70,9 @@ def optimize_summary(result: Any) -> list[Renderable]:
     if skips:
         shown.append(f"{skips} place(s) skipped by passes (reasons in the JSON report)")
     b, a = result.before, result.after
+    saved = f" ({fmt_int(b.total_macs - a.total_macs)} saved, {1 - a.total_macs / b.total_macs:.1%})" if a.total_macs < b.total_macs else ""
     shown.append(
-        f"nodes {sum(b.histogram.values())} -> {sum(a.histogram.values())}, MACs {fmt_int(b.total_macs)} -> {fmt_int(a.total_macs)}, "
+        f"nodes {sum(b.histogram.values())} -> {sum(a.histogram.values())}, MACs {fmt_int(b.total_macs)} -> {fmt_int(a.total_macs)}{saved}, "
         f"params {fmt_int(b.total_params)} -> {fmt_int(a.total_params)}"
     )
     for name, s in result.final_numerics.items():
@@ -79,11 +80,23 @@ def optimize_summary(result: Any) -> list[Renderable]:
     if result.target_speedup is not None:
         target = result.final_latency.ci if result.final_latency is not None else "nothing kept"
         shown.append(f"target speedup {result.target_speedup:g}x: {'reached' if result.target_reached else 'not reached'} ({target})")
-    held = getattr(result, "holdout", None)
-    if held is not None and held.status != "off":
-        sizes = held.sizes
-        shown.append(f"held-out test split ({sizes['test']} feeds the search never saw; {sizes['validation']} validation, "
-                     f"{sizes['calibration']} calibration): {held.status.replace('_', ' ')} -- {held.reason}")
+    shown += holdout_lines(getattr(result, "holdout", None), metric)
+    return shown
+
+
+def holdout_lines(held: Any, metric: str | None = None) -> list[str]:
+    """A :class:`~rewriter.holdout.Holdout`: what the held-out confirmation found, and the task metric on the
+    test split before and after (when the metric scores splits)."""
+    if held is None or held.status == "off":
+        return []
+    sizes = held.sizes
+    shown = [f"held-out test split ({sizes['test']} feeds the search never saw; {sizes['validation']} validation, "
+             f"{sizes['calibration']} calibration): {held.status.replace('_', ' ')} -- {held.reason}"]
+    if held.metric_split and held.metric_baseline is not None:
+        after = held.final.metric if held.final is not None and held.final.metric is not None else held.metric_baseline
+        name = f"metric {metric}" if metric else "metric"
+        shown.append(f"{name} on the held-out test split (data the search never scored): before {held.metric_baseline:.4g}, "
+                     f"after {after:.4g}")
     return shown
 
 

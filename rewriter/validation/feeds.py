@@ -365,6 +365,16 @@ class FeedSet:
         """How many feeds each split holds."""
         return {"calibration": len(self.calibration), "validation": len(self.validation), "test": len(self.test)}
 
+    def rebatched(self, batch: int) -> FeedSet:
+        """These feeds with the validation and test splits as feeds of ``batch`` rows (the same rows, in order;
+        see :func:`~rewriter.validation.deployment.rebatched`); calibration feeds are rows to fit on and stay."""
+        from rewriter.validation.deployment import rebatched
+
+        validation, test = rebatched(self.validation, batch), rebatched(self.test, batch)
+        if validation is self.validation and test is self.test:
+            return self
+        return replace(self, validation=list(validation), test=list(test))
+
     def for_search(self) -> FeedSet:
         """These feeds without the test split: all the search may see."""
         return replace(self, test=[]) if self.test else self

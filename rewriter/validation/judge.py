@@ -32,6 +32,7 @@ from rewriter.errors import InputError
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.validation.calibration import with_outputs
+from rewriter.validation.deployment import DeploymentProfile, rows, shapes_at
 from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.latency import LatencyComparison, TimingOptions, time_pairs
 from rewriter.validation.numerics import Budget, OutputStats, spread_error
@@ -107,6 +108,26 @@ class ValidationConfig:
     exact_min_speedup: float = 0.99
     lossy_min_speedup: float = 1.0
     metric: TaskMetric | None = None
+    #: The deployment profiles latency must pay on, the primary first (its threads are ``runtime.threads``);
+    #: empty: the one profile of ``runtime.threads`` at batch 1.
+    profiles: tuple[DeploymentProfile, ...] = ()
+
+    @property
+    def deployments(self) -> tuple[DeploymentProfile, ...]:
+        """The profiles latency is judged on, primary first (never empty)."""
+        return self.profiles or (DeploymentProfile(max(1, self.runtime.threads), 1),)
+
+
+@dataclass(frozen=True)
+class ProfileLatency:
+    """One latency comparison at one deployment profile, with its scope (``subgraph`` or ``model``)."""
+
+    profile: DeploymentProfile
+    latency: LatencyComparison
+    scope: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.profile.to_dict(), "scope": self.scope, **self.latency.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,8 @@ class Verdict:
     seconds: float = 0.0
     #: What the verdict means for the candidate: ``KEPT``, or the check that refused it.
     outcome: Outcome = Outcome.KEPT
+    #: Latency at each deployment profile measured, primary first (empty with a single profile).
+    profiles: tuple[ProfileLatency, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +153,7 @@ class Verdict:
             "latency": None if self.latency is None else {"scope": self.latency_scope, **self.latency.to_dict()},
             "metric": self.metric,
             "seconds": round(self.seconds, 4),
+            "profiles": [p.to_dict() for p in self.profiles],
         }
 
 
@@ -160,9 +184,13 @@ class Judge:
         self.config = config if budget is config.budget else replace(config, budget=budget)
         #: The run's time budget (unbounded by default): what the judge's own extra measurements may spend.
         self.deadline = deadline or Deadline()
-        self.feeds = feeds or FeedSet.random(input_specs(original.proto, original.require_shapes()))
+        feeds = feeds or FeedSet.random(input_specs(original.proto, original.require_shapes()))
+        #: Numerics run at the primary profile's batch (the validation and test feeds re-batched to it).
+        self.feeds = feeds.rebatched(self.config.deployments[0].batch)
         if not self.feeds.validation:
             raise InputError("no validation feeds")
+        self._timing_feeds: dict[int, dict] = {}
+        self._shaped: dict[int, tuple[Model, Model]] = {}
         self._reference: list[dict] | None = None
         self._reference_error: str | None = None
         self._metric_base: float | None = None
@@ -204,18 +232,46 @@ class Judge:
         assert self.config.metric is not None
         return self.config.metric.score(session if session is not None else eval_session(proto, self.config.runtime), "validation")
 
-    def model_latency(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> LatencyComparison:
-        rt = self.config.runtime
-        return time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.feeds.validation[0], self.config.timing)
+    def _profile(self, profile: DeploymentProfile | None) -> DeploymentProfile:
+        return self.config.deployments[0] if profile is None else profile
 
-    def region_latency(self, accepted: Model, trial: Model, candidate: Candidate) -> LatencyComparison:
+    def timing_feed(self, batch: int) -> dict:
+        """The feed latency is timed on at ``batch``: the first ``batch`` rows of the validation feeds."""
+        if batch not in self._timing_feeds:
+            self._timing_feeds[batch] = rows(self.feeds.validation, batch)
+        return self._timing_feeds[batch]
+
+    def model_latency(self, base: onnx.ModelProto, candidate: onnx.ModelProto,
+                      profile: DeploymentProfile | None = None) -> LatencyComparison:
+        """Whole-model timing of ``candidate`` against ``base`` at ``profile`` (default: the primary one)."""
+        p = self._profile(profile)
+        rt = replace(self.config.runtime, threads=p.threads)
+        return time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.timing_feed(p.batch), self.config.timing)
+
+    def shaped(self, accepted: Model, batch: int) -> Model:
+        """``accepted`` with its inputs' first dim at ``batch`` (for the shapes of a region timed at that batch);
+        ``accepted`` itself where it already is. The last one per batch is kept."""
+        shapes = shapes_at(accepted.input_shapes, batch)
+        if shapes == accepted.input_shapes:
+            return accepted
+        hit = self._shaped.get(batch)
+        if hit is None or hit[0] is not accepted:
+            hit = (accepted, Model(accepted.proto, shapes))
+            self._shaped[batch] = hit
+        return hit[1]
+
+    def region_latency(self, accepted: Model, trial: Model, candidate: Candidate,
+                       profile: DeploymentProfile | None = None) -> LatencyComparison:
+        """Timing of the touched region alone, before and after, at ``profile`` (default: the primary one)."""
+        p = self._profile(profile)
         outputs = region_outputs(accepted, candidate.nodes)
         if not outputs:
             raise RegionError("the region has no outputs")
-        before = extract_region(accepted, outputs, candidate.nodes, accepted)
-        after = extract_region(trial, outputs, candidate.nodes, accepted)
-        feed = region_feed((before, after), accepted, seed=self.config.timing.seed)
-        rt = self.config.runtime
+        known = self.shaped(accepted, p.batch)
+        before = extract_region(accepted, outputs, candidate.nodes, known)
+        after = extract_region(trial, outputs, candidate.nodes, known)
+        feed = region_feed((before, after), known, seed=self.config.timing.seed)
+        rt = replace(self.config.runtime, threads=p.threads)
         return time_pairs(deploy_session(before.model, rt), deploy_session(after.model, rt), feed, self.config.timing)
 
     # -- quick error measurement (screening) ----------------------------------------------------------
@@ -274,23 +330,36 @@ class Judge:
         if not cfg.latency:
             within = "numerics within budget" if proven is None else "numerics proven with its round"
             return Verdict(True, f"{within} (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
-        lat, scope = self._latency(accepted, trial, candidate)
-        refusal = self._latency_refusal(lat.ci, exact, speculative(accepted, trial, candidate) if exact else True, scope)
+        measured: list[ProfileLatency] = []
+        needs_speedup = speculative(accepted, trial, candidate) if exact else True
+        for profile in cfg.deployments:  # the primary first: a rewrite refused there is not timed elsewhere
+            lat, scope = self._latency(accepted, trial, candidate, profile)
+            measured.append(ProfileLatency(profile, lat, scope))
+            refusal = self._latency_refusal(lat.ci, exact, needs_speedup, scope)
+            if refusal is not None:
+                where = f" at {profile.label}" if len(cfg.deployments) > 1 else ""
+                return Verdict(False, refusal + where, stats, measured[0].latency, measured[0].scope, metric,
+                               time.perf_counter() - start, Outcome.LATENCY, self._all(measured))
         seconds = time.perf_counter() - start
-        if refusal is not None:
-            return Verdict(False, refusal, stats, lat, scope, metric, seconds, Outcome.LATENCY)
+        first = measured[0]
         how = ("exact" if proven is None else "exact (numerics proven with its round)") if exact else "within budget"
-        return Verdict(True, f"{how}, {scope} speedup {lat.ci}", stats, lat, scope, metric, seconds)
+        others = "".join(f"; {m.profile.label}: {m.scope} speedup {m.latency.ci}" for m in measured[1:])
+        return Verdict(True, f"{how}, {first.scope} speedup {first.latency.ci}{others}", stats, first.latency, first.scope,
+                       metric, seconds, profiles=self._all(measured))
 
-    def _latency(self, accepted: Model, trial: Model, candidate: Candidate) -> tuple[LatencyComparison, str]:
-        """The rewrite's latency against ``accepted``: its region alone when it can be extracted (and
-        ``subgraph_latency`` is on), else the whole model; with the scope used."""
+    def _all(self, measured: list[ProfileLatency]) -> tuple[ProfileLatency, ...]:
+        return tuple(measured) if len(self.config.deployments) > 1 else ()
+
+    def _latency(self, accepted: Model, trial: Model, candidate: Candidate,
+                 profile: DeploymentProfile) -> tuple[LatencyComparison, str]:
+        """The rewrite's latency against ``accepted`` at ``profile``: its region alone when it can be extracted
+        (and ``subgraph_latency`` is on), else the whole model; with the scope used."""
         if self.config.subgraph_latency:
             try:
-                return self.region_latency(accepted, trial, candidate), "subgraph"
+                return self.region_latency(accepted, trial, candidate, profile), "subgraph"
             except (RegionError, InputError) as exc:
                 log.info("%s: region timing unavailable (%s); timing the whole model", candidate.pass_name, exc)
-        return self.model_latency(accepted.proto, trial.proto), "model"
+        return self.model_latency(accepted.proto, trial.proto, profile), "model"
 
     def _latency_refusal(self, ci: RatioCI, exact: bool, needs_speedup: bool, scope: str) -> str | None:
         """Why a rewrite's speedup ``ci`` does not pay, or ``None``: an exact rewrite must not be shown slower

@@ -1,0 +1,231 @@
+"""An exact pass's round proven together: numerics once, latency once, bisected only where it is slower;
+and :func:`settled`, the whole-model comparison a pass or a round is judged on.
+
+:func:`prove_round` applies every candidate of an exact pass's round in turn and checks the result's
+numerics once (:class:`RoundProof`). :func:`settle_round` then judges the round's latency as a group: the
+whole model with the round against the model before it, at every deployment profile. Where the group is
+not shown slower, every rewrite of it is kept on that one measurement; where it is, the round is split in
+halves and each half judged the same way, on the model the halves before it left (bisection), down to the
+single rewrites that are slower, which are rolled back and named. A round whose kept part differs from the
+proven whole has its numerics checked again on what is kept.
+
+Group judgement needs every rewrite of the round to lower MACs or the node count (a rewrite that lowers
+neither must be shown faster alone: :func:`~rewriter.validation.judge.speculative`); otherwise, or without
+latency measurement, the search proves the round's rewrites one by one (:mod:`rewriter.search`).
+
+Cost: one whole-model timing per round instead of one region timing per rewrite, plus ``2 log2(n)`` per
+slower rewrite found.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rewriter.contract import Candidate, Pass
+from rewriter.decision import Decision
+from rewriter.deadline import Deadline
+from rewriter.model import Model
+from rewriter.outcome import Outcome
+from rewriter.trial import apply_candidate
+from rewriter.validation.deployment import DeploymentProfile
+from rewriter.validation.judge import Judge, ProfileLatency, Verdict, speculative
+from rewriter.validation.latency import LatencyComparison, pooled
+from rewriter.validation.numerics import OutputStats
+
+log = logging.getLogger(__name__)
+
+#: Extra whole-model measurements, pooled with the first, when its interval and its point estimate disagree.
+CONFIRMATIONS = 2
+
+
+def settled(judge: Judge, base: Model, model: Model, threshold: float, exact: bool,
+            first: LatencyComparison | None = None, profile: DeploymentProfile | None = None) -> LatencyComparison:
+    """The whole-model comparison a pass is kept or undone on, at ``profile`` (default: the primary one).
+    Where the interval leaves the call open while the point estimate takes a side (a noisy machine), more
+    pairs are measured and pooled, up to ``CONFIRMATIONS`` times and while the judge's deadline has time
+    left: one unlucky measurement must not undo a whole search. ``first``: a measurement of this very pair
+    already taken (it is not repeated)."""
+    lat = first if first is not None else judge.model_latency(base.proto, model.proto, profile)
+    for _ in range(CONFIRMATIONS):
+        ci = lat.ci
+        open_call = (not ci.slower(threshold) and ci.speedup < threshold) if exact else (not ci.faster(threshold) and ci.speedup > threshold)
+        if not open_call or judge.deadline.over():
+            break
+        log.info("whole-model speedup %s is not settled; measuring more pairs", ci)
+        lat = pooled(lat, judge.model_latency(base.proto, model.proto, profile), seed=judge.config.timing.seed)
+    return lat
+
+
+
+@dataclass(frozen=True)
+class RoundProof:
+    """An exact pass's round proven together: every candidate applied in turn (each to the model the one
+    before made, as the one-by-one path does while it keeps them all), and the numerics of the result."""
+
+    numerics: dict[str, OutputStats]
+    order: tuple[str, ...]  # candidate keys, in the order applied
+    #: The candidates applied, in order; the model holding them all.
+    applied: tuple[Candidate, ...] = ()
+    model: Model | None = None
+    #: Whether every rewrite lowered MACs or the number of compute nodes as it was applied.
+    reducing: bool = False
+    #: The names of the nodes each rewrite made, by candidate key.
+    made: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def covers(self, kept: Sequence[str], key: str) -> bool:
+        """Whether the one-by-one path, having kept ``kept`` this round, is about to build the next model of
+        the proof (so far it built the same ones)."""
+        n = len(kept)
+        return n < len(self.order) and self.order[n] == key and tuple(kept) == self.order[:n]
+
+
+def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, deadline: Deadline | None = None) -> RoundProof | None:
+    """Apply every candidate of an exact pass's round in turn (skipping those whose nodes an earlier one
+    consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
+    rewrite raises, the search's ``deadline`` passes, or there is nothing to share (fewer than two
+    candidates): they are then proven alone."""
+    if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
+        return None
+    current, applied, reducing, made = model, [], True, {}
+    try:
+        for cand in todo:
+            if deadline is not None and deadline.search_over():
+                return None
+            if any(current.node(n) is None for n in cand.nodes):
+                continue
+            after = apply_candidate(p, current, cand)
+            reducing = reducing and not speculative(current, after, cand)
+            made[cand.key] = new_nodes(current, after)
+            current = after
+            applied.append(cand)
+        if len(applied) < 2:
+            return None
+        stats = judge.numerics(current.proto)
+    except Exception as exc:  # the one-by-one path records which rewrite fails, and why
+        log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)
+        return None
+    failures = judge.config.budget.failures(stats, exact=True)
+    if failures:
+        log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(applied), "; ".join(failures))
+        return None
+    log.info("%s: %d rewrites proven exact together", p.name, len(applied))
+    return RoundProof(stats, tuple(c.key for c in applied), tuple(applied), current, reducing, made)
+
+
+def new_nodes(before: Model, after: Model) -> frozenset[str]:
+    """The names of the nodes ``after`` has and ``before`` has not: what a rewrite made."""
+    old = {n.name for n in before.proto.graph.node}
+    return frozenset(n.name for n in after.proto.graph.node if n.name not in old)
+
+
+@dataclass(frozen=True)
+class GroupVerdict:
+    """The latency verdict on one group of a round: the candidates, the comparison at each profile (primary
+    first), and the profile it is slower at (``None``: not shown slower anywhere)."""
+
+    candidates: tuple[Candidate, ...]
+    profiles: tuple[ProfileLatency, ...]
+    slower_at: str | None
+
+    @property
+    def latency(self) -> LatencyComparison:
+        return self.profiles[0].latency
+
+
+@dataclass(frozen=True)
+class SettledRound:
+    """A round judged as a group: the model it leaves, its numerics, and the verdicts of the groups it was
+    settled in (each candidate in exactly one; ``slower_at`` set on the single rewrites rolled back)."""
+
+    model: Model
+    numerics: dict[str, OutputStats]
+    groups: tuple[GroupVerdict, ...]
+    timings: int
+    #: The names of the nodes each kept rewrite made, by candidate key.
+    made: dict[str, frozenset[str]]
+    #: Seconds the latency judgement (and any re-proof of numerics) took.
+    seconds: float = 0.0
+
+
+class _Bisection:
+    """Judges groups of a round against the model before them, splitting the slower ones."""
+
+    def __init__(self, p: Pass, judge: Judge, deadline: Deadline, made: dict[str, frozenset[str]]) -> None:
+        self.p, self.judge, self.deadline = p, judge, deadline
+        self.made = dict(made)
+        self.groups: list[GroupVerdict] = []
+        self.timings = 0
+
+    def time(self, base: Model, group: Model) -> tuple[tuple[ProfileLatency, ...], str | None]:
+        """The group against ``base`` at each profile (stopping at the first it is slower at), and that profile."""
+        cfg = self.judge.config
+        measured: list[ProfileLatency] = []
+        for profile in cfg.deployments:
+            lat = settled(self.judge, base, group, cfg.exact_min_speedup, True, None, profile)
+            self.timings += 1
+            measured.append(ProfileLatency(profile, lat, "round"))
+            if lat.ci.slower(cfg.exact_min_speedup):
+                return tuple(measured), profile.label
+        return tuple(measured), None
+
+    def settle(self, base: Model, cands: Sequence[Candidate], group: Model | None = None) -> Model:
+        """Keep what of ``cands`` (applied on ``base`` in order) is not shown slower; the model left."""
+        if group is None:
+            group = base
+            for cand in cands:
+                after = apply_candidate(self.p, group, cand)
+                self.made[cand.key] = new_nodes(group, after)
+                group = after
+        profiles, slower_at = self.time(base, group)
+        if slower_at is None or len(cands) == 1:
+            self.groups.append(GroupVerdict(tuple(cands), profiles, slower_at))
+            return group if slower_at is None else base
+        half = len(cands) // 2
+        log.info("%s: a group of %d rewrites is slower (%s); bisecting", self.p.name, len(cands), profiles[-1].latency.ci)
+        return self.settle(self.settle(base, cands[:half]), cands[half:])
+
+
+def settle_round(p: Pass, model: Model, proof: RoundProof, judge: Judge, deadline: Deadline) -> SettledRound | None:
+    """Judge a proven round's latency as a group, bisecting where it is slower (see the module docstring).
+    ``None`` when the round cannot be judged as a group (a rewrite that lowers neither MACs nor the node
+    count, no latency measurement, no time left) or a rewrite raises while re-applied: the search then
+    proves the round's rewrites one by one."""
+    if not proof.reducing or proof.model is None or not judge.config.latency or not deadline.fits():
+        return None
+    began = time.perf_counter()
+    bisection = _Bisection(p, judge, deadline, proof.made)
+    try:
+        final = bisection.settle(model, proof.applied, proof.model)
+    except Exception as exc:
+        log.info("%s: round not settled as a group (%s: %s); proving each alone", p.name, type(exc).__name__, exc)
+        return None
+    numerics = proof.numerics
+    if final is not proof.model and final is not model:
+        numerics = judge.numerics(final.proto)  # what is kept is not what was proven: prove it
+        failures = judge.config.budget.failures(numerics, exact=True)
+        if failures:
+            log.info("%s: the round's kept part fails the exact budget (%s); proving each alone", p.name, "; ".join(failures))
+            return None
+    return SettledRound(final, numerics, tuple(bisection.groups), bisection.timings, bisection.made, time.perf_counter() - began)
+
+
+def round_decision(cand: Candidate, group: GroupVerdict, settled_round: SettledRound, round_size: int) -> Decision:
+    """The decision on one rewrite of a round judged as a group: kept on its group's measurement, or -- a
+    single rewrite shown slower -- rolled back; the group's time shared among its rewrites."""
+    lat, many = group.latency, len(group.profiles) > 1
+    seconds = settled_round.seconds / max(1, round_size)
+    others = "".join(f"; {p.profile.label}: {p.latency.ci}" for p in group.profiles[1:])
+    if group.slower_at is not None:
+        where = f" at {group.slower_at}" if many else ""
+        reason = f"slower: round speedup {group.profiles[-1].latency.ci}{where} (found by bisecting a round of {round_size})"
+        verdict = Verdict(False, reason, settled_round.numerics, lat, "round", seconds=seconds, outcome=Outcome.LATENCY,
+                          profiles=group.profiles if many else ())
+        return Decision(cand, True, Outcome.LATENCY, reason, verdict)
+    size = len(group.candidates)
+    reason = (f"exact (numerics and latency proven with its round: {size} of {round_size} rewrites together), "
+              f"round speedup {lat.ci}{others}")
+    verdict = Verdict(True, reason, settled_round.numerics, lat, "round", seconds=seconds, profiles=group.profiles if many else ())
+    return Decision(cand, True, Outcome.KEPT, reason, verdict)
