@@ -147,6 +147,27 @@ def test_exact_rewrites_of_a_float16_model_are_kept_under_the_float16_gate() -> 
     assert 0 < Budget(weights="float16").compare(ref, got)["Y"].allclose_ratio <= 1 < compare_outputs(ref, got)["Y"].allclose_ratio
 
 
+def as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer made by a ``Constant`` node instead (as Paddle exports weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    rest = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + rest)
+    return out
+
+
+def test_float16_constant_node_weights_are_rewritten_as_float16() -> None:
+    half = as_constant_nodes(to_fp16(parse(CONV_BN_CHAIN)))
+    assert weights_dtype(half) == "float16" and not half.graph.initializer
+    result = optimize(half, ["fold_batchnorm", "fuse_1x1_chain"], config=NUMERICS_ONLY)
+    assert [d.candidate.pass_name for d in result.kept] == ["fold_batchnorm", "fuse_1x1_chain"]
+    new = float_initializers(result.model)
+    assert new and set(new.values()) == {onnx.TensorProto.FLOAT16}
+
+
 def test_a_wrong_rewrite_of_a_float16_model_is_still_rolled_back() -> None:
     half = to_fp16(parse(CONV_BN_CHAIN))
     result = optimize(half, [CorruptingChain()], config=NUMERICS_ONLY)
