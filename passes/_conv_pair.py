@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.common import bias_value, conv_padding_free, is_pointwise_conv, weight_value
+from passes.common import bias_value, conv_padding_free, is_pointwise_conv, stored_as, weight_value
 from passes.fuse_1x1_chain import dense_weight
 from rewriter.analysis import node_cost
 from rewriter.contract import Cost, PatternPass
@@ -150,9 +150,9 @@ class ConvPairFusion(PatternPass[ConvPair]):
         w, b = self.compose(w1, bias_value(first), w2, bias_value(second))
         dtype = weight_value(kxk).dtype  # type: ignore[union-attr]
         names = NameFactory(model.graph)
-        inputs = [first.inputs[0], constant(names, f"{base}_fused_W", w.astype(dtype))]
+        inputs = [first.inputs[0], constant(names, f"{base}_fused_W", stored_as(w, dtype))]
         if b is not None:
-            inputs.append(constant(names, f"{base}_fused_B", b.astype(dtype)))
+            inputs.append(constant(names, f"{base}_fused_B", stored_as(b, dtype)))
         attrs = dict(kxk.attrs)
         attrs["group"] = 1
         fused = gs.Node(

@@ -3,6 +3,9 @@ model's opset, and the BatchNormalization scale/shift formula.
 
 All are pure functions of their arguments (they read a node or an array, never edit one).
 
+Weight math is done in float64 whatever the weights' dtype, and the result is stored back in the dtype of
+the weight it replaces (:func:`stored_as`): a float16 model's weights are rounded once, at the end.
+
 Conventions (ONNX): a Conv is ``Conv(X, W, B?)`` with ``W`` shaped ``[C_out, C_in/group, k...]``; an
 optional input that is omitted is either missing from the input list or present with an empty name.
 
@@ -158,3 +161,16 @@ def batchnorm_scale_shift(
     s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(eps))
     t = beta.astype(np.float64) - mean.astype(np.float64) * s
     return s, t
+
+
+def stored_as(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """``values`` (weight math done in float64) in ``dtype``, the dtype of the weight they replace: float16
+    weights stay float16, rounded once to nearest. Raises ``ValueError`` when a finite value does not fit
+    (beyond float16's +-65504 it would become infinite): the rewrite is then refused, never written."""
+    values = np.asarray(values)
+    with np.errstate(over="ignore"):
+        out = values.astype(dtype)
+    if out.dtype.kind == "f" and values.dtype.kind == "f" and not np.array_equal(np.isfinite(out), np.isfinite(values)):
+        big = float(np.max(np.abs(values[np.isfinite(values)])))
+        raise ValueError(f"a rewritten weight ({big:.4g}) does not fit in {out.dtype} (largest {float(np.finfo(out.dtype).max):g})")
+    return out

@@ -44,7 +44,7 @@ from math import prod
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.common import bias_tensor, conv_padding_free, is_pointwise_conv, opset, optional_input
+from passes.common import bias_tensor, conv_padding_free, is_pointwise_conv, opset, optional_input, stored_as
 from passes.fuse_1x1_chain import compose_pointwise
 from rewriter.analysis import node_cost
 from rewriter.contract import Cost, Rule, RuleSetPass
@@ -191,12 +191,12 @@ def _linear_node(
 ) -> gs.Node:
     """``outputs = a @ w^T + bias``: a MatMul when asked for and there is no bias, else a Gemm(transB=1)."""
     if prefer_matmul and bias is None:
-        return gs.Node("MatMul", name=names(base), inputs=[a, constant(names, f"{base}_W", w.T.astype(dtype))], outputs=outputs)
-    inputs = [a, constant(names, f"{base}_W", w.astype(dtype))]
+        return gs.Node("MatMul", name=names(base), inputs=[a, constant(names, f"{base}_W", stored_as(w.T, dtype))], outputs=outputs)
+    inputs = [a, constant(names, f"{base}_W", stored_as(w, dtype))]
     if isinstance(bias, gs.Tensor):
         inputs.append(bias)
     elif bias is not None:
-        inputs.append(constant(names, f"{base}_B", bias.astype(dtype)))
+        inputs.append(constant(names, f"{base}_B", stored_as(bias, dtype)))
     elif opset(model) < 11:  # C is required before opset 11
         inputs.append(constant(names, f"{base}_B", np.zeros(w.shape[0], dtype=dtype)))
     return gs.Node("Gemm", name=names(base), attrs={"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 1},

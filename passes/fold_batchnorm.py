@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.common import batchnorm_scale_shift, bias_tensor, bias_value, weight_value
+from passes.common import batchnorm_scale_shift, bias_tensor, bias_value, stored_as, weight_value
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Candidate, Cost, PatternPass
 from rewriter.graph import (
@@ -311,8 +311,8 @@ class FoldBatchNorm(PatternPass[Fold]):
                 attrs["beta"] = 1.0
         names = NameFactory(model.graph)
         base = prod.name.removesuffix("_folded")
-        inputs = [prod.inputs[0], constant(names, f"{base}_W_folded", w2.astype(w.dtype))]
+        inputs = [prod.inputs[0], constant(names, f"{base}_W_folded", stored_as(w2, w.dtype))]
         if b2 is not None:
-            inputs.append(constant(names, f"{base}_B_folded", b2.astype(w.dtype)))
+            inputs.append(constant(names, f"{base}_B_folded", stored_as(b2, w.dtype)))
         folded = gs.Node(prod.op, name=names(f"{base}_folded"), attrs=attrs, inputs=inputs, outputs=list(fol.outputs))
         replace_nodes(model.graph, [prod, fol], [folded])

@@ -24,7 +24,7 @@ from math import gcd
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.common import bias_value, conv_padding_free, is_pointwise_conv
+from passes.common import bias_value, conv_padding_free, is_pointwise_conv, stored_as
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Cost, PatternPass
 from rewriter.graph import NameFactory, constant, const_value, constant_operands_reason, is_graph_output, replace_nodes
@@ -209,9 +209,9 @@ class Fuse1x1Chain(PatternPass[Chain]):
         spatial = w1.ndim - 2
         w, b, group = self._fused(match)
         names = NameFactory(model.graph)
-        inputs = [first.inputs[0], constant(names, f"{second.name}_fused_W", w.reshape(w.shape + (1,) * spatial).astype(w1.dtype))]
+        inputs = [first.inputs[0], constant(names, f"{second.name}_fused_W", stored_as(w.reshape(w.shape + (1,) * spatial), w1.dtype))]
         if b is not None:
-            inputs.append(constant(names, f"{second.name}_fused_B", b.astype(w1.dtype)))
+            inputs.append(constant(names, f"{second.name}_fused_B", stored_as(b, w1.dtype)))
         s1 = list(first.attrs.get("strides", [1] * spatial))
         s2 = list(second.attrs.get("strides", [1] * spatial))
         fused = gs.Node(

@@ -49,7 +49,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.branch_kernels import align_branches, concat_branches, identity_kernel, merge_branches
-from passes.common import ConvGeometry, batchnorm_scale_shift, bias_value, conv_geometry, opset, weight_value
+from passes.common import ConvGeometry, batchnorm_scale_shift, bias_value, conv_geometry, opset, stored_as, weight_value
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, PatternPass
 from rewriter.graph import (
@@ -462,9 +462,9 @@ class MergeParallelBranches(PatternPass[Branches]):
         w, b = merge_branches(branches, big, offsets)
         root = match.joins[0]
         names = NameFactory(model.graph)
-        inputs = [match.x, constant(names, f"{root.name}_merged_W", w.astype(w0.dtype))]
+        inputs = [match.x, constant(names, f"{root.name}_merged_W", stored_as(w, w0.dtype))]
         if b is not None:
-            inputs.append(constant(names, f"{root.name}_merged_B", b.astype(w0.dtype)))
+            inputs.append(constant(names, f"{root.name}_merged_B", stored_as(b, w0.dtype)))
         merged = gs.Node(
             "Conv",
             name=names(f"{root.name}_merged"),
@@ -483,9 +483,9 @@ class MergeParallelBranches(PatternPass[Branches]):
         names = NameFactory(model.graph)
         first = convs[0]
         base = match.joins[0].name if match.kind == CONCAT else first.name
-        inputs = [match.x, constant(names, f"{base}_merged_W", w.astype(dtype))]
+        inputs = [match.x, constant(names, f"{base}_merged_W", stored_as(w, dtype))]
         if b is not None:
-            inputs.append(constant(names, f"{base}_merged_B", b.astype(dtype)))
+            inputs.append(constant(names, f"{base}_merged_B", stored_as(b, dtype)))
         attrs = {k: v for k, v in first.attrs.items() if k != "kernel_shape"}
         attrs["kernel_shape"] = list(w.shape[2:])
         new: list[gs.Node] = []

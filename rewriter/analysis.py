@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from math import prod
 from typing import Any
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from rewriter.graph import const_value, op_histogram
@@ -165,6 +166,29 @@ class Analysis:
             ],
             "nodes": [asdict(c) for c in self.nodes],
         }
+
+
+#: ONNX floating-point tensor types by name.
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+def weights_dtype(proto: onnx.ModelProto) -> str | None:
+    """The floating-point type that holds most elements of the main graph's constants (initializers and
+    ``Constant`` nodes' ``value`` tensors): ``"float16"`` for a model converted to half precision (its few
+    float32 constants, e.g. those of ops the converter keeps in float32, are outvoted), ``"float32"`` for
+    most models; ``None`` without floating-point constants. Reads sizes only, never tensor data."""
+    counts: dict[str, int] = {}
+    constants = [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in [*proto.graph.initializer, *constants]:
+        name = _FLOAT_TYPES.get(t.data_type)
+        if name is not None:
+            counts[name] = counts.get(name, 0) + prod(t.dims)
+    return max(counts, key=lambda k: counts[k]) if counts else None
 
 
 def analyze(model: Model) -> Analysis:

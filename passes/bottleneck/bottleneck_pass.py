@@ -21,13 +21,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import replace
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.bottleneck.fit import Fitter
 from passes.bottleneck.lowrank import ConvGeometry, ErrorProxy, Layer, rank_grid, round_rank
 from passes.bottleneck.options import MARK, MODES, BottleneckOptions, Site
-from passes.common import bias_tensor, bias_value, conv_auto_pad, conv_geometry, conv_group, weight_value
+from passes.common import bias_tensor, bias_value, conv_auto_pad, conv_geometry, conv_group, stored_as, weight_value
 from rewriter.analysis import node_cost
 from rewriter.contract import Candidate, Cost, Pass, RewriteError, Skip
 from rewriter.graph import NameFactory, constant, dequantized_constant, is_graph_input, replace_nodes
@@ -304,9 +303,9 @@ class Bottleneck(Pass):
         outputs = list(old[-1].outputs)
         for i, (w, b, g) in enumerate(layers):
             last = i == len(layers) - 1
-            inputs = [current, constant(names, f"{conv.name}{MARK}{i}_W", w.astype(dtype))]
+            inputs = [current, constant(names, f"{conv.name}{MARK}{i}_W", stored_as(w, dtype))]
             if b is not None:
-                inputs.append(constant(names, f"{conv.name}{MARK}{i}_B", np.asarray(b).astype(dtype)))
+                inputs.append(constant(names, f"{conv.name}{MARK}{i}_B", stored_as(b, dtype)))
             attrs = {"kernel_shape": list(g.kernel), "strides": list(g.strides), "pads": list(g.pads),
                      "dilations": list(g.dilations), "group": 1}
             out = outputs if last else [gs.Variable(names(f"{conv.name}{MARK}{i}_out"), dtype=dtype)]

@@ -74,7 +74,7 @@ def validate_models(
         raise InputError(f"the candidate lacks output(s) {missing}")
     judge = Judge(ref, feeds, config)
     stats = judge.numerics(cand.proto)
-    failures = config.budget.failures(stats, exact)
+    failures = judge.config.budget.failures(stats, exact)
     metric_base = metric_cand = None
     if config.metric is not None:
         metric_base, metric_cand = judge.metric_baseline, judge.metric_value(cand.proto)
@@ -83,5 +83,5 @@ def validate_models(
             failures.append(why)
     latency = judge.model_latency(ref.proto, cand.proto) if config.latency else None
     return ValidationReport(
-        stats, failures, latency, exact, config.budget.describe(exact), metric_base, metric_cand, config.exact_min_speedup
+        stats, failures, latency, exact, judge.config.budget.describe(exact), metric_base, metric_cand, config.exact_min_speedup
     )

@@ -35,7 +35,7 @@ from rewriter.validation.calibration import with_outputs
 from rewriter.validation.deployment import DeploymentProfile, rows, shapes_at
 from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.latency import LatencyComparison, TimingOptions, time_pairs
-from rewriter.validation.numerics import Budget, OutputStats, compare_outputs, spread_error
+from rewriter.validation.numerics import Budget, OutputStats, spread_error
 from rewriter.validation.region import RegionError, extract_region, region_feed, region_outputs
 from rewriter.validation.runtime import RuntimeOptions, deploy_session, eval_session, reference_session, run_feeds
 from rewriter.validation.stats import RatioCI
@@ -179,7 +179,9 @@ class Judge:
     def __init__(self, original: Model, feeds: FeedSet | None = None, config: ValidationConfig | None = None,
                  deadline: Deadline | None = None) -> None:
         self.original = original
-        self.config = config or ValidationConfig()
+        config = config or ValidationConfig()
+        budget = config.budget.for_model(original.proto)  # a float16 model's exact gate is wider
+        self.config = config if budget is config.budget else replace(config, budget=budget)
         #: The run's time budget (unbounded by default): what the judge's own extra measurements may spend.
         self.deadline = deadline or Deadline()
         feeds = feeds or FeedSet.random(input_specs(original.proto, original.require_shapes()))
@@ -224,8 +226,7 @@ class Judge:
         """Outputs on the validation feeds against the reference; by default run with optimizations
         disabled (the exact gate), or in the given session (lossy rewrites reuse their deploy session)."""
         outputs = run_feeds(session if session is not None else reference_session(proto), self.feeds.validation)
-        b = self.config.budget
-        return compare_outputs(self.reference, outputs, rtol=b.rtol, atol=b.atol)
+        return self.config.budget.compare(self.reference, outputs)
 
     def metric_value(self, proto: onnx.ModelProto, session=None) -> float:  # type: ignore[no-untyped-def]
         assert self.config.metric is not None
