@@ -146,7 +146,9 @@ def _made(feeds: Feeds, config: ValidationConfig) -> FeedSet | None:
     (``None``: random ones)."""
     if callable(feeds):
         feeds = feeds()
-    return None if feeds is None or not config.profiles else feeds.rebatched(config.profiles[0].batch)
+    if feeds is None or not config.profiles:
+        return feeds
+    return feeds.rebatched(config.profiles[0].batch)
 
 
 def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, config: ValidationConfig, deadline: Deadline) -> Judge:
