@@ -92,6 +92,8 @@ MODELS = (
     BenchModel("squeezenet1_1", "zoo", imagenet_spec(224, 224)),
     BenchModel("mobilenetv2", "zoo", imagenet_spec(224, 224)),
     BenchModel("vgg16", "zoo", imagenet_spec(224, 224)),
+    # A dense-prediction net: output mask [1, 1, 256, 384] (cosine only; top-1 is for N x C class scores).
+    BenchModel("unet", "zoo", imagenet_spec(256, 384)),
 )
 QUICK_MODELS = ("ppocr-cls", "sample", "repvgg", "squeezenet1_1")
 #: The models of the "full lossy search <= 120 s for a ResNet-50-size model" target.

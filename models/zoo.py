@@ -1,4 +1,4 @@
-"""Deterministic builders of classic CNN architectures at 224x224, for structure and latency benchmarks.
+"""Deterministic builders of classic CNN architectures, for structure and latency benchmarks.
 
 Each ``build_<name>(seed=0, batch="N")`` returns a checked ``onnx.ModelProto`` (opset 17) with the
 published layer configuration and seeded random weights (He-normal; see :mod:`models.builder`). **Random
@@ -18,10 +18,20 @@ name               architecture (what is built)                                 
 ``squeezenet1_1``  SqueezeNet 1.1: 3x3/64 stem, earlier pooling                                   0.35 G
 ``mobilenetv2``    MobileNetV2 width 1.0 (Sandler et al. 2018): inverted residuals, depthwise      0.30 G
                    3x3, ReLU6 as Clip(0, 6), BN
+``unet``           U-Net (Ronneberger et al. 2015) on a VGG16-BN encoder at half width            12.09 G
+                   (32-64-128-256-256, 2-2-3-3-3 convs), nearest x2 Resize + skip Concat +
+                   two conv3x3-BN-ReLU per decoder stage, 1x1 conv + Sigmoid; at 256x384
 =================  =============================================================================  =========
 
-Inference graphs: no dropout, no auxiliary classifiers. Every model takes ``input`` ``[batch, 3, 224, 224]``
-and returns ``logits`` ``[batch, 1000]``. The RepVGG-style block net lives in :mod:`models.repvgg`.
+Inference graphs: no dropout, no auxiliary classifiers. The classifiers take ``input`` ``[batch, 3, 224, 224]``
+and return ``logits`` ``[batch, 1000]``; the U-Net (a dense-prediction net: segmentation, text detection as in
+DBNet) takes ``input`` ``[batch, 3, 256, 384]`` and returns ``mask`` ``[batch, 1, 256, 384]``, a probability
+per pixel. The RepVGG-style block net lives in :mod:`models.repvgg`.
+
+The U-Net upsamples as most exported U-Nets do (segmentation_models_pytorch's ``Unet``, PyTorch's
+``F.interpolate(scale_factor=2, mode="nearest")``): a ``Resize`` nearest x2, not a ``ConvTranspose``. Its
+widths are VGG16-BN's halved (nnU-Net's base of 32) to keep it at 12 GMACs; ``build_unet(base=64)`` is the
+full-width net (48.2 GMACs at 256x384), ``base=16`` a 3.0-GMAC one.
 
 Residual branches end in a BatchNormalization whose scale is shrunk (0.2), so activations of the random
 nets stay in a sane range through the depth (trained ResNets behave the same way; the zero-init-residual
@@ -35,6 +45,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import numpy as np
 import onnx
 
 from models.builder import NetBuilder
@@ -55,8 +66,13 @@ def _head(b: NetBuilder, x: str, channels: int, batch: int | str, name: str) -> 
 
 def _as_logits(b: NetBuilder, y: str) -> None:
     """Rename the last node's output ``y`` to ``logits`` (the graph output)."""
+    _rename_output(b, y, "logits")
+
+
+def _rename_output(b: NetBuilder, y: str, name: str) -> None:
+    """Rename the last node's output ``y`` to ``name`` (the graph output)."""
     assert b.nodes[-1].output[0] == y
-    b.nodes[-1].output[0] = "logits"
+    b.nodes[-1].output[0] = name
 
 
 def _conv_bn(b: NetBuilder, x: str, cin: int, cout: int, k: int, *, stride: int = 1, group: int = 1,
@@ -253,6 +269,53 @@ def build_mobilenetv2(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
     return _head(b, x, 1280, batch, "mobilenetv2")
 
 
+# -- U-Net -------------------------------------------------------------------------------------------
+
+#: U-Net encoder: VGG16-BN's conv widths per resolution (2, 2, 3, 3, 3 convs), a 2x2/2 max pool between levels
+#: (VGG's fifth pool and classifier dropped: the bottom is at stride 16).
+UNET_ENCODER = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+#: Decoder stage widths, deepest first: one stage per skip, each half the width of the skip it joins.
+UNET_DECODER = (256, 128, 64, 32)
+#: U-Net input height and width (each divisible by 16: four pools).
+UNET_HW = (256, 384)
+#: U-Net width: VGG16-BN's widths times ``UNET_BASE / 64`` (see the module docstring).
+UNET_BASE = 32
+
+
+def _upsample(b: NetBuilder, x: str, name: str) -> str:
+    """Nearest x2 upsampling as PyTorch exports ``F.interpolate(scale_factor=2, mode="nearest")``."""
+    scales = b.const(f"{name}.scales", np.array([1.0, 1.0, 2.0, 2.0], np.float32))
+    return b.op("Resize", [x, "", scales], name=name, mode="nearest", coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor")
+
+
+def build_unet(seed: int = 0, batch: int | str = "N", *, height: int = UNET_HW[0], width: int = UNET_HW[1],
+               base: int = UNET_BASE) -> onnx.ModelProto:
+    """U-Net with a VGG16-BN encoder: conv3x3-BN-ReLU blocks (:data:`UNET_ENCODER`, widths scaled by
+    ``base / 64``), then per skip Resize nearest x2 -> Concat [upsampled, skip] -> two conv3x3-BN-ReLU
+    (:data:`UNET_DECODER`), and a 1x1 conv -> Sigmoid head: one probability map ``mask`` [batch, 1, H, W]."""
+    if height % 16 or width % 16:
+        raise ValueError(f"U-Net input {height}x{width}: both sides must be divisible by 16")
+    b = NetBuilder(seed, float32_draws=True)
+    x, cin, skips = "input", 3, []
+    for level, widths in enumerate(UNET_ENCODER):
+        if level:
+            skips.append((x, cin))
+            x = b.pool("MaxPool", x, 2, 2)
+        for i, w in enumerate(widths):
+            cout = w * base // 64
+            x, cin = _conv_bn(b, x, cin, cout, 3, name=f"enc{level + 1}_{i + 1}"), cout
+    for stage, ((skip, cskip), w) in enumerate(zip(reversed(skips), UNET_DECODER)):
+        cout = w * base // 64
+        up = _upsample(b, x, f"dec{stage + 1}_up")
+        x = b.op("Concat", [up, skip], axis=1, name=f"dec{stage + 1}_concat")
+        x = _conv_bn(b, x, cin + cskip, cout, 3, name=f"dec{stage + 1}_1")
+        x, cin = _conv_bn(b, x, cout, cout, 3, name=f"dec{stage + 1}_2"), cout
+    y = b.op("Sigmoid", [b.conv(x, cin, 1, 1, name="head")])
+    _rename_output(b, y, "mask")
+    return b.model("input", [batch, 3, height, width], "mask", [batch, 1, height, width], "unet")
+
+
 #: name -> builder; what ``python -m models.zoo`` and the benchmarks know.
 BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet18": build_resnet18,
@@ -262,6 +325,7 @@ BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "squeezenet1_0": build_squeezenet1_0,
     "squeezenet1_1": build_squeezenet1_1,
     "mobilenetv2": build_mobilenetv2,
+    "unet": build_unet,
 }
 
 

@@ -15,6 +15,9 @@ Our parameter counts include BatchNormalization's running mean and variance (tor
 buffers), a < 1.2% difference on these nets.
 
 VGG-16 (553 MB of weights, 15.5 GMACs) is built once and held in memory only; it is not run here.
+
+The U-Net has no published figure (its widths are ours: VGG16-BN's halved); its MACs are checked against
+its layer table written out below, conv by conv.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import pytest
 from models import zoo
 from rewriter.analysis import analyze
 from rewriter.model import Model
-from tests.helpers import feeds_for, run_reference
+from rewriter.pipeline import optimize
+from rewriter.validation.judge import ValidationConfig
+from tests.helpers import assert_same_outputs, feeds_for, ops, run_reference
 
 #: name -> (published MACs, published params or None).
 PUBLISHED = {
@@ -38,7 +43,8 @@ PUBLISHED = {
     "squeezenet1_1": (0.35e9, 1.24e6),
     "mobilenetv2": (0.30e9, 3.5e6),
 }
-SMALL = [n for n in zoo.BUILDERS if n != "vgg16"]
+CLASSIFIERS = [n for n in zoo.BUILDERS if n != "unet"]
+SMALL = [n for n in CLASSIFIERS if n != "vgg16"]
 TOLERANCE = 0.03
 
 
@@ -51,8 +57,8 @@ def _within(value: float, published: float) -> bool:
     return abs(value - published) <= TOLERANCE * published
 
 
-def test_every_builder_has_a_published_figure() -> None:
-    assert set(PUBLISHED) == set(zoo.BUILDERS)
+def test_every_classifier_has_a_published_figure() -> None:
+    assert set(PUBLISHED) == set(CLASSIFIERS)
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -107,6 +113,67 @@ def test_bottleneck_structure(built: dict[str, onnx.ModelProto]) -> None:
     assert hist["squeezenet1_1"]["Concat"] == 8
     dense_kxk = [c for c in analyze(Model.from_source(built["resnet50"])).nodes if c.is_dense_kxk_conv]
     assert len(dense_kxk) == 17  # sixteen 3x3 plus the 7x7 stem
+
+
+# -- U-Net ---------------------------------------------------------------------------------------------
+
+#: The U-Net's convs at 256x384: (output pixels, in channels, out channels, kernel), encoder then decoder.
+P1, P2, P3, P4, P5 = 256 * 384, 128 * 192, 64 * 96, 32 * 48, 16 * 24
+UNET_CONVS = [
+    (P1, 3, 32, 3), (P1, 32, 32, 3),
+    (P2, 32, 64, 3), (P2, 64, 64, 3),
+    (P3, 64, 128, 3), (P3, 128, 128, 3), (P3, 128, 128, 3),
+    (P4, 128, 256, 3), (P4, 256, 256, 3), (P4, 256, 256, 3),
+    (P5, 256, 256, 3), (P5, 256, 256, 3), (P5, 256, 256, 3),
+    (P4, 256 + 256, 128, 3), (P4, 128, 128, 3),  # decoder: Concat [upsampled, skip] -> two 3x3 convs
+    (P3, 128 + 128, 64, 3), (P3, 64, 64, 3),
+    (P2, 64 + 64, 32, 3), (P2, 32, 32, 3),
+    (P1, 32 + 32, 16, 3), (P1, 16, 16, 3),
+    (P1, 16, 1, 1),  # the head
+]
+
+
+@pytest.fixture(scope="module")
+def unet() -> onnx.ModelProto:
+    return zoo.build("unet")
+
+
+def test_unet_structure(unet: onnx.ModelProto) -> None:
+    assert ops(unet) == {"Conv": 22, "BatchNormalization": 21, "Relu": 21, "MaxPool": 4, "Resize": 4, "Concat": 4, "Sigmoid": 1}
+    resize = next(n for n in unet.graph.node if n.op_type == "Resize")
+    assert {a.name: a.s for a in resize.attribute} == {"mode": b"nearest", "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"}
+    analysis = analyze(Model.from_source(unet))
+    assert analysis.total_macs == sum(p * cin * cout * k * k for p, cin, cout, k in UNET_CONVS)
+    assert round(analysis.total_macs / 1e9, 2) == 12.09  # the module docstring's table
+    weights = sum(cin * cout * k * k for _, cin, cout, k in UNET_CONVS) + 1  # + the head's bias
+    bn = 4 * sum(cout for _, _, cout, k in UNET_CONVS if k == 3)  # scale, bias, mean, var
+    assert analysis.total_params == weights + bn + 4 * 4  # + the Resize scales (4 floats each)
+    dense = [c for c in analysis.nodes if c.is_dense_kxk_conv]
+    assert len(dense) == 21 and {c.kernel for c in dense} == {(3, 3)}
+    assert {c.name for c, _ in analysis.expensive_convs()} == {c.name for c in dense}  # what the bottleneck pass ranks
+
+
+def test_unet_runs_at_256x384(unet: onnx.ModelProto) -> None:
+    model = Model.from_source(unet)
+    assert model.input_shapes == {"input": (1, 3, 256, 384)}  # the symbolic batch taken as 1
+    (out,) = run_reference(unet, feeds_for(unet, count=1))[0]
+    assert out.shape == (1, 1, 256, 384)
+    assert np.all((out > 0) & (out < 1)) and 0.01 < float(out.std()) < 0.5  # probabilities, not saturated
+
+
+def test_unet_other_sizes_and_batch() -> None:
+    model = zoo.build_unet(batch=2, height=64, width=96)
+    (out,) = run_reference(model, feeds_for(model, count=1))[0]
+    assert out.shape == (2, 1, 64, 96)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        zoo.build_unet(height=100)
+
+
+def test_unet_exact_optimize_folds_every_batchnorm(unet: onnx.ModelProto) -> None:
+    result = optimize(unet, config=ValidationConfig(latency=False))
+    after = ops(result.model)
+    assert "BatchNormalization" not in after and after["Conv"] == 22 and after["Resize"] == after["Concat"] == 4
+    assert_same_outputs(unet, result.model, feeds=feeds_for(unet, count=2), rtol=1e-4)
 
 
 def test_deterministic_by_seed() -> None:
