@@ -41,7 +41,7 @@ def test_group_defaults_are_the_library_defaults() -> None:
 def test_help_shows_one_panel_per_group(sample_path: Path) -> None:
     result = runner.invoke(app, ["optimize", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for panel in ("Inputs and shapes", "Data", "Budget", "Timing", "Search", "Output"):
+    for panel in ("Inputs and shapes", "Data", "Budget", "Latency", "Search", "Output"):
         assert f" {panel} " in result.stdout, panel
 
 

@@ -120,7 +120,7 @@ def compose(**groups: Group[Any]) -> Callable[[F], F]:
 
 #: The order of the --help panels after typer's "Arguments" and "Options" (--config, --help): the groups'
 #: panels in the order a user thinks of them, a command's panels of its own just before "Output".
-PANEL_ORDER = ("Inputs and shapes", "Data", "Budget", "Timing", "Search", "Output")
+PANEL_ORDER = ("Inputs and shapes", "Data", "Budget", "Latency", "Search", "Output")
 
 
 def _panel_rank(p: inspect.Parameter) -> float:
@@ -208,7 +208,7 @@ BUDGET: Group[BudgetOptions] = Group("Budget", (
          "Run a sharded --metric's map over this Ray cluster (auto, ray://HOST:10001); needs the 'ray' extra of onnx-bottleneck."),
 ), BudgetOptions)
 
-TIMING: Group[MeasureOptions] = Group("Timing", (
+TIMING: Group[MeasureOptions] = Group("Latency", (
     Flag("latency", bool, True, ("--latency/--no-latency",), "Gate rewrites on measured latency."),
     Flag("subgraph", bool, True, ("--subgraph/--whole-model",), "Time each rewrite on its region (fast) or the whole model."),
     Flag("threads", int, 1, ("--threads",), "Intra-op threads of the timed sessions.", min=1),
