@@ -91,6 +91,9 @@ class PassRun:
     #: The whole-model check at each deployment profile, primary first (empty with a single profile).
     profile_latency: list[ProfileLatency] = field(default_factory=list)
     reverted: str | None = None
+    #: onnxruntime runs the same graph after the pass as before it (an exact pass doing what its optimizer does
+    #: anyway): latency unchanged by construction, not timed.
+    same_deployed: bool = False
 
     def count(self, decisions: list[Decision]) -> None:
         """Set the counts from this pass's decisions."""

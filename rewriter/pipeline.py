@@ -86,6 +86,9 @@ class OptimizeResult:
     holdout: Holdout | None = None
     #: The end-to-end comparison at each deployment profile, primary first (empty with a single profile).
     profile_latency: list[ProfileLatency] = field(default_factory=list)
+    #: onnxruntime runs the same graph for the output as for the input (every rewrite kept is one its optimizer
+    #: makes anyway): the latency is the input's by construction and was not timed (``final_latency`` is None).
+    same_deployed: bool = False
 
     @property
     def nothing_to_rewrite(self) -> bool:
@@ -183,22 +186,33 @@ def _bind_calibration(selected: Sequence[Pass], judge: Judge, original: Model) -
 Measured = tuple[Model, list[ProfileLatency]]
 
 
-def _closing(state: SearchState, model: Model, measured: Measured | None) -> tuple[dict[str, OutputStats], list[ProfileLatency]]:
+def _closing(state: SearchState, model: Model, measured: Measured | None) -> tuple[dict[str, OutputStats], list[ProfileLatency], bool]:
     """The output model's end-to-end numerics and latency against the original at each deployment profile
     (a measurement of that very pair already taken -- the first pass's closing check, or the target's -- is
-    reused)."""
+    reused), and whether onnxruntime runs the same graph for both (then nothing is timed)."""
     original, judge = state.original, state.judge
     if model is original:
-        return {}, []
+        return {}, [], False
     target = state.target
     if target is not None and target.model is model and target.last is not None and (measured is None or measured[0] is not model):
         measured = (model, [ProfileLatency(judge.config.deployments[0], target.last, "model")])
     numerics = judge.numerics(model.proto)
     if not judge.config.latency:
-        return numerics, []
+        return numerics, [], False
+    if same_deployed(state, model):
+        return numerics, [], True
     reuse = {m.profile: m for m in measured[1]} if measured is not None and measured[0] is model else {}
     return numerics, [reuse.get(p) or ProfileLatency(p, judge.model_latency(original.proto, model.proto, p), "model")
-                      for p in judge.config.deployments]
+                      for p in judge.config.deployments], False
+
+
+def same_deployed(state: SearchState, model: Model) -> bool:
+    """Whether onnxruntime runs the same graph for ``model`` as for the original (asked only when every rewrite
+    kept in it is exact: a lossy one changes the graph): then the output's latency is the input's by
+    construction and is not timed."""
+    if any(not d.exact for d in state.decisions if d.kept and not d.superseded):
+        return False
+    return state.judge.same_deployed(state.original.proto, model.proto)
 
 
 def _search(state: SearchState, selected: Sequence[Pass], max_rounds: int) -> tuple[Model, list[PassRun], Measured | None]:
@@ -289,7 +303,7 @@ def optimize(
     state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
     model, runs, measured = _search(state, selected, max_rounds)
     model, holdout = confirm(state, model, runs, selected, feeds if feeds is not None else judge.feeds, fail=holdout_fail)
-    final_numerics, final = _closing(state, model, measured)
+    final_numerics, final, same = _closing(state, model, measured)
     return OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
         original=original.proto,
@@ -307,6 +321,7 @@ def optimize(
         normalized=original.normalized,
         holdout=holdout,
         profile_latency=final if len(final) > 1 else [],
+        same_deployed=same,
     )
 
 

@@ -15,7 +15,8 @@ test split before and after backing off, what was backed off; :mod:`rewriter.hol
 failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
 
-Changes from version 5: ``profiles`` (the deployment profiles, primary first, each with the end-to-end
+Changes from version 5: ``totals.same_deployed_graph`` and each pass's ``same_deployed_graph`` (onnxruntime
+runs the same graph after as before: latency unchanged by construction, not timed); ``profiles`` (the deployment profiles, primary first, each with the end-to-end
 speedup and CI at it; one entry without ``--profile``); each decision's ``latency_profiles`` and each pass's
 ``profiles`` (the comparison at every profile measured, empty with a single profile); ``environment.batch``.
 Changes from version 4: ``holdout``; the outcome ``holdout`` (kept by the search, undone because the result
@@ -186,6 +187,7 @@ def build_report(
                 "rolled_back": r.rolled_back,
                 "not_tried": r.not_tried,
                 "reverted": r.reverted,
+                "same_deployed_graph": r.same_deployed,
                 "model_latency": _latency(r.model_latency, "model"),
                 "profiles": [p.to_dict() for p in r.profile_latency],
                 "skips": [{"nodes": list(s.nodes), "reason": s.reason} for s in r.skips],
@@ -207,6 +209,7 @@ def build_report(
             "not_tried": len(result.not_tried),
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
             "final_latency": _latency(result.final_latency, "model"),
+            "same_deployed_graph": result.same_deployed,
         },
         "profiles": profiles_dict(result, threads, batch, profiles),
         "holdout": None if result.holdout is None else result.holdout.to_dict(),

@@ -14,7 +14,9 @@ neither must be shown faster alone: :func:`~rewriter.validation.judge.speculativ
 latency measurement, the search proves the round's rewrites one by one (:mod:`rewriter.search`).
 
 Cost: one whole-model timing per round instead of one region timing per rewrite, plus ``2 log2(n)`` per
-slower rewrite found.
+slower rewrite found. A round after which onnxruntime runs the very same graph (it folds and fuses the same
+way itself: :mod:`~rewriter.validation.deployed`) is not timed at all: its latency is unchanged by
+construction.
 """
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ class GroupVerdict:
     candidates: tuple[Candidate, ...]
     profiles: tuple[ProfileLatency, ...]
     slower_at: str | None
+    #: onnxruntime runs the same graph with the group as without it: latency equal by construction, not timed.
+    same_deployed: bool = False
 
     @property
-    def latency(self) -> LatencyComparison:
-        return self.profiles[0].latency
+    def latency(self) -> LatencyComparison | None:
+        return self.profiles[0].latency if self.profiles else None
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,10 @@ class _Bisection:
             done = apply_candidates(self.p, base, cands)
             self.made.update(done.made)
             group = done.model
+        elif self.judge.same_deployed(base.proto, group.proto):  # the whole round: what onnxruntime does anyway?
+            log.info("%s: the round's %d rewrites leave onnxruntime's deployed graph as it was; not timed", self.p.name, len(cands))
+            self.groups.append(GroupVerdict(tuple(cands), (), None, same_deployed=True))
+            return group
         profiles, slower_at = self.time(base, group)
         if slower_at is None or len(cands) == 1:
             self.groups.append(GroupVerdict(tuple(cands), profiles, slower_at))
@@ -207,6 +215,10 @@ def round_decision(cand: Candidate, group: GroupVerdict, settled_round: SettledR
     single rewrite shown slower -- rolled back; the group's time shared among its rewrites."""
     lat, many = group.latency, len(group.profiles) > 1
     seconds = settled_round.seconds / max(1, round_size)
+    if group.same_deployed:
+        reason = (f"exact (numerics proven with its round of {round_size}); latency unchanged by construction: onnxruntime's "
+                  "optimizer runs the same graph with the round as without it (not timed)")
+        return Decision(cand, True, Outcome.KEPT, reason, Verdict(True, reason, settled_round.numerics, seconds=seconds))
     others = "".join(f"; {p.profile.label}: {p.latency.ci}" for p in group.profiles[1:])
     if group.slower_at is not None:
         where = f" at {group.slower_at}" if many else ""

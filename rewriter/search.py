@@ -334,6 +334,9 @@ class PassSearch:
         exact, target = self.p.exact, state.target
         threshold = config.exact_min_speedup if exact else config.lossy_min_speedup
         first = target.last if target is not None and target.model is model and before_pass is state.original else None
+        if exact and state.judge.same_deployed(before_pass.proto, model.proto):  # cached when a round already asked
+            self.run.same_deployed = True  # onnxruntime runs the same graph: unchanged by construction, nothing to time
+            return None
         profiles = config.deployments
         known = {}
         if self.whole is not None and self.whole[0] is before_pass and self.whole[1] is model:

@@ -94,7 +94,9 @@ def optimize(
     out.print(f"wrote {target}: {kept} rewrite(s) kept" + (f" ({replaced} more kept, then replaced by stronger ones)" if replaced else "")
               + f", {len(result.rolled_back)} rolled back"
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
-              + (f", end-to-end speedup {_speedups(result)} ({_timed(options)})" if result.final_latency else "") + normalized)
+              + (f", end-to-end speedup {_speedups(result)} ({_timed(options)})" if result.final_latency else "")
+              + (", end-to-end latency unchanged by construction: onnxruntime runs the same graph as for the input (not timed)"
+                 if result.same_deployed else "") + normalized)
 
 
 def _speedups(result: Any) -> str:

@@ -190,6 +190,8 @@ class Judge:
         if not self.feeds.validation:
             raise InputError("no validation feeds")
         self._timing_feeds: dict[int, dict] = {}
+        self._deployed: dict[int, tuple[onnx.ModelProto, str | None]] = {}
+        self._last_numerics: tuple[onnx.ModelProto, dict[str, OutputStats]] | None = None
         self._shaped: dict[int, tuple[Model, Model]] = {}
         self._reference: list[dict] | None = None
         self._reference_error: str | None = None
@@ -224,13 +226,34 @@ class Judge:
     # -- measurements ---------------------------------------------------------------------------------
     def numerics(self, proto: onnx.ModelProto, session=None) -> dict[str, OutputStats]:  # type: ignore[no-untyped-def]
         """Outputs on the validation feeds against the reference; by default run with optimizations
-        disabled (the exact gate), or in the given session (lossy rewrites reuse their deploy session)."""
+        disabled (the exact gate; the last such result is kept, so a model proven once -- a round's -- is not
+        run again for the closing check), or in the given session (lossy rewrites reuse their deploy session)."""
+        if session is None and self._last_numerics is not None and self._last_numerics[0] is proto:
+            return dict(self._last_numerics[1])
         outputs = run_feeds(session if session is not None else reference_session(proto), self.feeds.validation)
-        return self.config.budget.compare(self.reference, outputs)
+        stats = self.config.budget.compare(self.reference, outputs)
+        if session is None:
+            self._last_numerics = (proto, stats)
+        return stats
 
     def metric_value(self, proto: onnx.ModelProto, session=None) -> float:  # type: ignore[no-untyped-def]
         assert self.config.metric is not None
         return self.config.metric.score(session if session is not None else eval_session(proto, self.config.runtime), "validation")
+
+    def same_deployed(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
+        """Whether onnxruntime runs the same graph for both (:mod:`~rewriter.validation.deployed`): then they
+        take the same time by construction, at every profile, and are not timed. The last few keys are kept."""
+        from rewriter.validation.deployed import deployed_key
+
+        def key(proto: onnx.ModelProto) -> str | None:
+            hit = self._deployed.get(id(proto))
+            if hit is None or hit[0] is not proto:
+                hit = (proto, deployed_key(proto, self.config.runtime))
+                self._deployed = {**dict(list(self._deployed.items())[-3:]), id(proto): hit}
+            return hit[1]
+
+        first = key(base)
+        return first is not None and first == key(candidate)
 
     def _profile(self, profile: DeploymentProfile | None) -> DeploymentProfile:
         return self.config.deployments[0] if profile is None else profile

@@ -89,6 +89,11 @@ def session_options(threads: int, optimization: str, *, profile_prefix: str | No
     return so
 
 
+def deploy_session_options(options: RuntimeOptions):  # type: ignore[no-untyped-def]
+    """The session options of a deploy session built with ``options``."""
+    return session_options(options.threads, options.optimization)
+
+
 def _payload(model: onnx.ModelProto | bytes | str) -> bytes | str:
     if isinstance(model, onnx.ModelProto):
         return model.SerializeToString()
