@@ -97,11 +97,12 @@ test-corpus: $(STAMP)
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
 	ONNX_BOTTLENECK_CORPUS=$(CORPUS_DIR) $(PY) -m pytest -m corpus -q
 
-## make bench-tool: tool wall time on open-nsfw against onnxslim (installs onnxslim into the venv).
+## make bench-tool: the cost of proof -- wall time and peak memory of the default optimize against onnxslim on every
+## corpus model and the zoo's ResNet-50 and U-Net (installs onnxslim); writes docs/tool_time.json.
 bench-tool: $(STAMP)
 	$(PY) -m pip install --quiet onnxslim
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
-	$(PY) benchmarks/tool_time.py --corpus $(CORPUS_DIR)
+	$(PY) -m benchmarks.tool_time --corpus $(CORPUS_DIR) --json docs/tool_time.json
 
 ## make bench: corpus, sample and zoo models through our optimize (exact; then bottleneck at a budget),
 ## onnxslim, onnx-simplifier and onnxruntime's offline optimizer; writes docs/bench.md and docs/bench.json.

@@ -87,8 +87,9 @@ class RoundProof:
 def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, deadline: Deadline | None = None) -> RoundProof | None:
     """Apply every candidate of an exact pass's round in turn (skipping those whose nodes an earlier one
     consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
-    rewrite raises, the search's ``deadline`` passes, or there is nothing to share (fewer than two
-    candidates): they are then proven alone."""
+    rewrite raises, the search's ``deadline`` passes, there is nothing to share (fewer than two
+    candidates), or -- with latency measured -- a rewrite lowers neither MACs nor nodes (each is then timed
+    first, alone): they are then proven alone."""
     if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
         return None
     if deadline is not None and deadline.search_over():
@@ -97,6 +98,9 @@ def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, 
         done = apply_candidates(p, model, todo, None if deadline is None else deadline.search_over)
         if len(done.candidates) < 2:
             return None
+        if not done.reducing and judge.config.latency:
+            log.info("%s: the round's rewrites lower neither MACs nor nodes: each is timed first, alone", p.name)
+            return None  # most are refused on latency, before any numerics run (Judge.judge)
         stats = judge.numerics(done.model.proto)
     except Exception as exc:  # the one-by-one path records which rewrite fails, and why
         log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)

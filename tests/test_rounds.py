@@ -151,3 +151,33 @@ def test_without_latency_or_for_speculative_rewrites_each_is_judged_alone() -> N
     todo = [c for c in Conv1x1ToGemm().find(model) if hasattr(c, "cost")]
     proof = prove_round(Conv1x1ToGemm(), model, todo, judge)
     assert proof is None or not proof.reducing  # lowers neither MACs nor nodes: each must be shown faster alone
+
+
+def test_a_speculative_exact_rewrite_is_timed_first_and_a_slower_one_runs_no_numerics() -> None:
+    from passes.conv1x1_to_gemm import Conv1x1ToGemm
+    from rewriter.contract import Candidate
+
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4, 1, 1] X) => (float[1, 4, 1, 1] Y)
+        <float[4, 4, 1, 1] Wa> {
+            Y = Conv (X, Wa)
+        }
+    """
+    model = Model.from_source(parse(text))
+    numerics: list[int] = []
+
+    class Slow(Judge):
+        def region_latency(self, accepted, trial, candidate, profile=None):  # type: ignore[no-untyped-def]
+            return _comparison(1.0, 1.2)
+
+        def numerics(self, proto, session=None):  # type: ignore[no-untyped-def]
+            numerics.append(1)
+            return super().numerics(proto, session)
+
+    judge = Slow(model, None, ValidationConfig())
+    (cand,) = [c for c in Conv1x1ToGemm().find(model) if isinstance(c, Candidate)]
+    from rewriter.trial import apply_candidate
+
+    verdict = judge.judge(model, apply_candidate(Conv1x1ToGemm(), model, cand), cand, exact=True)
+    assert not verdict.keep and verdict.outcome is Outcome.LATENCY and verdict.numerics == {} and not numerics

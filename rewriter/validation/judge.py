@@ -335,11 +335,19 @@ class Judge:
         """Keep or roll back ``trial`` (``accepted`` with ``candidate`` applied): numerics against the
         original, the task metric (lossy), then latency against ``accepted``. ``proven``: exact rewrites
         only -- the numerics of a model that holds this rewrite and the others of its round, already
-        within the exact budget (:meth:`Judge.numerics` is then not run again)."""
+        within the exact budget (:meth:`Judge.numerics` is then not run again). An exact rewrite that lowers
+        neither MACs nor the node count (:func:`speculative`) is timed first: it is refused far more often
+        for latency than for numerics, and a refused one needs no numerics run."""
         start = time.perf_counter()
         cfg = self.config
         if proven is not None and not exact:
             raise ValueError("judge: only exact rewrites can be proven with their round")
+        needs_speedup = speculative(accepted, trial, candidate) if exact else True
+        measured: list[ProfileLatency] = []
+        if exact and needs_speedup and proven is None and cfg.latency:
+            measured, refusal = self._time_profiles(accepted, trial, candidate, exact, needs_speedup)
+            if refusal is not None:
+                return self._refused(refusal, {}, measured, None, start)
         # Lossy budgets dwarf onnxruntime's own rounding: judge them in one session with the deploy options
         # (on every core: numerics, not timing), reused below.
         session = None if exact else eval_session(trial.proto, cfg.runtime)
@@ -357,22 +365,33 @@ class Judge:
         if not cfg.latency:
             within = "numerics within budget" if proven is None else "numerics proven with its round"
             return Verdict(True, f"{within} (latency not measured)", stats, metric=metric, seconds=time.perf_counter() - start)
-        measured: list[ProfileLatency] = []
-        needs_speedup = speculative(accepted, trial, candidate) if exact else True
-        for profile in cfg.deployments:  # the primary first: a rewrite refused there is not timed elsewhere
-            lat, scope = self._latency(accepted, trial, candidate, profile)
-            measured.append(ProfileLatency(profile, lat, scope))
-            refusal = self._latency_refusal(lat.ci, exact, needs_speedup, scope)
+        if not measured:
+            measured, refusal = self._time_profiles(accepted, trial, candidate, exact, needs_speedup)
             if refusal is not None:
-                where = f" at {profile.label}" if len(cfg.deployments) > 1 else ""
-                return Verdict(False, refusal + where, stats, measured[0].latency, measured[0].scope, metric,
-                               time.perf_counter() - start, Outcome.LATENCY, self._all(measured))
-        seconds = time.perf_counter() - start
+                return self._refused(refusal, stats, measured, metric, start)
         first = measured[0]
         how = ("exact" if proven is None else "exact (numerics proven with its round)") if exact else "within budget"
         others = "".join(f"; {m.profile.label}: {m.scope} speedup {m.latency.ci}" for m in measured[1:])
         return Verdict(True, f"{how}, {first.scope} speedup {first.latency.ci}{others}", stats, first.latency, first.scope,
-                       metric, seconds, profiles=self._all(measured))
+                       metric, time.perf_counter() - start, profiles=self._all(measured))
+
+    def _time_profiles(self, accepted: Model, trial: Model, candidate: Candidate, exact: bool,
+                       needs_speedup: bool) -> tuple[list[ProfileLatency], str | None]:
+        """The rewrite timed at each profile, primary first, stopping at the first it does not pay at; with why."""
+        measured: list[ProfileLatency] = []
+        many = len(self.config.deployments) > 1
+        for profile in self.config.deployments:  # a rewrite refused at one profile is not timed at the next
+            lat, scope = self._latency(accepted, trial, candidate, profile)
+            measured.append(ProfileLatency(profile, lat, scope))
+            refusal = self._latency_refusal(lat.ci, exact, needs_speedup, scope)
+            if refusal is not None:
+                return measured, refusal + (f" at {profile.label}" if many else "")
+        return measured, None
+
+    def _refused(self, reason: str, stats: dict[str, OutputStats], measured: list[ProfileLatency], metric: float | None,
+                 start: float) -> Verdict:
+        return Verdict(False, reason, stats, measured[0].latency, measured[0].scope, metric, time.perf_counter() - start,
+                       Outcome.LATENCY, self._all(measured))
 
     def _all(self, measured: list[ProfileLatency]) -> tuple[ProfileLatency, ...]:
         return tuple(measured) if len(self.config.deployments) > 1 else ()
