@@ -174,3 +174,18 @@ class ClipInput(Pass):
         model.graph.nodes.append(gs.Node("Clip", name=names("clip"), inputs=[x, lo, hi], outputs=[clipped]))
         node.inputs[0] = clipped
         node.name = node.name + "_c"
+
+
+def count_numerics(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Count :meth:`Judge.numerics` calls (one entry per call) for the rest of the test."""
+    from rewriter.validation.judge import Judge
+
+    calls: list[int] = []
+    real = Judge.numerics
+
+    def counted(self, proto, session=None):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, proto, session)
+
+    monkeypatch.setattr(Judge, "numerics", counted)
+    return calls

@@ -13,7 +13,7 @@ from rewriter.validation.judge import Judge, ValidationConfig
 from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.stats import RatioCI
 from tests.helpers import assert_same_outputs, ops, parse
-from tests.search_fixtures import THREE_BN
+from tests.search_fixtures import THREE_BN, count_numerics
 
 # Six conv + BN pairs in a row: six folds in one round.
 SIX_BN = """
@@ -118,14 +118,7 @@ def test_a_fold_slower_only_at_a_later_profile_is_rolled_back_and_says_where() -
 
 
 def test_a_kept_part_that_differs_from_the_proven_round_is_proven_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = Judge.numerics
-
-    def counted(self, proto, session=None):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(self, proto, session)
-
-    monkeypatch.setattr(Judge, "numerics", counted)
+    calls = count_numerics(monkeypatch)
     result, _ = _run({"C4"})
     assert len(result.kept) == 5
     assert len(calls) == 1 + 1 + 1  # the round's proof, the kept part's, the closing end-to-end

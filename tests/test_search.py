@@ -13,7 +13,7 @@ from rewriter.outcome import Outcome
 from rewriter.pipeline import optimize
 from rewriter.validation.judge import ValidationConfig
 from tests.helpers import assert_same_outputs, ops, parse
-from tests.search_fixtures import CHAIN3, THREE_BN, ClockedJudge, CorruptingFold, Perturb
+from tests.search_fixtures import CHAIN3, THREE_BN, ClockedJudge, CorruptingFold, Perturb, count_numerics
 
 
 def test_lossy_candidates_are_screened_and_tried_by_measured_error() -> None:
@@ -109,22 +109,9 @@ def test_target_speedup_reached_skips_later_lossy_passes_and_needs_latency() -> 
         optimize(model, [Perturb()], config=ValidationConfig(latency=False), target_speedup=1.5)
 
 
-def _count_numerics(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from rewriter.validation.judge import Judge
-
-    calls: list[int] = []
-    real = Judge.numerics
-
-    def counted(self, proto, session=None):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(self, proto, session)
-
-    monkeypatch.setattr(Judge, "numerics", counted)
-    return calls
-
 
 def test_an_exact_round_is_proven_with_one_numerics_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _count_numerics(monkeypatch)
+    calls = count_numerics(monkeypatch)
     model = parse(THREE_BN, seed=1)  # seed 0 draws a graph where one exact fold alone rounds just past allclose
     result = optimize(model, ["fold_batchnorm"], config=ValidationConfig(latency=False))
     assert len(result.kept) == 3 and ops(result.model).get("BatchNormalization", 0) == 0
@@ -135,7 +122,7 @@ def test_an_exact_round_is_proven_with_one_numerics_run(monkeypatch: pytest.Monk
 
 
 def test_a_round_that_fails_together_is_proven_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _count_numerics(monkeypatch)
+    calls = count_numerics(monkeypatch)
     model = parse(THREE_BN, seed=1)  # seed 0 draws a graph where one exact fold alone rounds just past allclose
     result = optimize(model, [CorruptingFold()], config=ValidationConfig(latency=False))
     verdicts = {d.candidate.nodes: (d.kept, d.reason) for d in result.decisions}
