@@ -129,6 +129,8 @@ class GroupVerdict:
     slower_at: str | None
     #: onnxruntime runs the same graph with the group as without it: latency equal by construction, not timed.
     same_deployed: bool = False
+    #: Latency was measured at all (off: the run has no latency gate).
+    measured: bool = True
 
     @property
     def latency(self) -> LatencyComparison | None:
@@ -192,10 +194,15 @@ class _Bisection:
 
 def settle_round(p: Pass, model: Model, proof: RoundProof, judge: Judge, deadline: Deadline) -> SettledRound | None:
     """Judge a proven round's latency as a group, bisecting where it is slower (see the module docstring).
+    Without latency measurement the proven round is kept as it is (its numerics are the whole judgement).
     ``None`` when the round cannot be judged as a group (a rewrite that lowers neither MACs nor the node
-    count, no latency measurement, no time left) or a rewrite raises while re-applied: the search then
-    proves the round's rewrites one by one."""
-    if not proof.reducing or proof.model is None or not judge.config.latency or not deadline.fits():
+    count, no time left) or a rewrite raises while re-applied: the search then proves the round's rewrites
+    one by one."""
+    if proof.model is None or not deadline.fits():
+        return None
+    if not judge.config.latency:
+        return SettledRound(proof.model, proof.numerics, (GroupVerdict(proof.applied, (), None, measured=False),), 0, dict(proof.made))
+    if not proof.reducing:
         return None
     began = time.perf_counter()
     bisection = _Bisection(p, judge, deadline, proof.made)
@@ -219,6 +226,9 @@ def round_decision(cand: Candidate, group: GroupVerdict, settled_round: SettledR
     single rewrite shown slower -- rolled back; the group's time shared among its rewrites."""
     lat, many = group.latency, len(group.profiles) > 1
     seconds = settled_round.seconds / max(1, round_size)
+    if not group.measured:
+        reason = "numerics proven with its round (latency not measured)"
+        return Decision(cand, True, Outcome.KEPT, reason, Verdict(True, reason, settled_round.numerics, seconds=seconds))
     if group.same_deployed:
         reason = (f"exact (numerics proven with its round of {round_size}); latency unchanged by construction: onnxruntime's "
                   "optimizer runs the same graph with the round as without it (not timed)")

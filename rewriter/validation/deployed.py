@@ -68,6 +68,9 @@ def deployed_key(model: onnx.ModelProto, runtime: RuntimeOptions) -> str | None:
         path = os.path.join(tmp, "deployed.onnx")
         so = deploy_session_options(replace(runtime, threads=1))
         so.optimized_model_filepath = path
+        # The weights go to a side file that is never read: only the graph's structure is hashed.
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(model.SerializeToString(), so, providers=runtime.providers())
             return structure_key(onnx.load(path, load_external_data=False))

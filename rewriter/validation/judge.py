@@ -249,7 +249,7 @@ class Judge:
             hit = self._deployed.get(id(proto))
             if hit is None or hit[0] is not proto:
                 hit = (proto, deployed_key(proto, self.config.runtime))
-                self._deployed = {**dict(list(self._deployed.items())[-3:]), id(proto): hit}
+                self._deployed = {**dict(list(self._deployed.items())[-1:]), id(proto): hit}  # no more models kept alive
             return hit[1]
 
         first = key(base)
