@@ -171,3 +171,17 @@ def test_exact_passes_preserve_outputs(model: onnx.ModelProto) -> None:
             current = apply_pass(current, cls()).model
     onnx.checker.check_model(current, full_check=True)
     assert_same_outputs(model, current)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(conv_graphs())
+def test_the_guarded_pipeline_with_rounds_applied_on_one_fork_preserves_outputs(model: onnx.ModelProto) -> None:
+    """The same graphs through :func:`optimize` (exact passes, numerics only): rounds are applied to one fork and
+    committed once, kept as a group when proven together -- the output stays valid and exact."""
+    from rewriter.pipeline import optimize
+    from rewriter.validation.judge import ValidationConfig
+
+    result = optimize(model, config=ValidationConfig(latency=False))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_outputs(model, result.model)
+    assert all(d.exact for d in result.decisions)
