@@ -143,17 +143,6 @@ def _check_target(target_speedup: float | None, config: ValidationConfig) -> Tar
     return Target(target_speedup)
 
 
-def _made(feeds: Feeds, config: ValidationConfig) -> FeedSet | None:
-    """The run's feeds, made now if they were a function (a candidate has to be judged); with deployment
-    profiles, re-batched to the primary one's batch -- the held-out split too: numerics run at that batch
-    (``None``: random ones)."""
-    if callable(feeds):
-        feeds = feeds()
-    if feeds is None or not config.profiles:
-        return feeds
-    return feeds.rebatched(config.profiles[0].batch)
-
-
 def _ready_judge(original: Model, judge: Judge | None, feeds: FeedSet | None, config: ValidationConfig, deadline: Deadline) -> Judge:
     """The run's judge (``judge`` when given: it must be of this very model), holding the run's deadline;
     it never holds the held-out test split."""
@@ -297,7 +286,8 @@ def optimize(
         idle = nothing_to_rewrite(selected, original)
         if idle is not None:
             return _unchanged(original, idle, budget, deadline, target_speedup)
-    feeds = _made(feeds, config)
+    if callable(feeds):
+        feeds = feeds()  # a candidate has to be judged: the feeds are made now (each judge re-batches its own)
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
     state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)

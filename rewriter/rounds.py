@@ -145,7 +145,6 @@ class SettledRound:
     model: Model
     numerics: dict[str, OutputStats]
     groups: tuple[GroupVerdict, ...]
-    timings: int
     #: The names of the nodes each kept rewrite made, by candidate key.
     made: dict[str, frozenset[str]]
     #: Seconds the latency judgement (and any re-proof of numerics) took.
@@ -155,11 +154,10 @@ class SettledRound:
 class _Bisection:
     """Judges groups of a round against the model before them, splitting the slower ones."""
 
-    def __init__(self, p: Pass, judge: Judge, deadline: Deadline, made: dict[str, frozenset[str]]) -> None:
-        self.p, self.judge, self.deadline = p, judge, deadline
+    def __init__(self, p: Pass, judge: Judge, made: dict[str, frozenset[str]]) -> None:
+        self.p, self.judge = p, judge
         self.made = dict(made)
         self.groups: list[GroupVerdict] = []
-        self.timings = 0
 
     def time(self, base: Model, group: Model) -> tuple[tuple[ProfileLatency, ...], str | None]:
         """The group against ``base`` at each profile (stopping at the first it is slower at), and that profile."""
@@ -167,7 +165,6 @@ class _Bisection:
         measured: list[ProfileLatency] = []
         for profile in cfg.deployments:
             lat = settled(self.judge, base, group, cfg.exact_min_speedup, True, None, profile)
-            self.timings += 1
             measured.append(ProfileLatency(profile, lat, "round"))
             if lat.ci.slower(cfg.exact_min_speedup):
                 return tuple(measured), profile.label
@@ -201,11 +198,11 @@ def settle_round(p: Pass, model: Model, proof: RoundProof, judge: Judge, deadlin
     if proof.model is None or not deadline.fits():
         return None
     if not judge.config.latency:
-        return SettledRound(proof.model, proof.numerics, (GroupVerdict(proof.applied, (), None, measured=False),), 0, dict(proof.made))
+        return SettledRound(proof.model, proof.numerics, (GroupVerdict(proof.applied, (), None, measured=False),), dict(proof.made))
     if not proof.reducing:
         return None
     began = time.perf_counter()
-    bisection = _Bisection(p, judge, deadline, proof.made)
+    bisection = _Bisection(p, judge, proof.made)
     try:
         final = bisection.settle(model, proof.applied, proof.model)
     except Exception as exc:
@@ -218,7 +215,7 @@ def settle_round(p: Pass, model: Model, proof: RoundProof, judge: Judge, deadlin
         if failures:
             log.info("%s: the round's kept part fails the exact budget (%s); proving each alone", p.name, "; ".join(failures))
             return None
-    return SettledRound(final, numerics, tuple(bisection.groups), bisection.timings, bisection.made, time.perf_counter() - began)
+    return SettledRound(final, numerics, tuple(bisection.groups), bisection.made, time.perf_counter() - began)
 
 
 def round_decision(cand: Candidate, group: GroupVerdict, settled_round: SettledRound, round_size: int) -> Decision:

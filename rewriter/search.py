@@ -243,7 +243,7 @@ class PassSearch:
                     self._note_made(cand, len(state.decisions) - 1, settled_round.made.get(cand.key, frozenset()))
                 if state.on_decision is not None:
                     state.on_decision(decision, settled_round.model)
-                log.info("%s %s: %s", "kept" if decision.kept else "rolled back", cand.description, decision.reason)
+                log.info("%s", decision.line())
         return settled_round.model
 
     def _current(self, model: Model, cand: Candidate) -> Candidate | None:

@@ -258,6 +258,10 @@ class Judge:
     def _profile(self, profile: DeploymentProfile | None) -> DeploymentProfile:
         return self.config.deployments[0] if profile is None else profile
 
+    def _runtime(self, profile: DeploymentProfile) -> RuntimeOptions:
+        """The deploy sessions' options at ``profile``: its threads where the run has profiles, else the run's own."""
+        return replace(self.config.runtime, threads=profile.threads) if self.config.profiles else self.config.runtime
+
     def timing_feed(self, batch: int) -> dict:
         """The feed latency is timed on at ``batch``: the first ``batch`` rows of the validation feeds (without
         profiles: the first validation feed as it is)."""
@@ -271,7 +275,7 @@ class Judge:
                       profile: DeploymentProfile | None = None) -> LatencyComparison:
         """Whole-model timing of ``candidate`` against ``base`` at ``profile`` (default: the primary one)."""
         p = self._profile(profile)
-        rt = replace(self.config.runtime, threads=p.threads)
+        rt = self._runtime(p)
         return time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.timing_feed(p.batch), self.config.timing)
 
     def shaped(self, accepted: Model, batch: int) -> Model:
@@ -298,7 +302,7 @@ class Judge:
         before = extract_region(accepted, outputs, candidate.nodes, known)
         after = extract_region(trial, outputs, candidate.nodes, known)
         feed = region_feed((before, after), known, seed=self.config.timing.seed)
-        rt = replace(self.config.runtime, threads=p.threads)
+        rt = self._runtime(p)
         return time_pairs(deploy_session(before.model, rt), deploy_session(after.model, rt), feed, self.config.timing)
 
     # -- quick error measurement (screening) ----------------------------------------------------------
