@@ -100,3 +100,61 @@ class PassRun:
         self.kept = sum(d.kept for d in decisions)
         self.not_tried = sum(not d.tried for d in decisions)
         self.rolled_back = len(decisions) - self.kept - self.not_tried
+
+
+#: A budget this much spent counts as spent: the candidates left would mostly fail it.
+SPENT = 0.9
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What bound a run's search: ``complete`` (every candidate found was judged, or refused because a milder
+    variant of it had already failed the budget), ``error_budget`` (candidates were left, but the budget's worst
+    term is at least :data:`SPENT` used), ``time`` (candidates were left for want of time, with budget to spare)
+    or ``target`` (the target speedup was reached first)."""
+
+    candidates: int
+    judged: int
+    #: Refused without a run of their own: a milder variant of the same rewrite had already failed the budget.
+    dominated: int
+    #: Candidates never judged, by outcome (``not_tried_time``, ``not_tried_target``, ...).
+    untried: dict[str, int]
+    #: Lossy runs: the worst budget term's fraction used by the result on the validation feeds (1: at the edge).
+    budget_spent: float | None
+    bound: str
+    time_budget_s: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        spent = None if self.budget_spent is None else round(min(self.budget_spent, 1e6), 4)
+        return {"bound": self.bound, "candidates": self.candidates, "judged": self.judged, "dominated": self.dominated,
+                "untried": dict(self.untried), "budget_spent": spent, "time_budget_s": self.time_budget_s}
+
+    def line(self) -> str:
+        """One sentence for people: what was judged, what was left and what bound the search."""
+        left = sum(self.untried.values())
+        spent = "" if self.budget_spent is None else f"; error budget {self.budget_spent:.0%} spent"
+        why = {"complete": "every candidate judged", "error_budget": "bound by the error budget",
+               "time": "bound by the time budget", "target": "the target speedup was reached"}[self.bound]
+        untried = "" if not left else " (" + ", ".join(f"{n} {k.removeprefix('not_tried_')}" for k, n in self.untried.items()) + " left)"
+        return f"search: {self.judged} of {self.candidates} candidates judged{untried}{spent} -- {why}"
+
+
+def summarize(decisions: list[Decision], budget_spent: float | None, out_of_time: bool,
+              time_budget_s: float | None = None) -> SearchSummary:
+    """The :class:`SearchSummary` of a run's decisions. ``out_of_time``: the search stopped for want of time before
+    it had listed every candidate (a round not started)."""
+    dominated = sum(d.outcome is Outcome.NOT_TRIED_DOMINATED for d in decisions)
+    untried: dict[str, int] = {}
+    for d in decisions:
+        if not d.tried and d.outcome is not Outcome.NOT_TRIED_DOMINATED:
+            untried[d.outcome.value] = untried.get(d.outcome.value, 0) + 1
+    if Outcome.NOT_TRIED_TARGET.value in untried:
+        bound = "target"
+    elif not untried and not out_of_time:
+        bound = "complete"
+    elif budget_spent is not None and budget_spent >= SPENT:
+        bound = "error_budget"
+    else:
+        bound = "time"
+    judged = sum(d.tried for d in decisions)
+    return SearchSummary(len(decisions), judged, dominated, untried, budget_spent, bound, time_budget_s)

@@ -111,7 +111,7 @@ class OptimizeOutcome:
     input_shape_notes: list[dict[str, Any]] = field(default_factory=list)
 
     def report(self, input_path: str, output_path: str | None, output_sha256: str | None) -> dict[str, Any]:
-        """The JSON report (schema version 6); the output is recorded only when the gate passed."""
+        """The JSON report (schema version 7); the output is recorded only when the gate passed."""
         return build_report(
             self.result, input_path=input_path, input_sha256=self.input_sha256,
             output_path=None if self.gate else output_path, output_sha256=output_sha256,

@@ -20,19 +20,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from rewriter.analysis import Analysis, analyze
 from rewriter.contract import Candidate, Pass, RewriteError, Skip
 from rewriter.deadline import Deadline
-from rewriter.decision import Decision, PassRun
+from rewriter.decision import Decision, PassRun, SearchSummary, summarize
 from rewriter.errors import InputError
-from rewriter.holdout import Holdout, confirm
+from rewriter.holdout import Holdout, budget_spend, confirm
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.registry import resolve_passes
+from rewriter.rounds import settled
 from rewriter.screening import SCREEN_SHARE, rank
 from rewriter.search import PassSearch, SearchState, Target, nothing_to_rewrite
 from rewriter.shapes import Shape
@@ -40,7 +41,7 @@ from rewriter.trial import apply_candidate
 from rewriter.validation.calibration import Calibration
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.deployment import check_batches
-from rewriter.validation.judge import Judge, ProfileLatency, ValidationConfig
+from rewriter.validation.judge import DEFERRED, Judge, ProfileLatency, ValidationConfig
 from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.numerics import OutputStats
 
@@ -89,6 +90,12 @@ class OptimizeResult:
     #: onnxruntime runs the same graph for the output as for the input (every rewrite kept is one its optimizer
     #: makes anyway): the latency is the input's by construction and was not timed (``final_latency`` is None).
     same_deployed: bool = False
+    #: How the exact rewrites' latency was proven in a run of exact passes only: ``"result"`` (once, on the whole
+    #: result end to end), or why each round was timed after all; ``None``: as the search went (a run with lossy
+    #: passes, without latency, or with nothing kept).
+    exact_latency: str | None = None
+    #: What bound the search: every candidate judged, the error budget spent, the clock, or the target.
+    search: SearchSummary | None = None
 
     @property
     def nothing_to_rewrite(self) -> bool:
@@ -178,7 +185,8 @@ Measured = tuple[Model, list[ProfileLatency]]
 def _closing(state: SearchState, model: Model, measured: Measured | None) -> tuple[dict[str, OutputStats], list[ProfileLatency], bool]:
     """The output model's end-to-end numerics and latency against the original at each deployment profile
     (a measurement of that very pair already taken -- the first pass's closing check, or the target's -- is
-    reused), and whether onnxruntime runs the same graph for both (then nothing is timed)."""
+    reused; one that leaves open whether it is slower is pooled with more pairs, :func:`~rewriter.rounds.settled`),
+    and whether onnxruntime runs the same graph for both (then nothing is timed)."""
     original, judge = state.original, state.judge
     if model is original:
         return {}, [], False
@@ -190,8 +198,9 @@ def _closing(state: SearchState, model: Model, measured: Measured | None) -> tup
         return numerics, [], False
     if same_deployed(state, model):
         return numerics, [], True
-    reuse = {m.profile: m for m in measured[1]} if measured is not None and measured[0] is model else {}
-    return numerics, [reuse.get(p) or ProfileLatency(p, judge.model_latency(original.proto, model.proto, p), "model")
+    reuse = {m.profile: m.latency for m in measured[1]} if measured is not None and measured[0] is model else {}
+    threshold = judge.config.exact_min_speedup
+    return numerics, [ProfileLatency(p, settled(judge, original, model, threshold, True, reuse.get(p), p), "model")
                       for p in judge.config.deployments], False
 
 
@@ -219,6 +228,111 @@ def _search(state: SearchState, selected: Sequence[Pass], max_rounds: int) -> tu
             primary = ProfileLatency(state.judge.config.deployments[0], search.run.model_latency, "model")
             measured = (after_pass, search.run.profile_latency or [primary])
     return model, runs, measured
+
+
+@dataclass
+class _Searched:
+    """What one search leaves: the model, the passes' runs, the held-out confirmation, the closing numerics and
+    latency (at each profile), whether onnxruntime runs the same graph, and how exact latency was proven."""
+
+    model: Model
+    runs: list[PassRun]
+    holdout: Holdout | None
+    numerics: dict[str, OutputStats]
+    latency: list[ProfileLatency]
+    same: bool
+    exact_latency: str | None = None
+
+
+def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, feeds: FeedSet, holdout_fail: bool) -> _Searched:
+    """The passes' searches, the held-out confirmation and the closing comparison."""
+    model, runs, measured = _search(state, selected, max_rounds)
+    model, holdout = confirm(state, model, runs, selected, feeds, fail=holdout_fail)
+    numerics, final, same = _closing(state, model, measured)
+    return _Searched(model, runs, holdout, numerics, final, same)
+
+
+def _deferred(state: SearchState, selected: Sequence[Pass], max_rounds: int, feeds: FeedSet, holdout_fail: bool) -> _Searched:
+    """A run of exact passes only, proven once, on the result (group testing at the scale of the run).
+
+    Every exact rewrite is kept without numerics of its own, and every one that lowers MACs or nodes without a
+    timing of its own (:attr:`Judge.deferred`); rewrites that lower neither are still shown faster alone. The
+    result is then checked against the original end to end: numerics within the exact budget and, at each
+    profile, not slower -- the closing comparison every run makes anyway, so a run whose result holds pays for
+    one numerics run and one timing in all. Where it holds, each deferred rewrite is credited with it; where it
+    fails, the run is searched again from the original with every round proven and timed as it goes, which names
+    and rolls back the failing rewrites (:mod:`rewriter.rounds`)."""
+    judge = state.judge
+    judge.deferred = True
+    try:
+        first = _searched(state, selected, max_rounds, feeds, holdout_fail)
+        failed = _result_fails(judge, first)
+    except Exception as exc:  # noqa: BLE001 -- a rewrite left a model onnxruntime cannot run: found one by one below
+        first, failed = None, f"cannot be run ({type(exc).__name__}: {exc})"
+    finally:
+        judge.deferred = False
+    if first is not None and failed is None:
+        _credit(state.decisions, first)
+        changed = [r for r in first.runs if r.kept]
+        if len(changed) == 1:  # one pass made the result: its end-to-end check is the result's
+            run = changed[0]
+            run.same_deployed = first.same
+            run.model_latency = first.latency[0].latency if first.latency else None
+            run.profile_latency = list(first.latency) if len(first.latency) > 1 else []
+        first.exact_latency = "result" if first.model is not state.original else None
+        return first
+    log.info("the result of the exact passes %s: searching again, each round proven and timed", failed)
+    state.decisions.clear()
+    again = _searched(state, selected, max_rounds, feeds, holdout_fail)
+    again.exact_latency = f"rounds: the result with every exact rewrite {failed}, so each round was proven and timed"
+    return again
+
+
+def _result_fails(judge: Judge, searched: _Searched) -> str | None:
+    """Why the result of a deferred run fails the exact budget or is slower end to end, or ``None``."""
+    failures = judge.config.budget.failures(searched.numerics, exact=True) if searched.numerics else []
+    if failures:
+        return "fails the exact budget (" + "; ".join(failures) + ")"
+    many = len(searched.latency) > 1
+    for p in searched.latency:
+        if p.latency.ci.slower(judge.config.exact_min_speedup):
+            return f"is slower end to end ({p.latency.ci}" + (f" at {p.profile.label})" if many else ")")
+    return None
+
+
+def _credit(decisions: list[Decision], searched: _Searched) -> None:
+    """Give each kept decision judged with the whole result (:data:`~rewriter.validation.judge.DEFERRED`) the
+    result's numerics, and -- where its latency waited too -- its end-to-end comparison."""
+    many = len(searched.latency) > 1
+    if searched.same:
+        speed = "latency unchanged by construction: onnxruntime runs the same graph for the result as for the input (not timed)"
+    elif searched.latency:
+        speed = "end-to-end speedup " + "; ".join(f"{p.latency.ci}" + (f" at {p.profile.label}" if many else "") for p in searched.latency)
+    else:
+        speed = "latency not measured"
+    text = f"proven with the whole result ({speed})"
+    primary = searched.latency[0].latency if searched.latency else None
+    for i, d in enumerate(decisions):
+        v = d.verdict
+        if not d.kept or v is None or DEFERRED not in v.reason:
+            continue
+        verdict = replace(v, reason=v.reason.replace(DEFERRED, text), numerics=dict(searched.numerics))
+        if v.latency_scope == "deferred":
+            verdict = replace(verdict, latency=primary, latency_scope="result" if primary is not None else None,
+                              profiles=tuple(searched.latency) if many else ())
+        decisions[i] = replace(d, reason=d.reason.replace(DEFERRED, text), verdict=verdict)
+
+
+def _spent(state: SearchState, searched: _Searched, selected: Sequence[Pass]) -> float | None:
+    """How much of a lossy run's error budget the result spends on the validation feeds (its worst term's
+    fraction used, the task metric's drop included); ``None`` for a run of exact passes."""
+    if all(p.exact for p in selected) or not searched.numerics:
+        return None
+    config, metric = state.judge.config, None
+    lossy = [d for d in state.decisions if d.kept and not d.superseded and not d.exact and d.verdict is not None]
+    if config.metric is not None and lossy and lossy[-1].verdict.metric is not None:  # type: ignore[union-attr]
+        metric = (state.judge.metric_baseline or 0.0, lossy[-1].verdict.metric, config.metric.max_drop)  # type: ignore[union-attr]
+    return budget_spend(searched.numerics, config.budget, metric)
 
 
 def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Deadline, target_speedup: float | None) -> OptimizeResult:
@@ -291,27 +405,29 @@ def optimize(
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
     state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
-    model, runs, measured = _search(state, selected, max_rounds)
-    model, holdout = confirm(state, model, runs, selected, feeds if feeds is not None else judge.feeds, fail=holdout_fail)
-    final_numerics, final, same = _closing(state, model, measured)
+    run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
+    done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
+    model, final = done.model, done.latency
     return OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
         original=original.proto,
         input_shapes=dict(original.input_shapes),
         decisions=state.decisions,
-        passes=runs,
+        passes=done.runs,
         before=analyze(original),
         after=analyze(model),
-        final_numerics=final_numerics,
+        final_numerics=done.numerics,
         final_latency=final[0].latency if final else None,
         budget=budget,
         feeds=judge.feeds.source,
         seconds=deadline.elapsed(),
         target_speedup=target_speedup,
         normalized=original.normalized,
-        holdout=holdout,
+        holdout=done.holdout,
         profile_latency=final if len(final) > 1 else [],
-        same_deployed=same,
+        same_deployed=done.same,
+        exact_latency=done.exact_latency,
+        search=summarize(state.decisions, _spent(state, done, selected), state.out_of_time, time_budget_s),
     )
 
 

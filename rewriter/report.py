@@ -1,6 +1,6 @@
 """The JSON report: a view of an :class:`~rewriter.pipeline.OptimizeResult`, and its atomic file writers.
 
-Schema version 6 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
+Schema version 7 (JSON Schema: ``docs/report.schema.json``; field guide: ``docs/report.md``). Top-level
 keys: ``schema_version``, ``tool``, ``environment`` (tool, onnx, onnxruntime, numpy and Python versions,
 provider, threads, CPU), ``input`` / ``output`` (path, sha256), ``normalized`` (the export quirks normalized
 on load, one short note each), ``input_shapes``, ``input_shape_notes``
@@ -15,6 +15,11 @@ test split before and after backing off, what was backed off; :mod:`rewriter.hol
 failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
 
+Changes from version 6: ``search`` (what bound the search: ``bound`` -- ``complete``, ``error_budget``, ``time``
+or ``target`` --, counts of candidates, judged, dominated and untried by outcome, the fraction of the error
+budget the result spends, the time budget); ``totals.exact_latency`` (a run of exact passes only: ``result``
+when its numerics and latency were proven once on the result, or why each round was proven after all); the
+latency scope ``result`` (a decision credited with that end-to-end comparison).
 Changes from version 5: ``totals.same_deployed_graph`` and each pass's ``same_deployed_graph`` (onnxruntime
 runs the same graph after as before: latency unchanged by construction, not timed); ``profiles`` (the deployment profiles, primary first, each with the end-to-end
 speedup and CI at it; one entry without ``--profile``); each decision's ``latency_profiles`` and each pass's
@@ -46,7 +51,7 @@ from rewriter.validation.deployment import DeploymentProfile
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def build_report(
     pareto: Sequence[ParetoPoint] | None = None,
     input_shape_notes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema version 6). ``gate``: the final gate's failures;
+    """The report as a JSON-ready dict (schema version 7). ``gate``: the final gate's failures;
     ``input_shape_notes``: :func:`rewriter.shapes.input_shape_notes` of the run's model."""
     before, after = result.before, result.after
     options = pass_options or {}
@@ -210,7 +215,9 @@ def build_report(
             "final_numerics": {k: v.to_dict() for k, v in result.final_numerics.items()},
             "final_latency": _latency(result.final_latency, "model"),
             "same_deployed_graph": result.same_deployed,
+            "exact_latency": result.exact_latency,
         },
+        "search": None if result.search is None else result.search.to_dict(),
         "profiles": profiles_dict(result, threads, batch, profiles),
         "holdout": None if result.holdout is None else result.holdout.to_dict(),
         "gate": {"passed": not failures, "failures": failures},

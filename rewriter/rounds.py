@@ -13,6 +13,10 @@ Group judgement needs every rewrite of the round to lower MACs or the node count
 neither must be shown faster alone: :func:`~rewriter.validation.judge.speculative`); otherwise, or without
 latency measurement, the search proves the round's rewrites one by one (:mod:`rewriter.search`).
 
+In a run of exact passes only, numerics and latency are judged once, on the whole result
+(:attr:`Judge.deferred`): a round is then applied and kept, and the pipeline checks the result end to end,
+searching again round by round where it fails (:func:`rewriter.pipeline.optimize`).
+
 Cost: one whole-model timing per round instead of one region timing per rewrite, plus ``2 log2(n)`` per
 slower rewrite found. A round after which onnxruntime runs the very same graph (it folds and fuses the same
 way itself: :mod:`~rewriter.validation.deployed`) is not timed at all: its latency is unchanged by
@@ -33,7 +37,7 @@ from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.trial import apply_candidates
 from rewriter.validation.deployment import DeploymentProfile
-from rewriter.validation.judge import Judge, ProfileLatency, Verdict
+from rewriter.validation.judge import DEFERRED, Judge, ProfileLatency, Verdict
 from rewriter.validation.latency import LatencyComparison, pooled
 from rewriter.validation.numerics import OutputStats
 
@@ -89,7 +93,8 @@ def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, 
     consumed) and check the result's numerics once. ``None`` when the result fails the exact budget, a
     rewrite raises, the search's ``deadline`` passes, there is nothing to share (fewer than two
     candidates), or -- with latency measured -- a rewrite lowers neither MACs nor nodes (each is then timed
-    first, alone): they are then proven alone."""
+    first, alone): they are then proven alone. With :attr:`Judge.deferred` the numerics are left to the whole
+    result (the proof's are empty)."""
     if not p.exact or len(todo) < 2 or judge.reference_error() is not None:
         return None
     if deadline is not None and deadline.search_over():
@@ -101,15 +106,15 @@ def prove_round(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, 
         if not done.reducing and judge.config.latency:
             log.info("%s: the round's rewrites lower neither MACs nor nodes: each is timed first, alone", p.name)
             return None  # most are refused on latency, before any numerics run (Judge.judge)
-        stats = judge.numerics(done.model.proto)
+        stats = {} if judge.deferred else judge.numerics(done.model.proto)  # deferred: judged on the whole result
     except Exception as exc:  # the one-by-one path records which rewrite fails, and why
         log.info("%s: round of %d not proven together (%s: %s); proving each alone", p.name, len(todo), type(exc).__name__, exc)
         return None
-    failures = judge.config.budget.failures(stats, exact=True)
+    failures = judge.config.budget.failures(stats, exact=True) if stats else []
     if failures:
         log.info("%s: round of %d rewrites fails together (%s); proving each alone", p.name, len(done.candidates), "; ".join(failures))
         return None
-    log.info("%s: %d rewrites proven exact together", p.name, len(done.candidates))
+    log.info("%s: %d rewrites %s together", p.name, len(done.candidates), "applied" if judge.deferred else "proven exact")
     return RoundProof(stats, tuple(c.key for c in done.candidates), done.candidates, done.model, done.reducing, done.made)
 
 
@@ -131,6 +136,8 @@ class GroupVerdict:
     same_deployed: bool = False
     #: Latency was measured at all (off: the run has no latency gate).
     measured: bool = True
+    #: Numerics and latency are judged later, on the whole result end to end (:attr:`Judge.deferred`).
+    deferred: bool = False
 
     @property
     def latency(self) -> LatencyComparison | None:
@@ -197,8 +204,9 @@ def settle_round(p: Pass, model: Model, proof: RoundProof, judge: Judge, deadlin
     one by one."""
     if proof.model is None or not deadline.fits():
         return None
-    if not judge.config.latency:
-        return SettledRound(proof.model, proof.numerics, (GroupVerdict(proof.applied, (), None, measured=False),), dict(proof.made))
+    if not judge.config.latency or judge.deferred:
+        group = GroupVerdict(proof.applied, (), None, measured=False, deferred=judge.config.latency)
+        return SettledRound(proof.model, proof.numerics, (group,), dict(proof.made))
     if not proof.reducing:
         return None
     began = time.perf_counter()
@@ -224,8 +232,10 @@ def round_decision(cand: Candidate, group: GroupVerdict, settled_round: SettledR
     lat, many = group.latency, len(group.profiles) > 1
     seconds = settled_round.seconds / max(1, round_size)
     if not group.measured:
-        reason = "numerics proven with its round (latency not measured)"
-        return Decision(cand, True, Outcome.KEPT, reason, Verdict(True, reason, settled_round.numerics, seconds=seconds))
+        reason = (f"exact (with its round of {round_size}): numerics and latency {DEFERRED}" if group.deferred
+                  else "numerics proven with its round (latency not measured)")
+        verdict = Verdict(True, reason, settled_round.numerics, seconds=seconds, latency_scope="deferred" if group.deferred else None)
+        return Decision(cand, True, Outcome.KEPT, reason, verdict)
     if group.same_deployed:
         reason = (f"exact (numerics proven with its round of {round_size}); latency unchanged by construction: onnxruntime's "
                   "optimizer runs the same graph with the round as without it (not timed)")

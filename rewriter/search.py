@@ -128,6 +128,8 @@ class SearchState:
     #: Called when a round starts with the pass's name and the number of candidates it will go through.
     on_round: Callable[[str, int], None] | None = None
     decisions: list[Decision] = field(default_factory=list)
+    #: A pass stopped for want of time before it had listed every candidate (a round not started).
+    out_of_time: bool = False
 
 
 class PassSearch:
@@ -164,6 +166,7 @@ class PassSearch:
                     self.run.skips.append(Skip(self.p.name, (), f"not run: target speedup {self.state.target.speedup:g}x already reached"))  # type: ignore[union-attr]
                 break
             if self.decisions and not self.state.deadline.fits(self.find_seconds):
+                self.state.out_of_time = True
                 break  # no time for another find and one candidate: a new round could only list them as not tried
             log.debug("%s: round %d at %.1f s", self.p.name, round_index + 1, self.state.deadline.elapsed())
             todo = self._find(model)
@@ -310,10 +313,11 @@ class PassSearch:
     # -- the pass's end ----------------------------------------------------------------------------------
     def close(self, before_pass: Model, model: Model) -> Model:
         """Check the pass end to end (``model`` against ``before_pass``, at every deployment profile) when it
-        changed the model and latency is measured; undo it when the whole model does not pay on one of them.
+        changed the model and latency is measured (an exact pass whose latency is deferred to the whole result,
+        :attr:`Judge.deferred`, is not checked here); undo it when the whole model does not pay on one of them.
         Sets the run's counts; the model kept."""
         state, config = self.state, self.state.judge.config
-        if model is not before_pass and config.latency:
+        if model is not before_pass and config.latency and not (self.p.exact and state.judge.deferred):
             failed = self._settle(before_pass, model)
             if failed is not None:
                 self.run.reverted = f"whole-model speedup {failed} does not pay; pass undone"

@@ -133,7 +133,7 @@ class ProfiledJudge(Judge):
 
 def _run(table: dict[DeploymentProfile, float]):  # type: ignore[no-untyped-def]
     model = Model.from_source(parse(DYNAMIC))
-    config = ValidationConfig(timing=FAST, profiles=TWO)
+    config = ValidationConfig(timing=FAST, profiles=TWO, defer_exact=False)  # each rewrite timed at each profile
     judge = ProfiledJudge(model, None, config)
     judge.table, judge.timed = table, []
     return optimize(model, ["fold_batchnorm"], config=config, judge=judge), judge
@@ -179,7 +179,7 @@ def test_numerics_feeds_run_at_the_primary_batch_and_regions_are_shaped_at_each_
 def test_real_timing_at_two_profiles_times_the_region_at_each_batch_and_reports_both(report_validator) -> None:  # type: ignore[no-untyped-def]
     from rewriter.report import build_report
 
-    config = ValidationConfig(timing=FAST, profiles=TWO)
+    config = ValidationConfig(timing=FAST, profiles=TWO, defer_exact=False)
     result = optimize(parse(CHAIN_1X1), ["fuse_1x1_chain"], config=config)  # onnxruntime does not fuse conv chains
     (d,) = result.decisions
     assert [p.profile.batch for p in d.verdict.profiles][:1] == [1]

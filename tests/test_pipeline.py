@@ -22,7 +22,9 @@ def test_good_rewrite_is_kept_with_figures(sample_model: onnx.ModelProto) -> Non
     d = result.kept[0]
     assert d.candidate.pass_name == "fuse_1x1_chain"
     assert d.verdict is not None and d.verdict.latency is not None
-    assert d.verdict.latency_scope == "subgraph"
+    # A run of exact passes is proven once, on its result: the decision carries the end-to-end figures.
+    assert d.verdict.latency_scope == "result" and d.verdict.latency is result.final_latency
+    assert "proven with the whole result (end-to-end speedup" in d.reason and result.exact_latency == "result"
     assert all(s.allclose_ratio <= 1.0 for s in d.verdict.numerics.values())
     assert ops(result.model)["Conv"] == ops(sample_model)["Conv"] - 1
     assert result.after.total_macs < result.before.total_macs

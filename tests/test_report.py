@@ -69,7 +69,7 @@ def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path:
     target = data["target_speedup"]  # the exact pass is not stopped by it; the report says where the run ended
     assert target["speedup"] == 1.01 and target["reached"] in (True, False)  # the rule: test_report_target_speedup
     assert f"target speedup 1.01x: {'reached' if target['reached'] else 'not reached'} (" in result.output
-    assert data["schema_version"] == SCHEMA_VERSION == 6
+    assert data["schema_version"] == SCHEMA_VERSION == 7
     assert data["normalized"] == []
     assert [(n["input"], n["dim"], n["declared"], n["value"]) for n in data["input_shape_notes"]] == [("input", 0, "N", 1)]  # batch N taken as 1
     env = data["environment"]
@@ -77,8 +77,11 @@ def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path:
     assert data["input"]["sha256"] == sha256_file(sample_path)
     assert data["output"] == {"path": str(output), "sha256": sha256_file(output)}
     (kept,) = [d for d in data["decisions"] if d["kept"]]
-    assert kept["decision"] == "kept" and kept["latency"]["scope"] == "subgraph"
-    assert kept["end_to_end"]["scope"] == "model"  # the pass's whole-model confirmation
+    # A run of exact passes is proven once, on its result: the decision carries that end-to-end comparison.
+    assert kept["decision"] == "kept" and kept["latency"]["scope"] == "result" and data["totals"]["exact_latency"] == "result"
+    assert {k: v for k, v in kept["latency"].items() if k != "scope"} == {k: v for k, v in data["totals"]["final_latency"].items() if k != "scope"}
+    assert data["search"] == {"bound": "complete", "candidates": 1, "judged": 1, "dominated": 0, "untried": {},
+                              "budget_spent": None, "time_budget_s": None}
     assert kept["cost"]["macs_after"] < kept["cost"]["macs_before"]
     assert set(kept["numerics"]) == {o.name for o in onnx.load(str(sample_path)).graph.output}
     final = data["totals"]["final_latency"]

@@ -14,6 +14,9 @@ from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.stats import RatioCI
 from tests.helpers import assert_same_outputs, ops, parse
 from tests.search_fixtures import THREE_BN, count_numerics
+from rewriter.validation.latency import TimingOptions
+
+FAST_TIMING = TimingOptions(min_pairs=6, max_pairs=10, time_budget_s=0.3)
 
 # Six conv + BN pairs in a row: six folds in one round.
 SIX_BN = """
@@ -77,9 +80,13 @@ def _conv_outputs(result) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {d.candidate.nodes[0]: names[d.candidate.nodes[0]] for d in result.decisions}
 
 
+#: Rounds proven and timed as the search goes (a run of exact passes is otherwise proven once, on its result).
+PER_ROUND = ValidationConfig(defer_exact=False)
+
+
 def _run(slow: set[str], config: ValidationConfig | None = None, slow_at: set[DeploymentProfile] | None = None):  # type: ignore[no-untyped-def]
     model = Model.from_source(six_bn())
-    config = config or ValidationConfig()
+    config = config or PER_ROUND
     judge = SlowFoldJudge(model, None, config)
     judge.slow, judge.slow_at, judge.timings = frozenset(slow), frozenset(slow_at or ()), []
     return optimize(model, ["fold_batchnorm"], config=config, judge=judge), judge
@@ -109,7 +116,7 @@ def test_bisection_names_and_rolls_back_exactly_the_slower_folds(slow: set[str])
 
 def test_a_fold_slower_only_at_a_later_profile_is_rolled_back_and_says_where() -> None:
     profiles = (DeploymentProfile(1, 1), DeploymentProfile(2, 4))
-    result, _ = _run({"C3"}, ValidationConfig(profiles=profiles), slow_at={profiles[1]})
+    result, _ = _run({"C3"}, ValidationConfig(profiles=profiles, defer_exact=False), slow_at={profiles[1]})
     (bad,) = [d for d in result.decisions if not d.kept]
     assert _conv_outputs(result)[bad.candidate.nodes[0]] == "C3" and "at threads=2,batch=4" in bad.reason
     assert [p.profile for p in bad.verdict.profiles] == list(profiles)  # type: ignore[union-attr]
@@ -174,3 +181,59 @@ def test_a_speculative_exact_rewrite_is_timed_first_and_a_slower_one_runs_no_num
 
     verdict = judge.judge(model, apply_candidate(Conv1x1ToGemm(), model, cand), cand, exact=True)
     assert not verdict.keep and verdict.outcome is Outcome.LATENCY and verdict.numerics == {} and not numerics
+
+
+# -- a run of exact passes proven once, on its result ----------------------------------------------------------
+
+
+def test_a_run_of_exact_passes_is_proven_with_one_numerics_run_and_one_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_numerics(monkeypatch)
+    result, judge = _run(set(), ValidationConfig())
+    assert len(result.kept) == 6 and result.exact_latency == "result"
+    assert len(calls) == 1 and len(judge.timings) == 1  # the closing comparison, which every run makes anyway
+    for d in result.decisions:
+        assert d.verdict.latency is result.final_latency and d.verdict.latency_scope == "result"  # type: ignore[union-attr]
+        assert d.verdict.numerics == result.final_numerics  # type: ignore[union-attr]
+        assert "numerics and latency proven with the whole result (end-to-end speedup 1.333x" in d.reason
+    assert_same_outputs(six_bn(), result.model)
+
+
+@pytest.mark.parametrize("slow", [{"C2"}, {"C0", "C5"}])
+def test_a_slower_result_is_searched_again_round_by_round_and_names_the_slower_folds(slow: set[str]) -> None:
+    result, judge = _run(slow, ValidationConfig())
+    refused = {_conv_outputs(result)[d.candidate.nodes[0]] for d in result.decisions if not d.kept}
+    assert refused == slow and len(result.decisions) == 6  # the first attempt's decisions are replaced, not doubled
+    assert result.exact_latency is not None and result.exact_latency.startswith("rounds: the result with every exact rewrite is slower end to end")
+    assert all(d.outcome is Outcome.LATENCY and "found by bisecting a round of 6" in d.reason for d in result.decisions if not d.kept)
+    assert {n.input[0] for n in result.model.graph.node if n.op_type == "BatchNormalization"} == slow
+
+
+def test_a_result_slower_only_at_a_later_profile_is_searched_again_and_the_fold_named() -> None:
+    profiles = (DeploymentProfile(1, 1), DeploymentProfile(2, 4))
+    result, _ = _run({"C3"}, ValidationConfig(profiles=profiles), slow_at={profiles[1]})
+    assert "at threads=2,batch=4" in (result.exact_latency or "")
+    (bad,) = [d for d in result.decisions if not d.kept]
+    assert _conv_outputs(result)[bad.candidate.nodes[0]] == "C3" and "at threads=2,batch=4" in bad.reason
+
+
+def test_a_corrupting_rewrite_in_a_deferred_run_is_named_and_rolled_back() -> None:
+    from tests.search_fixtures import THREE_BN, CorruptingFold
+
+    model = parse(THREE_BN, seed=1)
+    result = optimize(model, [CorruptingFold()], config=ValidationConfig(timing=FAST_TIMING))
+    (bad,) = [d for d in result.decisions if not d.kept]
+    assert "Conv_3" in bad.candidate.nodes and bad.outcome is Outcome.NUMERICS
+    assert result.exact_latency is not None and "fails the exact budget" in result.exact_latency
+    assert len(result.kept) == 2 and len(result.decisions) == 3
+    assert_same_outputs(model, result.model)
+
+
+def test_a_rewrite_onnxruntime_cannot_run_in_a_deferred_run_is_named_and_rolled_back(sample_model: onnx.ModelProto) -> None:
+    from passes.fuse_1x1_chain import Fuse1x1Chain
+    from tests.test_rollback import InvalidModel
+
+    result = optimize(sample_model, [InvalidModel(), Fuse1x1Chain()], config=ValidationConfig(timing=FAST_TIMING))
+    (invalid,) = [d for d in result.decisions if d.candidate.pass_name == "invalid_model"]
+    assert invalid.outcome is Outcome.VALIDATION_FAILED and "cannot be run" in (result.exact_latency or "")
+    assert [d.kept for d in result.decisions if d.candidate.pass_name == "fuse_1x1_chain"] == [True]
+    assert_same_outputs(sample_model, result.model)

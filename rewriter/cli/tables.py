@@ -81,6 +81,9 @@ def optimize_summary(result: Any, metric: str | None = None) -> list[Renderable]
         target = result.final_latency.ci if result.final_latency is not None else "nothing kept"
         shown.append(f"target speedup {result.target_speedup:g}x: {'reached' if result.target_reached else 'not reached'} ({target})")
     shown += holdout_lines(getattr(result, "holdout", None), metric)
+    summary = getattr(result, "search", None)
+    if summary is not None and summary.candidates:
+        shown.append(summary.line())
     return shown
 
 

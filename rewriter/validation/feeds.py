@@ -386,7 +386,9 @@ class FeedSet:
         return cls(val, cal, source, test=test)
 
     @classmethod
-    def random(cls, specs: Sequence[InputSpec], count: int = 8, calibration_count: int = 8, seed: int = 0) -> FeedSet:
+    def random(cls, specs: Sequence[InputSpec], count: int = 8, calibration_count: int = 0, seed: int = 0) -> FeedSet:
+        """``count`` seeded random validation feeds (and ``calibration_count`` calibration ones: none by default --
+        random inputs are not data, so nothing calibrates on them; they would only hold memory)."""
         return cls(
             random_feeds(specs, count, seed=seed),
             random_feeds(specs, calibration_count, seed=seed + 1_000_003),
@@ -436,8 +438,8 @@ def feedset_for(
 ) -> FeedSet:
     """The feeds a command judges on: an image folder, ``.npy``/``.npz`` files or a data-loader script
     (``holdout_fraction`` of them held out as the test split, the rest split into calibration and
-    validation halves), else ``count`` seeded random feeds for each role (no test split: random feeds are
-    not data)."""
+    validation halves), else ``count`` seeded random validation feeds (no calibration or test split: random
+    feeds are not data)."""
     if not 0.0 <= holdout_fraction < 1.0:
         raise InputError(f"--holdout-fraction must be at least 0 and below 1, not {holdout_fraction:g}")
     given = [flag for flag, value in (("--feeds", feeds), ("--images", images), ("--data-loader-script", data_loader)) if value]
@@ -455,4 +457,4 @@ def feedset_for(
         raise InputError("--image-spec needs --images DIR")
     if feeds:
         return FeedSet.from_files(feeds, specs, seed=seed, holdout_fraction=holdout_fraction)
-    return FeedSet.random(specs, count=count, calibration_count=count, seed=seed)
+    return FeedSet.random(specs, count=count, seed=seed)

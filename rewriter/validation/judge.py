@@ -108,6 +108,10 @@ class ValidationConfig:
     exact_min_speedup: float = 0.99
     lossy_min_speedup: float = 1.0
     metric: TaskMetric | None = None
+    #: A run of exact passes only is proven once, on its result (numerics and latency end to end), and searched
+    #: again round by round only where the result fails (:func:`rewriter.pipeline.optimize`); off: every round and
+    #: pass is proven and timed as the search goes.
+    defer_exact: bool = True
     #: The deployment profiles latency must pay on, the primary first (its threads are ``runtime.threads``);
     #: empty: the one profile of ``runtime.threads`` on the feeds as they are (the model's resolved batch).
     profiles: tuple[DeploymentProfile, ...] = ()
@@ -136,7 +140,7 @@ class Verdict:
     reason: str
     numerics: dict[str, OutputStats]
     latency: LatencyComparison | None = None
-    latency_scope: str | None = None  # "subgraph" | "model"
+    latency_scope: str | None = None  # "subgraph" | "model" | "round" | "result" | "deferred" (not yet judged)
     metric: float | None = None
     seconds: float = 0.0
     #: What the verdict means for the candidate: ``KEPT``, or the check that refused it.
@@ -155,6 +159,10 @@ class Verdict:
             "seconds": round(self.seconds, 4),
             "profiles": [p.to_dict() for p in self.profiles],
         }
+
+
+#: What a deferred exact rewrite waits for (:attr:`Judge.deferred`); replaced by the figures once the result is judged.
+DEFERRED = "judged with the whole result"
 
 
 def _compute_nodes(model: Model) -> int:
@@ -184,6 +192,10 @@ class Judge:
         self.config = config if budget is config.budget else replace(config, budget=budget)
         #: The run's time budget (unbounded by default): what the judge's own extra measurements may spend.
         self.deadline = deadline or Deadline()
+        #: Exact rewrites are kept without numerics of their own -- and those that lower MACs or nodes without a
+        #: timing of their own -- both judged later on the whole result, end to end (:func:`rewriter.pipeline.optimize`
+        #: sets it for a run of exact passes only, and searches again one by one where the result fails).
+        self.deferred = False
         feeds = feeds or FeedSet.random(input_specs(original.proto, original.require_shapes()))
         #: With profiles, numerics run at the primary profile's batch (the validation and test feeds re-batched to it).
         self.feeds = feeds.rebatched(self.config.profiles[0].batch) if self.config.profiles else feeds
@@ -347,11 +359,18 @@ class Judge:
         if proven is not None and not exact:
             raise ValueError("judge: only exact rewrites can be proven with their round")
         needs_speedup = speculative(accepted, trial, candidate) if exact else True
+        if exact and self.deferred and cfg.latency and not needs_speedup:
+            return Verdict(True, f"exact: numerics and latency {DEFERRED}", {}, seconds=time.perf_counter() - start,
+                           latency_scope="deferred")
         measured: list[ProfileLatency] = []
         if exact and needs_speedup and proven is None and cfg.latency:
             measured, refusal = self._time_profiles(accepted, trial, candidate, exact, needs_speedup)
             if refusal is not None:
                 return self._refused(refusal, {}, measured, None, start)
+            if self.deferred:
+                first = measured[0]
+                return Verdict(True, f"exact, {first.scope} speedup {first.latency.ci}; numerics {DEFERRED}", {}, first.latency,
+                               first.scope, seconds=time.perf_counter() - start, profiles=self._all(measured))
         # Lossy budgets dwarf onnxruntime's own rounding: judge them in one session with the deploy options
         # (on every core: numerics, not timing), reused below.
         session = None if exact else eval_session(trial.proto, cfg.runtime)

@@ -171,42 +171,50 @@ def partial_stats(
     rtol: float = EXACT_RTOL,
     atol: float = EXACT_ATOL,
 ) -> OutputPartial:
-    """Sufficient statistics of one output over these feeds (each pair must have the same shape)."""
+    """Sufficient statistics of one output over these feeds (each pair must have the same shape): one feed's
+    at a time, merged (small temporaries: a 640x640 map over 8 feeds is not copied whole in float64)."""
     for r, c in zip(refs, cands):
         if r.shape != c.shape:
             raise ValueError(f"output {name!r}: shape {c.shape} differs from the reference's {r.shape}")
-    r = np.concatenate([np.asarray(x, np.float64).ravel() for x in refs]) if refs else np.zeros(0)
-    c = np.concatenate([np.asarray(x, np.float64).ravel() for x in cands]) if cands else np.zeros(0)
+    total = OutputPartial(name)
+    scores = all(np.ndim(x) == 2 and np.shape(x)[1] >= 2 for x in refs)
+    for r, c in zip(refs, cands):
+        total = total.merge(_pair_stats(name, np.asarray(r), np.asarray(c), scores, rtol, atol))
+    return replace(total, scores=scores) if refs else total
+
+
+def _pair_stats(name: str, ref: np.ndarray, cand: np.ndarray, scores: bool, rtol: float, atol: float) -> OutputPartial:
+    """:func:`partial_stats` of one feed's output (``scores``: every feed's output is N x C class scores)."""
+    r = np.asarray(ref, np.float64).ravel()
+    c = np.asarray(cand, np.float64).ravel()
     ref_finite, cand_finite = np.isfinite(r), np.isfinite(c)
     same_nonfinite = (~ref_finite) & ((c == r) | (np.isnan(c) & np.isnan(r)))
     mismatch = int(np.sum((~ref_finite & ~same_nonfinite) | (ref_finite & ~cand_finite)))
     both = ref_finite & cand_finite
-    rf, cf = r[both], c[both]
+    rf, cf = (r, c) if both.all() else (r[both], c[both])
     diff = np.abs(cf - rf)
     any_values = bool(diff.size)
-    scores = all(x.ndim == 2 and x.shape[1] >= 2 for x in refs)
+    abs_ref = np.abs(rf)
     classes = rows = hits1 = hits5 = 0
-    if refs and scores:
-        ref2 = np.concatenate([np.asarray(x) for x in refs])
-        cand2 = np.concatenate([np.asarray(x) for x in cands])
-        classes, rows = int(ref2.shape[1]), int(ref2.shape[0])
-        hits1 = topk_hits(ref2, cand2, 1)
-        hits5 = topk_hits(ref2, cand2, 5) if classes > 5 else 0
+    if scores:
+        classes, rows = int(ref.shape[1]), int(ref.shape[0])
+        hits1 = topk_hits(ref, cand, 1)
+        hits5 = topk_hits(ref, cand, 5) if classes > 5 else 0
     return OutputPartial(
         name,
         elements=int(r.size),
         nonfinite_mismatch=mismatch,
         count=int(diff.size),
         max_abs=float(diff.max()) if any_values else 0.0,
-        max_rel=float((diff / np.maximum(np.abs(rf), 1e-12)).max()) if any_values else 0.0,
-        max_allclose=float((diff / (atol + rtol * np.abs(rf))).max()) if any_values else 0.0,
+        max_rel=float((diff / np.maximum(abs_ref, 1e-12)).max()) if any_values else 0.0,
+        max_allclose=float((diff / (atol + rtol * abs_ref)).max()) if any_values else 0.0,
         sum_abs=float(np.sum(diff)),
         dot=float(np.dot(rf, cf)),
-        sum_ref2=float(np.sum(rf**2)),
-        sum_cand2=float(np.sum(cf**2)),
-        sum_err2=float(np.sum(diff**2)),
+        sum_ref2=float(np.dot(rf, rf)),
+        sum_cand2=float(np.dot(cf, cf)),
+        sum_err2=float(np.dot(diff, diff)),
         ref_nonzero=bool(np.any(rf)),
-        classes=classes if refs and scores else None,
+        classes=classes if scores else None,
         rows=rows,
         top1_hits=hits1,
         top5_hits=hits5,

@@ -122,9 +122,9 @@ def reference_session(model: onnx.ModelProto | bytes | str, threads: int | None 
     if threads is None:
         threads = _REFERENCE_THREADS.get()
     try:
-        return ort.InferenceSession(
-            _payload(model), session_options(threads, "disabled"), providers=["CPUExecutionProvider"]
-        )
+        so = session_options(threads, "disabled")
+        so.enable_cpu_mem_arena = False  # numerics, not timing: each run's memory goes back (no arena kept per session)
+        return ort.InferenceSession(_payload(model), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
