@@ -201,3 +201,16 @@ def test_activations_option_is_checked() -> None:
     model, _ = quantize_int8(chain(2), feeds(2, 0), options=Int8Options(activations="int8"))
     zero_points = [t for t in model.graph.initializer if t.name in ("X_zero_point", "R0_zero_point")]
     assert len(zero_points) == 2 and all(t.data_type == onnx.TensorProto.INT8 for t in zero_points)
+
+
+def test_calibration_in_chunks_gives_the_same_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rewriter.precision.int8 as int8
+
+    model, cal = chain(3), feeds(8, 0)
+    chunked, _ = quantize_int8(model, cal)  # ranges merged every 4 feeds
+    monkeypatch.setattr(int8, "CALIBRATION_CHUNK", 8)
+    whole, _ = quantize_int8(model, cal)
+    monkeypatch.setattr(int8, "CALIBRATION_CHUNK", 1)
+    single, _ = quantize_int8(model, cal[:1])
+    assert chunked.SerializeToString() == whole.SerializeToString()
+    assert single.SerializeToString() != whole.SerializeToString()  # the ranges do depend on the feeds

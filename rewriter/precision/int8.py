@@ -56,6 +56,10 @@ Feed = dict[str, np.ndarray]
 
 #: The lowest opset quantized as it is (per-channel QuantizeLinear/DequantizeLinear take ``axis`` from 13).
 MIN_OPSET = 13
+#: At most this many calibration feeds are run before their ranges are merged (``CalibStridedMinMax``: bounds
+#: memory; MinMax ranges do not depend on it). Not ``CalibMaxIntermediateOutputs``: onnxruntime 1.32 drops the
+#: outputs it collected when that limit is reached instead of merging them.
+CALIBRATION_CHUNK = 4
 #: Ops that mean a model is quantized already.
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -166,10 +170,17 @@ def _reader(feeds: Sequence[Mapping[str, np.ndarray]]):  # type: ignore[no-untyp
 
     class FeedReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._items = iter([dict(f) for f in feeds])
+            self._all = [dict(f) for f in feeds]
+            self._items = iter(self._all)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._items, None)
+
+        def __len__(self) -> int:
+            return len(self._all)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._items = iter(self._all[start_index:end_index])
 
     return FeedReader()
 
@@ -222,12 +233,15 @@ class Quantizer:
         out = Path(self._dir.name) / f"int8-{self.calls}.onnx"
         self.calls += 1
         extra = {"calibration_cache_path": str(self.cache)} if self.cached else {}
+        # Ranges merged every few feeds (strided MinMax: the same min/max), not every tensor of every feed held at once.
+        n = len(self.calibration)
+        options = {"CalibStridedMinMax": max(d for d in range(1, CALIBRATION_CHUNK + 1) if n % d == 0)}
         quantize_static(
             str(self.source), str(out), _reader(self.calibration), quant_format=QuantFormat.QDQ,
             per_channel=self.options.per_channel, reduce_range=self.options.reduce_range,
             activation_type=QuantType.QUInt8 if self.options.activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
-            **extra,
+            extra_options=options, **extra,
         )
         model = onnx.load(str(out))
         out.unlink()
