@@ -214,3 +214,18 @@ def test_calibration_in_chunks_gives_the_same_model(monkeypatch: pytest.MonkeyPa
     single, _ = quantize_int8(model, cal[:1])
     assert chunked.SerializeToString() == whole.SerializeToString()
     assert single.SerializeToString() != whole.SerializeToString()  # the ranges do depend on the feeds
+
+
+def test_a_budget_no_model_holds_returns_the_input() -> None:
+    model = chain(4)
+    result = search_int8(model, feeds(4, 0), lambda m, split: [f"{split}: never"])
+    assert result.status == "broken" and result.model is model
+    assert result.counts == {"int8": 0, "float": 4} and all("even with every node in float" in d.reason for d in result.nodes)
+    assert len(result.trials) <= 1 + 2 * math.ceil(math.log2(4)) + 1
+
+
+def test_full_int8_failing_only_the_held_out_split_is_backed_off() -> None:
+    result = search_int8(chain(8), feeds(4, 0), _fake_check(0, 3))
+    assert result.trials[0].purpose == "full int8" and result.trials[0].holds
+    assert float_convs(result.model) >= 3 and result.status == "mixed"
+    assert all(d.rank is not None for d in result.nodes)  # ranked once the held-out split failed

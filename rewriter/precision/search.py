@@ -35,13 +35,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from rewriter.precision.int8 import Int8Options, Prepared, Quantizer, prepare, quantized_nodes
 from rewriter.precision.sensitivity import sensitivities
+
+if TYPE_CHECKING:
+    from rewriter.validation.judge import TaskMetric
+    from rewriter.validation.numerics import Budget
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +340,8 @@ def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Chec
         if k_val is None or k_test is None:
             split = "validation" if k_val is None else "held-out test split"
             why = f"kept float: the budget fails on the {split} even with every node in float"
-            nodes = [NodeDecision(u, "?", Precision.FLOAT, why) for u in units]
+            ops = {n.name: n.op_type for n in prepared.model.graph.node}
+            nodes = [NodeDecision(u, ops[u], Precision.FLOAT, why) for u in units]
             return Int8Result(model, "broken", prepared.normalizations, nodes, trials.log, time.perf_counter() - start,
                               quantizer.calls)
         excluded = ranking.excluded(k_test)
@@ -356,7 +361,7 @@ def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Chec
 
 
 def guarded_int8(model: onnx.ModelProto, calibration: Sequence[Feed], validation: Sequence[Feed], test: Sequence[Feed],
-                 budget: Any, metric: Any = None, *, options: SearchOptions | None = None,
+                 budget: Budget, metric: TaskMetric | None = None, *, options: SearchOptions | None = None,
                  island_pays: IslandPays | None = None) -> Int8Result:
     """:func:`search_int8` judged by a :class:`~rewriter.precision.check.BudgetCheck` of ``budget`` (a
     :class:`~rewriter.validation.numerics.Budget`) and the optional task ``metric`` against ``model``."""
