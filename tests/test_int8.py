@@ -229,3 +229,13 @@ def test_full_int8_failing_only_the_held_out_split_is_backed_off() -> None:
     assert result.trials[0].purpose == "full int8" and result.trials[0].holds
     assert float_convs(result.model) >= 3 and result.status == "mixed"
     assert all(d.rank is not None for d in result.nodes)  # ranked once the held-out split failed
+
+
+def test_nsr_is_the_worst_channels() -> None:
+    from rewriter.precision.sensitivity import nsr
+
+    ref = np.array([[1.0, 1e-3], [0.99, 2e-3]])  # class scores: one near 1, one near 0
+    cand = np.array([[1.0, 0.0], [0.99, 3.9e-3]])  # the small one lost to 8-bit steps
+    assert nsr([cand], [ref]) == pytest.approx((1e-6 + 1.9e-3**2) / (1e-6 + 4e-6))
+    assert nsr([ref], [ref]) == 0.0
+    assert nsr([np.ones(3)], [np.zeros(3)]) == math.inf

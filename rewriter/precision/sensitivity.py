@@ -2,18 +2,24 @@
 model and one of its full-int8 QDQ model on a few calibration feeds (two onnxruntime sessions in all, with
 graph optimizations disabled and the tensors needed exposed as outputs).
 
-With ``nsr(c, r) = sum (c - r)^2 / sum r^2`` (noise-to-signal power, over the feeds) and, for a node ``N`` of
-the int8 model:
+With ``nsr(c, r) = max_ch sum (c - r)^2 / sum r^2`` (noise-to-signal power of the worst channel, axis 1, over
+the feeds: a small channel next to a large one -- a class score near 0 beside one near 1, a channel 1000x
+smaller than an outlier -- is what 8 bits lose, and a whole-tensor ratio would hide it) and, for a node ``N``
+of the int8 model:
 
-* ``out(N) = nsr(int8 value of N's output after its QuantizeLinear/DequantizeLinear pair (the raw output when
-  it has none), float value of the same tensor)``;
+* ``out(N) = nsr(int8 value of N's output before its QuantizeLinear/DequantizeLinear pair, float value)``,
+  or *after* the pair when the output is a graph output;
 * ``in(N) = max`` over N's activation inputs ``x`` of ``nsr(int8 value of x before its QDQ pair, float x)``
   (0 for graph inputs): the noise that reaches N from upstream, before N's own input is quantized;
 
-the node's sensitivity is ``max(0, out(N) - in(N))``: the relative noise power quantizing N's input, its
-weights and its output adds. Quantization noise is roughly independent from layer to layer, so noise powers
-add and the difference isolates the node. It is a ranking, not a promise: the search checks every exclusion
-set it keeps against the budget.
+the node's sensitivity is ``max(0, out(N) - in(N))``: the relative noise power that quantizing N's inputs
+and weights adds (and its output's, for a graph output). A tensor's quantization is charged to its
+consumers, and to its producer only when it is a graph output (no consumer): onnxruntime keeps a tensor
+float only when its producer and every consumer are float, which is how the search's exclusion sets are
+closed (:func:`rewriter.precision.search.exclusion`). Quantization noise is roughly independent from layer
+to layer, so noise powers add and the difference isolates the node; far downstream of a node that breaks the
+budget, the noise already there hides what a node adds (its sensitivity reads near 0). It is a ranking, not
+a promise: the search checks every exclusion set it keeps against the budget.
 
 Name matching: the QDQ quantizer keeps the float model's tensor names, except that a graph output written by
 a quantized node is renamed ``<name>_QuantizeLinear_Input``, and a Relu/Clip it drops (fused into the
@@ -35,13 +41,24 @@ _Q_INPUT = "_QuantizeLinear_Input"
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
+def _per_channel(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum of squares per channel (axis 1 of each array of rank >= 2; one channel otherwise), over the arrays."""
+    total = None
+    for a in arrays:
+        a = np.asarray(a, np.float64)
+        sq = np.sum(a**2, axis=tuple(i for i in range(a.ndim) if i != 1)) if a.ndim >= 2 else np.array([np.sum(a**2)])
+        total = sq if total is None else total + sq
+    return np.zeros(1) if total is None else total
+
+
 def nsr(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
-    """``sum (c - r)^2 / sum r^2`` over all arrays (``inf`` when the reference is zero and they differ)."""
-    num = sum(float(np.sum((np.asarray(c, np.float64) - np.asarray(r, np.float64)) ** 2)) for c, r in zip(cand, ref))
-    den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
-    if den == 0:
-        return 0.0 if num == 0 else float("inf")
-    return num / den
+    """The worst channel's ``sum (c - r)^2 / sum r^2`` over all arrays (channels: axis 1); a channel whose
+    reference is zero counts as 0 when equal, else ``inf``."""
+    num = _per_channel([np.asarray(c, np.float64) - np.asarray(r, np.float64) for c, r in zip(cand, ref)])
+    den = _per_channel(ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+    return float(np.max(ratio)) if ratio.size else 0.0
 
 
 def _run(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
@@ -105,6 +122,7 @@ def _pairs(float_model: onnx.ModelProto, int8: onnx.ModelProto, units: Sequence[
     """Per unit: its (int8 tensor, float tensor) input pairs and its output pair."""
     names = _Names(float_model, int8)
     weights = {t.name for t in int8.graph.initializer}
+    outputs = {o.name for o in float_model.graph.output}
     by_name = {n.name: n for n in int8.graph.node}
     out: dict[str, tuple[list[tuple[str, str]], tuple[str, str] | None]] = {}
     for unit in units:
@@ -121,8 +139,9 @@ def _pairs(float_model: onnx.ModelProto, int8: onnx.ModelProto, units: Sequence[
             f = names.float_name(src, before_activation=True)
             if f is not None:
                 inputs.append((src, f))
-        f_out = names.float_name(node.output[0], before_activation=False)
-        out[unit] = (inputs, None if f_out is None else (names.after_qdq(node.output[0]), f_out))
+        final = names.float_name(node.output[0], before_activation=False) in outputs
+        f_out = names.float_name(node.output[0], before_activation=not final)
+        out[unit] = (inputs, None if f_out is None else (names.after_qdq(node.output[0]) if final else node.output[0], f_out))
     return out
 
 
