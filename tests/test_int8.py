@@ -156,9 +156,12 @@ def _fake_check(validation_needs: int, test_needs: int) -> Callable[[onnx.ModelP
 def test_the_search_takes_logarithmically_many_trials() -> None:
     n = 32
     result = search_int8(chain(n), feeds(4, 0), _fake_check(11, 0))
-    validation = [t for t in result.trials if t.split == "validation"]
-    assert len(validation) <= 1 + 2 * math.ceil(math.log2(n)) + 1  # full int8, then the galloping bisection
-    assert result.counts["float"] >= 11
+    bisection = [t for t in result.trials if t.purpose.endswith("on validation")]
+    refinement = [t for t in result.trials if t.purpose.startswith("refine")]
+    assert 5 <= len(bisection) <= 2 * math.ceil(math.log2(n)) + 1  # galloping to k >= 11, then bisection
+    assert 1 <= len(refinement) <= 2 * math.ceil(math.log2(2 * n)) + 1
+    assert len(result.trials) == 1 + len(bisection) + len(refinement) + 1  # with full int8 and the held-out check
+    assert float_convs(result.model) == 11  # the refinement put back every unit the budget did not need
     assert not result.trials[-1].failures
 
 
@@ -239,3 +242,14 @@ def test_nsr_is_the_worst_channels() -> None:
     assert nsr([cand], [ref]) == pytest.approx((1e-6 + 1.9e-3**2) / (1e-6 + 4e-6))
     assert nsr([ref], [ref]) == 0.0
     assert nsr([np.ones(3)], [np.zeros(3)]) == math.inf
+
+
+def test_the_refinement_puts_unneeded_float_nodes_back_in_int8() -> None:
+    result = search_int8(chain(8), feeds(4, 0), _fake_check(1, 0))
+    assert float_convs(result.model) == 1 and result.counts == {"int8": 7, "float": 1}
+    back = [d for d in result.nodes if "put back in int8 by the refinement" in d.reason]
+    assert back and all(d.precision is Precision.INT8 for d in back)
+    sensitive = search_int8(chain(8, sensitive=4), feeds(8, 0), BudgetCheck(chain(8, sensitive=4), {"validation": feeds(8, 1)}, BUDGET),
+                            has_test=False)
+    assert [t.holds for t in sensitive.trials if t.purpose.startswith("refine")] == [False]  # its producer is needed
+    assert sensitive.counts == {"int8": 6, "float": 2}

@@ -14,7 +14,11 @@ The rule, with ``check(model, split)`` the budget's failures on a split (empty: 
    the first that holds, then bisection between it and the last that failed: ``<= 2 ceil(log2 n) + 1``
    trials for ``n`` units, fewer when few units need float (``O(log k)``). ``k = n`` (nothing int8) is the
    last resort; when even it fails, the float model is returned (the budget cannot hold).
-4. **Held-out confirmation.** The chosen model is checked on the test split. When it fails, ``k`` grows the
+   **3b. Refine** (``refine``, on by default): the ranking is a proxy, so ``E_k`` may hold units the budget
+   does not need. They are put back in int8 least sensitive first, as many as validation allows (the largest
+   ``j`` by galloping and bisection: ``O(log |E_k|)`` more trials).
+4. **Held-out confirmation.** The chosen model is checked on the test split. When it fails, the unrefined
+   ``E_k`` is tried there (when the refinement changed it); when that fails too, ``k`` grows the
    same way (galloping from ``k + 1``, then bisection), a ``k`` counting only when *both* splits hold: the
    test split decides how many more nodes stay float, never which (the ranking is fixed by the calibration
    feeds). No margin beyond that: the result holds on both splits as measured.
@@ -202,10 +206,12 @@ class _Trials:
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """``sensitivity_feeds``: how many calibration feeds the sensitivity ranking runs on."""
+    """``sensitivity_feeds``: how many calibration feeds the sensitivity ranking runs on; ``refine``: step 3b."""
 
     int8: Int8Options = field(default_factory=Int8Options)
     sensitivity_feeds: int = 4
+    #: Step 3b: put the least sensitive units of the float set back in int8 while validation holds.
+    refine: bool = True
 
 
 class _Ranking:
@@ -235,25 +241,55 @@ class _Ranking:
         return () if k == 0 else exclusion(self.ranked, k, self.producers)
 
 
-def _bisect(trials: _Trials, ranking: _Ranking, has_test: bool) -> tuple[int | None, int | None]:
-    """Steps 1-4 of the module docstring: ``(k on validation, k after the held-out split)``; ``None`` where even
-    ``k = n`` fails."""
+@dataclass(frozen=True)
+class _Found:
+    """What steps 1-4 found: ``k`` on validation and after the held-out split (``None``: even ``k = n`` fails),
+    the units kept float and those of ``E_k`` the refinement put back in int8."""
+
+    k_val: int | None
+    k_test: int | None
+    excluded: tuple[str, ...] = ()
+    returned: frozenset[str] = frozenset()
+
+
+def _refine(trials: _Trials, ranking: _Ranking, k: int) -> tuple[tuple[str, ...], frozenset[str]]:
+    """Step 3b: ``E_k`` with its ``j`` least sensitive units put back in int8, ``j`` the largest for which
+    validation still holds (galloping then bisection on ``j``; ``j = 0`` holds)."""
+    full = ranking.excluded(k)
+    rank = {u: i for i, u in enumerate(ranking.ranked)}
+    order = sorted(full, key=lambda u: (ranking.scores[u], -rank[u]))
+
+    def without(j: int) -> tuple[str, ...]:
+        return tuple(sorted(set(full) - set(order[:j])))
+
+    first_fail = smallest_holding(lambda j: not trials.holds(without(j), "validation", f"refine: {j} of E_{k} back to int8"),
+                                  0, len(order))
+    j = len(order) if first_fail is None else first_fail - 1
+    return without(j), frozenset(order[:j])
+
+
+def _bisect(trials: _Trials, ranking: _Ranking, has_test: bool, refine: bool) -> _Found:
+    """Steps 1-4 of the module docstring."""
     n = len(ranking.units)
     k_val: int | None = 0
     if not trials.holds((), "validation", "full int8"):
         k_val = smallest_holding(lambda k: trials.holds(ranking.excluded(k), "validation", f"k={k} on validation"), 0, n)
-    if k_val is None or not has_test:
-        return k_val, k_val
-    if trials.holds(ranking.excluded(k_val), "test", f"k={k_val} held-out confirmation"):
-        return k_val, k_val
+    if k_val is None:
+        return _Found(None, None)
+    excluded, returned = _refine(trials, ranking, k_val) if k_val and refine else (ranking.excluded(k_val), frozenset())
+    if not has_test or trials.holds(excluded, "test", f"k={k_val} held-out confirmation"):
+        return _Found(k_val, k_val, excluded, returned)
+    if returned and trials.holds(ranking.excluded(k_val), "test", f"k={k_val} without the refinement, held-out"):
+        return _Found(k_val, k_val, ranking.excluded(k_val))
     if k_val >= n:
-        return k_val, None
+        return _Found(k_val, None)
 
     def both(k: int) -> bool:
         e = ranking.excluded(k)
         return trials.holds(e, "validation", f"k={k} after held-out failure") and trials.holds(e, "test", f"k={k} held-out")
 
-    return k_val, smallest_holding(both, k_val, n)
+    k_test = smallest_holding(both, k_val, n)
+    return _Found(k_val, k_test, () if k_test is None else ranking.excluded(k_test))
 
 
 def islands(model: onnx.ModelProto, int8_units: Sequence[str]) -> list[frozenset[str]]:
@@ -296,9 +332,10 @@ def _rollback(trials: _Trials, prepared: Prepared, excluded: tuple[str, ...], un
     return current, rolled
 
 
-def _decisions(prepared: Prepared, ranking: _Ranking, k_val: int, k_test: int, rolled: Sequence[frozenset[str]],
-               excluded: Sequence[str]) -> list[NodeDecision]:
+def _decisions(prepared: Prepared, ranking: _Ranking, ks: tuple[int, int], rolled: Sequence[frozenset[str]],
+               excluded: Sequence[str], returned: frozenset[str]) -> list[NodeDecision]:
     """Each unit's precision and why (see the module docstring), in graph order."""
+    k_val, k_test = ks
     ops = {n.name: n.op_type for n in prepared.model.graph.node}
     scores = ranking.scores if k_test else {}
     rank = {u: i + 1 for i, u in enumerate(ranking.ranked)} if k_test else {}
@@ -307,7 +344,10 @@ def _decisions(prepared: Prepared, ranking: _Ranking, k_val: int, k_test: int, r
     island_of = {u: isl for isl in rolled for u in isl}
     decisions = []
     for unit in ranking.units:
-        if unit not in out_set:
+        if unit in returned and unit not in out_set:
+            why = (f"int8: in the float set of the top {k_val}, put back in int8 by the refinement "
+                   "(the budget holds on validation without it in float)")
+        elif unit not in out_set:
             why = "int8 (full int8 holds the budget)" if not k_test else "int8"
         elif unit in top_val:
             why = f"kept float: sensitivity rank {rank[unit]} of {n}, among the {k_val} most sensitive needed for the budget on validation"
@@ -336,7 +376,8 @@ def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Chec
         full = trials.model(())
         units = [u for u in quantized_nodes(full) if u in {n.name for n in prepared.model.graph.node}]
         ranking = _Ranking(prepared, full, units, list(calibration)[: max(1, options.sensitivity_feeds)])
-        k_val, k_test = _bisect(trials, ranking, has_test)
+        found = _bisect(trials, ranking, has_test, options.refine)
+        k_val, k_test = found.k_val, found.k_test
         if k_val is None or k_test is None:
             split = "validation" if k_val is None else "held-out test split"
             why = f"kept float: the budget fails on the {split} even with every node in float"
@@ -344,12 +385,12 @@ def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Chec
             nodes = [NodeDecision(u, ops[u], Precision.FLOAT, why) for u in units]
             return Int8Result(model, "broken", prepared.normalizations, nodes, trials.log, time.perf_counter() - start,
                               quantizer.calls)
-        excluded = ranking.excluded(k_test)
+        excluded = found.excluded
         rolled: list[frozenset[str]] = []
         if island_pays is not None:
             excluded, rolled = _rollback(trials, prepared, excluded, units, island_pays, has_test)
         result_model = trials.model(excluded)
-        nodes = _decisions(prepared, ranking, k_val, k_test, rolled, excluded)
+        nodes = _decisions(prepared, ranking, (k_val, k_test), rolled, excluded, found.returned)
         calls = quantizer.calls
     int8_count = sum(d.precision is Precision.INT8 for d in nodes)
     status = "int8" if int8_count == len(nodes) and nodes else ("float" if int8_count == 0 else "mixed")
