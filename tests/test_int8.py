@@ -253,3 +253,17 @@ def test_the_refinement_puts_unneeded_float_nodes_back_in_int8() -> None:
                             has_test=False)
     assert [t.holds for t in sensitive.trials if t.purpose.startswith("refine")] == [False]  # its producer is needed
     assert sensitive.counts == {"int8": 6, "float": 2}
+
+
+def test_without_the_calibration_cache_each_call_calibrates_to_the_same_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rewriter.precision.int8 as int8
+
+    model, cal = chain(3), feeds(4, 0)
+    cached, _ = quantize_int8(model, cal, exclude=["Conv_2"])
+    monkeypatch.setattr(int8, "_cache_supported", lambda: False)  # an onnxruntime before calibration_cache_path
+    prepared = prepare(model)
+    with Quantizer(prepared, cal) as q:
+        q.quantize()
+        again = q.quantize(["Conv_2"])
+        assert not q.cache.exists()
+    assert again.SerializeToString() == cached.SerializeToString()

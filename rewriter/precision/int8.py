@@ -14,8 +14,9 @@ parameters for CPU inference"):
 * MinMax calibration: a tensor's range is ``[min, max]`` over the calibration feeds.
 
 Calibration is done once per :class:`Quantizer` and reused for every quantization with a different set of
-nodes kept in float: ``quantize_static``'s ``calibration_cache_path`` (onnxruntime >= 1.24) writes the
-tensor ranges to a JSON file on the first call and loads them on the next. Ranges are those of the *float*
+nodes kept in float: ``quantize_static``'s ``calibration_cache_path`` writes the
+tensor ranges to a JSON file on the first call and loads them on the next (checked by signature; present in the
+onnxruntime 1.32 used here). Ranges are those of the *float*
 model whatever is excluded, so reusing them gives exactly what recalibrating would. On an onnxruntime
 without the cache every call calibrates again (slower, same ranges).
 
