@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from math import prod
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -42,39 +43,62 @@ class NodeCost:
         return self.op == "Conv" and self.group == 1 and bool(self.kernel) and max(self.kernel) >= 3
 
 
-def _float_const(tensor: gs.Tensor):  # type: ignore[no-untyped-def]
+def _const_info(tensor: gs.Tensor) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """The dtype and shape of a load-time constant, read without loading its values where onnx-graphsurgeon
+    holds them lazily (analysing a model then copies none of its weights); ``None`` for anything computed at
+    run time or fed by the user."""
+    lazy = tensor if isinstance(tensor, gs.Constant) else None
+    if lazy is None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        lazy = value if isinstance(value, gs.Constant) else None
+    if lazy is not None:
+        return np.dtype(lazy.dtype), tuple(int(d) for d in lazy.shape)
     v = const_value(tensor)
-    return v if v is not None and v.dtype.kind == "f" else None
+    return None if v is None else (v.dtype, tuple(int(d) for d in v.shape))
+
+
+def _const_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    info = _const_info(tensor)
+    return None if info is None else info[1]
+
+
+def _const_meta(tensor: gs.Tensor) -> tuple[np.dtype, int] | None:
+    """The dtype and element count of a load-time constant (see :func:`_const_info`)."""
+    info = _const_info(tensor)
+    return None if info is None else (info[0], int(prod(info[1])))
+
+
+def _float_size(tensor: gs.Tensor) -> int | None:
+    meta = _const_meta(tensor)
+    return meta[1] if meta is not None and meta[0].kind == "f" else None
 
 
 #: Inputs of the quantization ops that are not weights: scales and zero points.
 _QUANT_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def _param_inputs(node: gs.Node) -> list[tuple[gs.Tensor, Any]]:
-    """The node's constant inputs that are parameters, with their values: floating-point constants
+def _param_inputs(node: gs.Node) -> list[tuple[gs.Tensor, int]]:
+    """The node's constant inputs that are parameters, with their element counts: floating-point constants
     (weights, biases, BN statistics); for a DequantizeLinear, the quantized tensor it reads (an int8 QDQ
     model's weights and biases) and not its scale or zero point; nothing of a QuantizeLinear."""
     if node.op in _QUANT_OPS:
         if node.op == "QuantizeLinear" or not node.inputs:
             return []
-        value = const_value(node.inputs[0])
-        return [] if value is None else [(node.inputs[0], value)]
-    return [(t, v) for t in node.inputs if (v := _float_const(t)) is not None]
+        meta = _const_meta(node.inputs[0])
+        return [] if meta is None else [(node.inputs[0], meta[1])]
+    return [(t, n) for t in node.inputs if (n := _float_size(t)) is not None]
 
 
 def node_params(node: gs.Node) -> int:
     """Elements of the node's parameters (see :func:`_param_inputs`)."""
-    return sum(int(v.size) for _, v in _param_inputs(node))
+    return sum(n for _, n in _param_inputs(node))
 
 
 def _weight_shape(model: Model, node: gs.Node) -> tuple[int, ...] | None:
     if len(node.inputs) < 2:
         return None
-    value = const_value(node.inputs[1])
-    if value is not None:
-        return tuple(int(d) for d in value.shape)
-    return model.static_shape(node.inputs[1])
+    shape = _const_shape(node.inputs[1])
+    return shape if shape is not None else model.static_shape(node.inputs[1])
 
 
 def conv_macs(out_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
@@ -198,8 +222,8 @@ def analyze(model: Model) -> Analysis:
     seen: set[int] = set()
     total_params = 0
     for n in model.graph.nodes:
-        for t, v in _param_inputs(n):
+        for t, size in _param_inputs(n):
             if id(t) not in seen:
                 seen.add(id(t))
-                total_params += int(v.size)
+                total_params += size
     return Analysis(costs, op_histogram(model.graph.nodes), sum(c.macs for c in costs), total_params)

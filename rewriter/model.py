@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from rewriter.errors import InputError, UnresolvedShape
 from rewriter.graph import const_value, finalize, to_onnx
 from rewriter.io import copy_model, normalize_model, read_model
+from rewriter.memory import give_back_memory
 from rewriter.shapes import MaybeShape, Shape, TensorInfo, infer_tensor_info, resolve_input_shapes
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,12 @@ class Model:
             self._graph = graph
         return self._graph
 
+    def release(self) -> None:
+        """Drop the graph view built on demand and its node index: the weights it loaded as arrays go with them
+        (a copy of every weight a pass looked at). Built again when next asked for; the proto is untouched."""
+        self._graph = None
+        self._nodes = None
+
     @property
     def info(self) -> dict[str, TensorInfo]:
         if self._info is None:
@@ -181,6 +188,8 @@ class Model:
     def commit(self) -> Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
         proto = to_onnx(finalize(self.graph), self.proto)
+        self.release()  # the fork's graph and its weight arrays are done with
+        give_back_memory()
         child = Model(proto, self.input_shapes)
         child.root = self.root
         return child

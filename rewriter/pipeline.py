@@ -30,6 +30,7 @@ from rewriter.deadline import Deadline
 from rewriter.decision import Decision, PassRun, SearchSummary, summarize
 from rewriter.errors import InputError
 from rewriter.holdout import Holdout, budget_spend, confirm
+from rewriter.memory import give_back_memory
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.registry import resolve_passes
@@ -248,6 +249,8 @@ def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
     """The passes' searches, the held-out confirmation and the closing comparison."""
     model, runs, measured = _search(state, selected, max_rounds)
     model, holdout = confirm(state, model, runs, selected, feeds, fail=holdout_fail)
+    for m in (state.original, model):
+        m.release()  # the closing runs onnxruntime on the protos: the graph views' weight copies need not be held
     numerics, final, same = _closing(state, model, measured)
     return _Searched(model, runs, holdout, numerics, final, same)
 
@@ -408,14 +411,18 @@ def optimize(
     run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
     done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
     model, final = done.model, done.latency
+    before, after = analyze(original), analyze(model)
+    for m in (original, model):
+        m.release()  # the graph views' weight copies (a pass's reads) are not kept with the result
+    give_back_memory()
     return OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
         original=original.proto,
         input_shapes=dict(original.input_shapes),
         decisions=state.decisions,
         passes=done.runs,
-        before=analyze(original),
-        after=analyze(model),
+        before=before,
+        after=after,
         final_numerics=done.numerics,
         final_latency=final[0].latency if final else None,
         budget=budget,

@@ -24,7 +24,8 @@ from dataclasses import replace
 
 import onnx
 
-from rewriter.validation.runtime import RuntimeOptions, deploy_session_options
+from rewriter.memory import give_back_memory
+from rewriter.validation.runtime import RuntimeOptions, deploy_session_options, payload
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ def deployed_key(model: onnx.ModelProto, runtime: RuntimeOptions) -> str | None:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            ort.InferenceSession(model.SerializeToString(), so, providers=runtime.providers())
+            with payload(model) as source:
+                ort.InferenceSession(source, so, providers=runtime.providers())
+            give_back_memory()
             return structure_key(onnx.load(path, load_external_data=False))
         except Exception as exc:  # onnxruntime raises its own types; then the models are timed
             log.info("the deployed graph could not be read (%s); timing instead", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

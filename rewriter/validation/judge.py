@@ -37,6 +37,7 @@ from rewriter.validation.feeds import FeedSet, input_specs
 from rewriter.validation.latency import LatencyComparison, TimingOptions, time_pairs
 from rewriter.validation.numerics import Budget, OutputStats, spread_error
 from rewriter.validation.region import RegionError, extract_region, region_feed, region_outputs
+from rewriter.memory import give_back_memory
 from rewriter.validation.runtime import RuntimeOptions, deploy_session, eval_session, reference_session, run_feeds
 from rewriter.validation.stats import RatioCI
 from rewriter.validation.user_code import import_function
@@ -225,6 +226,7 @@ class Judge:
     def reference(self) -> list[dict]:
         if self._reference is None:
             self._reference = run_feeds(reference_session(self.original.proto), self.feeds.validation)
+            give_back_memory()
         return self._reference
 
     @property
@@ -242,10 +244,12 @@ class Judge:
         run again for the closing check), or in the given session (lossy rewrites reuse their deploy session)."""
         if session is None and self._last_numerics is not None and self._last_numerics[0] is proto:
             return dict(self._last_numerics[1])
-        outputs = run_feeds(session if session is not None else reference_session(proto), self.feeds.validation)
+        if session is not None:
+            return self.config.budget.compare(self.reference, run_feeds(session, self.feeds.validation))
+        outputs = run_feeds(reference_session(proto), self.feeds.validation)  # the session is freed here ...
+        give_back_memory()  # ... and its pages returned
         stats = self.config.budget.compare(self.reference, outputs)
-        if session is None:
-            self._last_numerics = (proto, stats)
+        self._last_numerics = (proto, stats)
         return stats
 
     def metric_value(self, proto: onnx.ModelProto, session=None) -> float:  # type: ignore[no-untyped-def]
@@ -288,7 +292,9 @@ class Judge:
         """Whole-model timing of ``candidate`` against ``base`` at ``profile`` (default: the primary one)."""
         p = self._profile(profile)
         rt = self._runtime(p)
-        return time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.timing_feed(p.batch), self.config.timing)
+        lat = time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.timing_feed(p.batch), self.config.timing)
+        give_back_memory()
+        return lat
 
     def shaped(self, accepted: Model, batch: int) -> Model:
         """``accepted`` with its inputs' first dim at ``batch`` (for the shapes of a region timed at that batch);

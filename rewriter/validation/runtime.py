@@ -17,6 +17,8 @@ metric, which are judged as deployed but need not run on one core.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -94,10 +96,26 @@ def deploy_session_options(options: RuntimeOptions):  # type: ignore[no-untyped-
     return session_options(options.threads, options.optimization)
 
 
-def _payload(model: onnx.ModelProto | bytes | str) -> bytes | str:
-    if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString()
-    return model
+#: Models at least this big reach onnxruntime through a temporary file rather than bytes: the serialized copy is
+#: freed before the session is built (a session of a 100 MB model holds about 1.7x its size; with the bytes still
+#: alive the peak would be one model more), at the cost of one write.
+FILE_PAYLOAD_BYTES = 32 * 2**20
+
+
+@contextmanager
+def payload(model: onnx.ModelProto | bytes | str) -> Iterator[bytes | str]:
+    """What an ``InferenceSession`` is built from: a path or bytes as given, a small proto serialized, a big one
+    written to a temporary file (removed when the block ends; onnxruntime has read it by then)."""
+    if not isinstance(model, onnx.ModelProto):
+        yield model
+    elif model.ByteSize() < FILE_PAYLOAD_BYTES:
+        yield model.SerializeToString()
+    else:
+        with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-session-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            with open(path, "wb") as fh:
+                fh.write(model.SerializeToString())
+            yield path
 
 
 _REFERENCE_THREADS: ContextVar[int] = ContextVar("rewriter_reference_threads", default=0)
@@ -124,7 +142,8 @@ def reference_session(model: onnx.ModelProto | bytes | str, threads: int | None 
     try:
         so = session_options(threads, "disabled")
         so.enable_cpu_mem_arena = False  # numerics, not timing: each run's memory goes back (no arena kept per session)
-        return ort.InferenceSession(_payload(model), so, providers=["CPUExecutionProvider"])
+        with payload(model) as source:
+            return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
@@ -133,11 +152,9 @@ def deploy_session(model: onnx.ModelProto | bytes | str, options: RuntimeOptions
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(
-            _payload(model),
-            session_options(options.threads, options.optimization, profile_prefix=profile_prefix),
-            providers=options.providers(),
-        )
+        so = session_options(options.threads, options.optimization, profile_prefix=profile_prefix)
+        with payload(model) as source:
+            return ort.InferenceSession(source, so, providers=options.providers())
     except InputError:
         raise
     except Exception as exc:
