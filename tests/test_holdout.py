@@ -69,7 +69,7 @@ def test_random_feeds_have_no_test_split_and_the_report_says_so() -> None:
     model = parse(CHAIN3)
     specs = input_specs(model, {"X": (1, 4, 6, 6)})
     fs = feedset_for(specs, count=4)
-    assert fs.synthetic and fs.sizes() == {"calibration": 4, "validation": 4, "test": 0}
+    assert fs.synthetic and fs.sizes() == {"calibration": 0, "validation": 4, "test": 0}  # random inputs calibrate nothing
     result = optimize(model, [Perturb()], config=LOOSE)
     assert result.holdout is not None and result.holdout.status == "off" and result.holdout.holds is None
     assert "random feeds" in result.holdout.reason
