@@ -138,6 +138,9 @@ class GroupVerdict:
     measured: bool = True
     #: Numerics and latency are judged later, on the whole result end to end (:attr:`Judge.deferred`).
     deferred: bool = False
+    #: Rewrites that lower neither MACs nor nodes, timed together on the union of their regions (they must be
+    #: shown faster; their numerics are judged with the whole result): :func:`settle_speculative`.
+    speculative: bool = False
 
     @property
     def latency(self) -> LatencyComparison | None:
@@ -226,11 +229,57 @@ def settle_round(p: Pass, model: Model, proof: RoundProof, judge: Judge, deadlin
     return SettledRound(final, numerics, tuple(bisection.groups), bisection.made, time.perf_counter() - began)
 
 
+def settle_speculative(p: Pass, model: Model, todo: Sequence[Candidate], judge: Judge, deadline: Deadline) -> SettledRound | None:
+    """In a run proven on its result (:attr:`Judge.deferred`), a round of exact rewrites that each lower neither MACs
+    nor nodes, timed as ONE group: all applied, the union of their regions timed before and after at each profile.
+    Shown faster everywhere: all kept (their numerics judged with the whole result); not: all rolled back, on
+    that one timing -- what one-by-one timing would mostly do at one timing each. ``None`` (the round is judged
+    one by one) outside a deferred run, for fewer than two, when some rewrite lowers MACs or nodes, or when
+    the union cannot be extracted as a region."""
+    if not (judge.deferred and judge.config.latency and p.exact and len(todo) >= 2) or not deadline.fits():
+        return None
+    began = time.perf_counter()
+    try:
+        done = apply_candidates(p, model, todo, deadline.search_over)
+        if len(done.candidates) < 2 or done.speculative != frozenset(c.key for c in done.candidates):
+            return None
+        nodes = tuple(dict.fromkeys(n for c in done.candidates for n in c.nodes))
+        union = Candidate(p.name, nodes, f"{len(done.candidates)} rewrites together", done.candidates[0].cost)
+        measured: list[ProfileLatency] = []
+        slower_at = None
+        for profile in judge.config.deployments:
+            lat = judge.region_latency(model, done.model, union, profile)
+            measured.append(ProfileLatency(profile, lat, "subgraph"))
+            if not lat.ci.faster(judge.config.lossy_min_speedup):
+                slower_at = profile.label
+                break
+    except Exception as exc:  # noqa: BLE001 -- each is then timed alone, and a fault named
+        log.info("%s: round not timed as a group (%s: %s); each alone", p.name, type(exc).__name__, exc)
+        return None
+    group = GroupVerdict(done.candidates, tuple(measured), slower_at, measured=True, speculative=True)
+    log.info("%s: %d rewrites that lower neither MACs nor nodes, timed together: %s", p.name, len(done.candidates), measured[-1].latency.ci)
+    kept = done.model if slower_at is None else model
+    return SettledRound(kept, {}, (group,), dict(done.made) if slower_at is None else {}, time.perf_counter() - began)
+
+
+def _speculative_decision(cand: Candidate, group: GroupVerdict, seconds: float) -> Decision:
+    lat, size = group.profiles[-1].latency, len(group.candidates)
+    many = "".join(f"; {p.profile.label}: {p.latency.ci}" for p in group.profiles[1:])
+    if group.slower_at is not None:
+        reason = f"lowers neither MACs nor node count, and no speedup shown with its round of {size} (subgraph speedup {lat.ci})"
+        verdict = Verdict(False, reason, {}, group.profiles[0].latency, "subgraph", seconds=seconds, outcome=Outcome.LATENCY)
+        return Decision(cand, True, Outcome.LATENCY, reason, verdict)
+    reason = f"exact, shown faster with its round of {size} (subgraph speedup {group.profiles[0].latency.ci}{many}); numerics {DEFERRED}"
+    return Decision(cand, True, Outcome.KEPT, reason, Verdict(True, reason, {}, group.profiles[0].latency, "subgraph", seconds=seconds))
+
+
 def round_decision(cand: Candidate, group: GroupVerdict, settled_round: SettledRound, round_size: int) -> Decision:
     """The decision on one rewrite of a round judged as a group: kept on its group's measurement, or -- a
     single rewrite shown slower -- rolled back; the group's time shared among its rewrites."""
     lat, many = group.latency, len(group.profiles) > 1
     seconds = settled_round.seconds / max(1, round_size)
+    if group.speculative:
+        return _speculative_decision(cand, group, seconds)
     if not group.measured:
         reason = (f"exact (with its round of {round_size}): numerics and latency {DEFERRED}" if group.deferred
                   else "numerics proven with its round (latency not measured)")

@@ -36,7 +36,7 @@ from rewriter.decision import Decision, PassRun, not_tried
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.screening import Screening, rank, screen_candidates
-from rewriter.rounds import SettledRound, new_nodes, prove_round, round_decision, settle_round, settled
+from rewriter.rounds import SettledRound, new_nodes, prove_round, round_decision, settle_round, settle_speculative, settled
 from rewriter.trial import try_candidate
 from rewriter.validation.deployment import DeploymentProfile
 from rewriter.validation.judge import Judge, ProfileLatency, Verdict
@@ -209,6 +209,8 @@ class PassSearch:
             self.state.on_round(self.p.name, len(todo))
         proof = prove_round(self.p, model, todo, self.state.judge, self.state.deadline)
         together = None if proof is None else settle_round(self.p, model, proof, self.state.judge, self.state.deadline)
+        if together is None and proof is None:
+            together = settle_speculative(self.p, model, todo, self.state.judge, self.state.deadline)
         if together is not None:
             return self._record_round(model, together), True
         round_kept: list[str] = []
@@ -234,7 +236,8 @@ class PassSearch:
     def _record_round(self, model: Model, settled_round: SettledRound) -> Model:
         """Record the decisions of a round judged as a group (:func:`~rewriter.rounds.settle_round`); the model it left."""
         state, n = self.state, sum(len(g.candidates) for g in settled_round.groups)
-        if len(settled_round.groups) == 1 and settled_round.groups[0].slower_at is None:  # one timing of this very pair
+        first = settled_round.groups[0]
+        if len(settled_round.groups) == 1 and first.slower_at is None and not first.speculative:  # one timing of this very pair
             self.whole = (model, settled_round.model, settled_round.groups[0].profiles)
         for group in settled_round.groups:
             for cand in group.candidates:

@@ -43,6 +43,8 @@ class Applied:
     made: dict[str, frozenset[str]]
     #: Whether each candidate lowered MACs or the number of compute nodes (see ``speculative`` in the judge).
     reducing: bool
+    #: The keys of the candidates that lowered neither (each must be shown faster).
+    speculative: frozenset[str] = frozenset()
 
 
 def apply_candidates(p: Pass, model: Model, candidates: Sequence[Candidate], stop: Callable[[], bool] | None = None) -> Applied:
@@ -55,7 +57,7 @@ def apply_candidates(p: Pass, model: Model, candidates: Sequence[Candidate], sto
     consumed: set[str] = set()
     applied: list[Candidate] = []
     made: dict[str, frozenset[str]] = {}
-    reducing = True
+    speculative: set[str] = set()
     for cand in candidates:
         if consumed.intersection(cand.nodes) or any(fork.node(n) is None for n in cand.nodes):
             continue
@@ -66,10 +68,11 @@ def apply_candidates(p: Pass, model: Model, candidates: Sequence[Candidate], sto
         new = graph.nodes[known:]
         made[cand.key] = frozenset(n.name for n in new)
         added = sum(1 for n in new if n.op != "Constant")
-        reducing = reducing and (cand.cost.macs_after < cand.cost.macs_before or added < len(cand.nodes))
+        if not (cand.cost.macs_after < cand.cost.macs_before or added < len(cand.nodes)):
+            speculative.add(cand.key)
         consumed.update(cand.nodes)
         applied.append(cand)
-    return Applied(fork.commit(), tuple(applied), made, reducing)
+    return Applied(fork.commit(), tuple(applied), made, not speculative, frozenset(speculative))
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,45 @@ def test_a_rewrite_onnxruntime_cannot_run_in_a_deferred_run_is_named_and_rolled_
     assert invalid.outcome is Outcome.VALIDATION_FAILED and "cannot be run" in (result.exact_latency or "")
     assert [d.kept for d in result.decisions if d.candidate.pass_name == "fuse_1x1_chain"] == [True]
     assert_same_outputs(sample_model, result.model)
+
+
+# -- rewrites that lower neither MACs nor nodes, in a run proven on its result --------------------------------
+SPECULATIVE = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 1, 1] X) => (float[1, 4, 1, 1] Y)
+    <float[4, 4, 1, 1] Wa, float[4, 4, 1, 1] Wb> {
+        A = Conv (X, Wa)
+        R = Relu (A)
+        Y = Conv (R, Wb)
+    }
+"""
+
+
+class GroupClock(Judge):
+    """Regions time ``ratio`` faster (every region asked for is recorded); whole models are as fast as before."""
+
+    ratio = 1.0
+    regions: list[tuple[str, ...]] = []
+
+    def region_latency(self, accepted, trial, candidate, profile=None):  # type: ignore[no-untyped-def]
+        self.regions.append(candidate.nodes)
+        return _comparison(1.0, 1.0 / self.ratio)
+
+    def model_latency(self, base, candidate, profile=None):  # type: ignore[no-untyped-def]
+        return _comparison(1.0, 1.0)
+
+
+@pytest.mark.parametrize("ratio", [1.3, 1.0])
+def test_a_round_of_speculative_rewrites_is_timed_once_on_the_union_of_its_regions(ratio: float) -> None:
+    model = Model.from_source(parse(SPECULATIVE))
+    judge = GroupClock(model, None, ValidationConfig())
+    judge.ratio, judge.regions = ratio, []
+    result = optimize(model, ["conv1x1_to_gemm"], config=ValidationConfig(), judge=judge)
+    first = result.decisions[:2]  # the round of two conv_as_gemm rewrites
+    assert len(first) == 2 and len(judge.regions[0]) == 2  # one timing for both: the union of the two convs
+    if ratio > 1:
+        assert all(d.kept and "shown faster with its round of 2" in d.reason for d in first)
+        assert all("numerics proven with the whole result" in d.reason for d in first)  # credited after the closing
+    else:
+        assert all(d.outcome is Outcome.LATENCY and "no speedup shown with its round of 2" in d.reason for d in first)
+    assert_same_outputs(parse(SPECULATIVE), result.model)
