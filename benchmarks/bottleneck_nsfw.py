@@ -102,6 +102,7 @@ def main() -> None:
             "scores_unseen_crops": stats(scores(session, unseen), ref_unseen),
             "target_reached": result.target_reached,
             "tried": sum(1 for d in result.decisions if d.tried),
+            "search": None if result.search is None else result.search.to_dict(),  # what bound it: every candidate judged, budget or clock
             "kept": [d.candidate.description for d in result.in_model],
             "decisions": [{"rewrite": d.candidate.description, "kept": d.kept, "outcome": d.outcome.value, "reason": d.reason,
                            "predicted_error": None if d.screening is None else round(d.screening.predicted, 5)}
