@@ -32,6 +32,7 @@ from rewriter.errors import InputError
 from rewriter.holdout import Holdout, budget_spend, confirm
 from rewriter.model import Model
 from rewriter.outcome import Outcome
+from rewriter.precision.stage import PrecisionOptions, PrecisionResult, apply_stage
 from rewriter.registry import resolve_passes
 from rewriter.rounds import settled
 from rewriter.screening import SCREEN_SHARE, rank
@@ -96,11 +97,13 @@ class OptimizeResult:
     exact_latency: str | None = None
     #: What bound the search: every candidate judged, the error budget spent, the clock, or the target.
     search: SearchSummary | None = None
+    #: The int8 stage (``precision=``; :mod:`rewriter.precision.stage`); ``None``: fp32, no stage ran.
+    precision: PrecisionResult | None = None
 
     @property
     def nothing_to_rewrite(self) -> bool:
-        """No selected pass had a candidate: the model passed through as it was."""
-        return not self.decisions
+        """No selected pass had a candidate (and no int8 stage wrote int8): the model passed through as it was."""
+        return not self.decisions and not (self.precision is not None and self.precision.kept)
 
     @property
     def target_reached(self) -> bool | None:
@@ -131,7 +134,7 @@ class OptimizeResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.kept)
+        return bool(self.kept) or (self.precision is not None and self.precision.kept)
 
 
 def closing_reserve(config: ValidationConfig) -> float:
@@ -369,6 +372,7 @@ def optimize(
     screen: bool = True,
     target_speedup: float | None = None,
     holdout_fail: bool = False,
+    precision: PrecisionOptions | None = None,
 ) -> OptimizeResult:
     """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
 
@@ -387,12 +391,12 @@ def optimize(
     ``feeds.test`` (the held-out test split) is never seen by the search: the result is confirmed on it
     afterwards and lossy rewrites are backed off until it holds (:mod:`rewriter.holdout`); with
     ``holdout_fail`` nothing is backed off and ``result.holdout`` says it does not hold (the gate fails).
-    """
+    ``precision``: the int8 stage on the result (:mod:`rewriter.precision.stage`); ``None``: fp32."""
     config = config or ValidationConfig()
     deadline = Deadline(time_budget_s, reserve_s=closing_reserve(config), screen_share=SCREEN_SHARE)
     target = _check_target(target_speedup, config)
     selected = resolve_passes(passes)
-    lazy = judge is None and not isinstance(feeds, FeedSet)  # feeds not made yet: made only if needed
+    lazy = judge is None and not isinstance(feeds, FeedSet) and precision is None  # feeds made only if needed
     original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
     check_batches(original.proto, config.profiles)
     budget = config.budget.for_model(original.proto).describe(exact=all(p.exact for p in selected))
@@ -408,7 +412,7 @@ def optimize(
     run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
     done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
     model, final = done.model, done.latency
-    return OptimizeResult(
+    result = OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
         original=original.proto,
         input_shapes=dict(original.input_shapes),
@@ -429,6 +433,9 @@ def optimize(
         exact_latency=done.exact_latency,
         search=summarize(state.decisions, _spent(state, done, selected), state.out_of_time, time_budget_s),
     )
+    if precision is not None:  # the int8 stage on the structure result, judged against the original
+        apply_stage(result, feeds if feeds is not None else judge.feeds, judge, precision)
+    return result
 
 
 @dataclass
