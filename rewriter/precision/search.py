@@ -6,10 +6,11 @@ The rule, with ``check(model, split)`` the budget's failures on a split (empty: 
 1. **Full int8.** Every node onnxruntime's QDQ quantizer quantizes (a *unit*) is int8. If the budget holds on
    validation, go to 4.
 2. **Rank.** With a ``spend`` function (the budget's worst term as a fraction used), units are ranked by
-   :mod:`~rewriter.precision.leave_one_out`: the output budget each one's float closure wins back on
-   validation, per MAC left in float. Without it (or for the units that ranking does not try), by
-   :func:`~rewriter.precision.sensitivity.sensitivities` (the noise each adds, measured once on the
-   full-int8 model), most sensitive first. Keeping the top ``k`` in float means the
+   :mod:`~rewriter.precision.leave_one_out` on validation: by default the budget each unit spends alone in
+   int8 (every other unit float), per MAC it runs; or (``direction="out"``) what putting its float closure
+   back wins from full int8, per MAC left float. Without ``spend`` (and, in the proxy's order, for units that
+   ranking did not try), by :func:`~rewriter.precision.sensitivity.sensitivities` (the noise each adds,
+   measured once on the full-int8 model), most sensitive first. Keeping the top ``k`` in float means the
    exclusion set ``E_k``: those ``k`` units and the units producing their activation inputs, since
    onnxruntime quantizes a tensor when its producer *or* a consumer is quantized -- keeping a node float alone
    leaves its input quantized (see :func:`exclusion`).
