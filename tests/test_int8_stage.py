@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 
-from rewriter.precision import BudgetCheck, search_int8
+from rewriter.precision import BudgetCheck, LeaveOneOutOptions, SearchOptions, search_int8
+from rewriter.precision.check import metric_spend
 from rewriter.precision.int8 import quantize_int8
-from rewriter.validation.judge import Judge
+from rewriter.validation.judge import Judge, TaskMetric
 from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.numerics import Budget
 from rewriter.validation.stats import RatioCI
@@ -164,3 +165,26 @@ def test_optimize_many_runs_the_stage_and_without_latency_keeps_float(tmp_path: 
     p = rep["precision"]
     assert p["status"] == "float" and not p["kept"] and "latency not measured" in p["reason"]
     assert p["counts"]["int8"] >= 1 and p["budget"]["validation"]["holds"]  # searched, held, but not shown to pay
+
+
+@pytest.mark.parametrize("bounds", [LeaveOneOutOptions(direction="out"), LeaveOneOutOptions(max_units=2)])
+def test_leave_one_out_and_a_capped_ranking_still_keep_the_sensitive_pair_float(bounds: LeaveOneOutOptions) -> None:
+    model = chain(8, sensitive=4)
+    check = BudgetCheck(model, {"validation": feeds(8, 1), "test": feeds(8, 2)}, Budget.parse("cosine>=0.999"))
+    result = search_int8(model, feeds(8, 0), check, spend=check.spend, options=SearchOptions(leave_one_out=bounds))
+    names = [d.node for d in result.nodes]
+    assert {names[4], names[5]} <= set(result.float_nodes) and not check(result.model, "test")
+    ranking = result.ranking
+    if bounds.direction == "out":
+        assert ranking["method"] == "leave-one-out" and ranking["base_spend"] > 1  # full int8 breaks the budget
+    else:
+        assert ranking["tried"] == 2 and ranking["untried"] == 6 and ranking["stopped"] == "max_units"
+
+
+def test_metric_spend_is_the_share_of_the_allowed_drop_or_of_the_room_above_the_floor() -> None:
+    def fn(session):  # type: ignore[no-untyped-def]
+        return 0.0
+
+    assert metric_spend(0.9, 0.89, TaskMetric(fn, max_drop=0.02)) == pytest.approx(0.5)
+    assert metric_spend(0.9, 0.7, TaskMetric(fn, min_value=0.5)) == pytest.approx(0.5)
+    assert metric_spend(0.9, 0.9, TaskMetric(fn)) == 0.0
