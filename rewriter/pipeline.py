@@ -399,7 +399,7 @@ def optimize(
     lazy = judge is None and not isinstance(feeds, FeedSet) and precision is None  # feeds made only if needed
     original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
     check_batches(original.proto, config.profiles)
-    budget = config.budget.for_model(original.proto).describe(exact=all(p.exact for p in selected))
+    budget = config.budget.for_model(original.proto).describe(exact=all(p.exact for p in selected) and precision is None)
     if lazy:
         idle = nothing_to_rewrite(selected, original)
         if idle is not None:
