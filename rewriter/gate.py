@@ -21,7 +21,8 @@ def gate_failures(result: OptimizeResult, config: Any, *, require_speedup: bool 
     than the input, and (``require_speedup``) a speedup whose 95% CI lies wholly above 1 -- or at or
     above the run's target speedup (primary profile), when it had one. With several deployment profiles,
     the speedup checks hold at each of them."""
-    any_lossy = any(not d.exact for d in result.decisions)
+    int8 = result.precision is not None and result.precision.kept  # int8 is never exact
+    any_lossy = int8 or any(not d.exact for d in result.decisions)
     budget = config.budget.for_model(result.original)  # the exact gate of a float16 model is wider
     gate = list(budget.failures(result.final_numerics, exact=not any_lossy)) if result.final_numerics else []
     held = result.holdout

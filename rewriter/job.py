@@ -71,6 +71,22 @@ class OptimizeOptions(MeasureOptions, BudgetOptions, FeedOptions, SearchOptions)
                 raise InputError(f"--target-speedup must be above 1 (got {self.target_speedup:g})")
             if not self.latency:
                 raise InputError("--target-speedup needs latency measurement; drop --no-latency")
+        self.check_precision()
+
+    def check_precision(self) -> None:
+        """``--precision int8`` needs real data (int8 is calibrated and proven on it) and a lossy budget."""
+        if self.precision not in ("fp32", "int8"):
+            raise InputError(f"--precision must be fp32 or int8, not {self.precision!r}")
+        if self.precision == "int8" and not (self.feeds or self.images or self.data_loader_script):
+            raise InputError("--precision int8 needs real data (--images, --feeds or --data-loader-script): random feeds are not data")
+        if self.precision == "int8" and not self.max_error:
+            raise InputError("--precision int8 needs a lossy budget (--max-error, e.g. cosine>=0.999): int8 is never exact")
+
+    def precision_options(self) -> Any:
+        """The int8 stage's :class:`~rewriter.precision.stage.PrecisionOptions`, or ``None`` for fp32."""
+        from rewriter.precision.stage import PrecisionOptions
+
+        return PrecisionOptions() if self.precision == "int8" else None
 
     def build_passes(self) -> list[Pass]:
         from rewriter.config import build_passes
@@ -159,7 +175,7 @@ def optimize_model(
     with progress if progress is not None else nullcontext():
         result = pipeline.optimize(model, selected, feeds=feeds, config=config, time_budget_s=options.time_budget, screen=options.screen,
                                    target_speedup=options.target_speedup, holdout_fail=options.holdout_fail,
-                                   on_decision=on_decision, on_round=on_round)
+                                   on_decision=on_decision, on_round=on_round, precision=options.precision_options())
     untried = sum(d.outcome is Outcome.NOT_TRIED_TIME for d in result.decisions)
     if untried:
         log.warning("validation time budget of %gs exhausted: %d candidate(s) not tried", options.time_budget, untried)

@@ -5,8 +5,8 @@ is made of (it inherits their fields):
 
 - :class:`FeedOptions`: where the feeds come from (files, an image folder, or seeded random feeds);
   :meth:`FeedOptions.feedset` builds the :class:`~rewriter.validation.feeds.FeedSet`.
-- :class:`BudgetOptions`: how far outputs may move (``--max-error``, the exact gate's tolerances) and the
-  task metric.
+- :class:`BudgetOptions`: how far outputs may move (``--max-error``, the exact gate's tolerances), the
+  task metric, and the precision searched within that budget (``--precision``).
 - :class:`MeasureOptions`: whether and how latency is measured (provider, deployment profiles -- threads and
   batch --, thresholds, pairs).
 - :class:`SearchOptions`: which passes run, the time budget and the speedup target.
@@ -70,6 +70,9 @@ class BudgetOptions:
     min_metric: float | None = None
     #: Run a sharded metric's map over this Ray cluster (``auto``, ``ray://host:10001``, ...).
     metric_ray_address: str | None = None
+    #: ``fp32`` (nothing changes) or ``int8``: the guarded int8 stage after the structure passes
+    #: (:mod:`rewriter.precision.stage`; needs real data and a lossy ``max_error``).
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from rewriter.holdout import Holdout, budget_spend, confirm
 from rewriter.memory import give_back_memory
 from rewriter.model import Model
 from rewriter.outcome import Outcome
+from rewriter.precision.stage import PrecisionOptions, PrecisionResult, apply_stage
 from rewriter.registry import resolve_passes
 from rewriter.rounds import settled
 from rewriter.screening import SCREEN_SHARE, rank
@@ -97,11 +98,13 @@ class OptimizeResult:
     exact_latency: str | None = None
     #: What bound the search: every candidate judged, the error budget spent, the clock, or the target.
     search: SearchSummary | None = None
+    #: The int8 stage (``precision=``; :mod:`rewriter.precision.stage`); ``None``: fp32, no stage ran.
+    precision: PrecisionResult | None = None
 
     @property
     def nothing_to_rewrite(self) -> bool:
-        """No selected pass had a candidate: the model passed through as it was."""
-        return not self.decisions
+        """No selected pass had a candidate (and no int8 stage wrote int8): the model passed through as it was."""
+        return not self.decisions and not (self.precision is not None and self.precision.kept)
 
     @property
     def target_reached(self) -> bool | None:
@@ -132,7 +135,7 @@ class OptimizeResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.kept)
+        return bool(self.kept) or (self.precision is not None and self.precision.kept)
 
 
 def closing_reserve(config: ValidationConfig) -> float:
@@ -356,60 +359,10 @@ def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Dead
     )
 
 
-def optimize(
-    source: Source,
-    passes: str | Sequence[str | Pass] | None = None,
-    *,
-    input_shapes: Mapping[str, Shape] | None = None,
-    feeds: Feeds = None,
-    config: ValidationConfig | None = None,
-    max_rounds: int = 8,
-    time_budget_s: float | None = None,
-    max_model_bytes: int | None = None,
-    on_decision: Callable[[Decision, Model], None] | None = None,
-    on_round: Callable[[str, int], None] | None = None,
-    judge: Judge | None = None,
-    screen: bool = True,
-    target_speedup: float | None = None,
-    holdout_fail: bool = False,
-) -> OptimizeResult:
-    """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
-
-    ``passes``: names, instances, or ``None`` for the exact defaults. ``feeds``: a feed set, a function
-    making one (called once, when a candidate first needs judging: a model no selected pass has a
-    candidate for is returned as it was, with no feed made), or ``None`` for seeded random feeds (made
-    only when needed too). ``time_budget_s`` caps the whole call (search and closing end-to-end measurements,
-    give or take one candidate); candidates left when it runs out are recorded as not tried. ``on_decision``
-    is called after each judged candidate with the decision and the model accepted after it (progress,
-    sweeps); ``on_round`` when a pass's round starts, with the pass's name and its number of candidates.
-    ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
-    ``screen``: measure lossy families before judging and order by predicted error (see
-    :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
-    ``target_speedup``: lossy passes stop once the whole model is measured at least this much faster
-    than the source (CI lower bound; see :class:`~rewriter.search.Target`); needs latency measurement.
-    ``feeds.test`` (the held-out test split) is never seen by the search: the result is confirmed on it
-    afterwards and lossy rewrites are backed off until it holds (:mod:`rewriter.holdout`); with
-    ``holdout_fail`` nothing is backed off and ``result.holdout`` says it does not hold (the gate fails).
-    """
-    config = config or ValidationConfig()
-    deadline = Deadline(time_budget_s, reserve_s=closing_reserve(config), screen_share=SCREEN_SHARE)
-    target = _check_target(target_speedup, config)
-    selected = resolve_passes(passes)
-    lazy = judge is None and not isinstance(feeds, FeedSet)  # feeds not made yet: made only if needed
-    original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
-    check_batches(original.proto, config.profiles)
-    budget = config.budget.for_model(original.proto).describe(exact=all(p.exact for p in selected))
-    if lazy:
-        idle = nothing_to_rewrite(selected, original)
-        if idle is not None:
-            return _unchanged(original, idle, budget, deadline, target_speedup)
-    if callable(feeds):
-        feeds = feeds()  # a candidate has to be judged: the feeds are made now (each judge re-batches its own)
-    judge = _ready_judge(original, judge, feeds, config, deadline)
-    _bind_calibration(selected, judge, original)
-    state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
-    run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
-    done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
+def _result(state: SearchState, done: _Searched, selected: Sequence[Pass], budget: str, time_budget_s: float | None,
+            target_speedup: float | None) -> OptimizeResult:
+    """The run's :class:`OptimizeResult` from what its search left (the graph views released first)."""
+    original, judge, deadline = state.original, state.judge, state.deadline
     model, final = done.model, done.latency
     before, after = analyze(original), analyze(model)
     for m in (original, model):
@@ -436,6 +389,67 @@ def optimize(
         exact_latency=done.exact_latency,
         search=summarize(state.decisions, _spent(state, done, selected), state.out_of_time, time_budget_s),
     )
+
+
+def optimize(
+    source: Source,
+    passes: str | Sequence[str | Pass] | None = None,
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    feeds: Feeds = None,
+    config: ValidationConfig | None = None,
+    max_rounds: int = 8,
+    time_budget_s: float | None = None,
+    max_model_bytes: int | None = None,
+    on_decision: Callable[[Decision, Model], None] | None = None,
+    on_round: Callable[[str, int], None] | None = None,
+    judge: Judge | None = None,
+    screen: bool = True,
+    target_speedup: float | None = None,
+    holdout_fail: bool = False,
+    precision: PrecisionOptions | None = None,
+) -> OptimizeResult:
+    """Run the guarded pipeline on a model path, proto or :class:`Model`; the source is never modified.
+
+    ``passes``: names, instances, or ``None`` for the exact defaults. ``feeds``: a feed set, a function
+    making one (called once, when a candidate first needs judging: a model no selected pass has a
+    candidate for is returned as it was, with no feed made), or ``None`` for seeded random feeds (made
+    only when needed too). ``time_budget_s`` caps the whole call (search and closing end-to-end measurements,
+    give or take one candidate); candidates left when it runs out are recorded as not tried. ``on_decision``
+    is called after each judged candidate with the decision and the model accepted after it (progress,
+    sweeps); ``on_round`` when a pass's round starts, with the pass's name and its number of candidates.
+    ``judge``: a ready :class:`Judge` of this very source model, whose reference outputs are then reused.
+    ``screen``: measure lossy families before judging and order by predicted error (see
+    :mod:`rewriter.screening`); with a ``time_budget_s``, screening stops at ``SCREEN_SHARE`` of it.
+    ``target_speedup``: lossy passes stop once the whole model is measured at least this much faster
+    than the source (CI lower bound; see :class:`~rewriter.search.Target`); needs latency measurement.
+    ``feeds.test`` (the held-out test split) is never seen by the search: the result is confirmed on it
+    afterwards and lossy rewrites are backed off until it holds (:mod:`rewriter.holdout`); with
+    ``holdout_fail`` nothing is backed off and ``result.holdout`` says it does not hold (the gate fails).
+    ``precision``: the int8 stage on the result (:mod:`rewriter.precision.stage`); ``None``: fp32."""
+    config = config or ValidationConfig()
+    deadline = Deadline(time_budget_s, reserve_s=closing_reserve(config), screen_share=SCREEN_SHARE)
+    target = _check_target(target_speedup, config)
+    selected = resolve_passes(passes)
+    lazy = judge is None and not isinstance(feeds, FeedSet) and precision is None  # feeds made only if needed
+    original = _as_model(source, input_shapes, max_model_bytes, defer_unresolved=lazy)
+    check_batches(original.proto, config.profiles)
+    budget = config.budget.for_model(original.proto).describe(exact=all(p.exact for p in selected) and precision is None)
+    if lazy:
+        idle = nothing_to_rewrite(selected, original)
+        if idle is not None:
+            return _unchanged(original, idle, budget, deadline, target_speedup)
+    if callable(feeds):
+        feeds = feeds()  # a candidate has to be judged: the feeds are made now (each judge re-batches its own)
+    judge = _ready_judge(original, judge, feeds, config, deadline)
+    _bind_calibration(selected, judge, original)
+    state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
+    run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
+    done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
+    result = _result(state, done, selected, budget, time_budget_s, target_speedup)
+    if precision is not None:  # the int8 stage on the structure result, judged against the original
+        apply_stage(result, feeds if feeds is not None else judge.feeds, judge, precision)
+    return result
 
 
 @dataclass

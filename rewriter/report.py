@@ -220,6 +220,7 @@ def build_report(
         "search": None if result.search is None else result.search.to_dict(),
         "profiles": profiles_dict(result, threads, batch, profiles),
         "holdout": None if result.holdout is None else result.holdout.to_dict(),
+        "precision": None if result.precision is None else result.precision.to_dict(),
         "gate": {"passed": not failures, "failures": failures},
         "pareto": None if pareto is None else [p.to_dict() for p in pareto],
         "seconds": round(result.seconds, 3),

@@ -74,6 +74,8 @@ def optimize(
         out_sha = sha256_file(target)
         if output.save_plan is not None:
             outcome.plan(out_sha).save(output.save_plan)
+            if result.precision is not None and result.precision.kept:
+                log.warning("the plan replays the structure rewrites only: apply writes the float model, not the int8 one")
     data = outcome.report(str(model), str(target), out_sha)
     if output.report is not None:
         write_json(data, output.report)
@@ -96,7 +98,15 @@ def optimize(
               + (f", {len(result.not_tried)} not tried" if result.not_tried else "")
               + (f", end-to-end speedup {_speedups(result)} ({_timed(options)})" if result.final_latency else "")
               + (", end-to-end latency unchanged by construction: onnxruntime runs the same graph as for the input (not timed)"
-                 if result.same_deployed else "") + normalized)
+                 if result.same_deployed else "") + _precision(result) + normalized)
+
+
+def _precision(result: Any) -> str:
+    """The int8 stage, for the closing line ("" for fp32)."""
+    stage = result.precision
+    if stage is None:
+        return ""
+    return f"; int8: {stage.status} ({stage.reason})"
 
 
 def _speedups(result: Any) -> str:

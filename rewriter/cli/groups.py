@@ -206,6 +206,9 @@ BUDGET: Group[BudgetOptions] = Group("Budget", (
     Flag("min_metric", Optional[float], None, ("--min-metric",), "Floor --metric must stay at or above."),
     Flag("metric_ray_address", Optional[str], None, ("--metric-ray-address",),
          "Run a sharded --metric's map over this Ray cluster (auto, ray://HOST:10001); needs the 'ray' extra of onnx-bottleneck."),
+    Flag("precision", str, "fp32", ("--precision",),
+         "fp32, or int8: after the passes, a guarded int8 search (QDQ, per-channel) within --max-error against the input, "
+         "kept only if shown faster at every profile; needs --images/--feeds/--data-loader-script."),
 ), BudgetOptions)
 
 TIMING: Group[MeasureOptions] = Group("Latency", (

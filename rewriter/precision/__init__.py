@@ -1,8 +1,10 @@
 """Precision search: int8 post-training quantization through onnxruntime, guarded by the numerics budget
-(:mod:`rewriter.precision.search`), its recipe in :mod:`rewriter.precision.int8`."""
+(:mod:`rewriter.precision.search`, ranked by :mod:`rewriter.precision.leave_one_out`), its recipe in
+:mod:`rewriter.precision.int8`, and the ``optimize --precision int8`` stage in :mod:`rewriter.precision.stage`."""
 
 from rewriter.precision.check import BudgetCheck
 from rewriter.precision.int8 import Int8Options, Prepared, Quantizer, prepare, quantize_int8, quantized_nodes, refusal
+from rewriter.precision.leave_one_out import LeaveOneOut, LeaveOneOutOptions
 from rewriter.precision.search import (
     Int8Result,
     NodeDecision,
@@ -15,13 +17,18 @@ from rewriter.precision.search import (
     smallest_holding,
 )
 from rewriter.precision.sensitivity import sensitivities
+from rewriter.precision.stage import PrecisionOptions, PrecisionResult, run_stage
 
 __all__ = [
     "BudgetCheck",
     "Int8Options",
     "Int8Result",
+    "LeaveOneOut",
+    "LeaveOneOutOptions",
     "NodeDecision",
     "Precision",
+    "PrecisionOptions",
+    "PrecisionResult",
     "Prepared",
     "Quantizer",
     "SearchOptions",
@@ -32,6 +39,7 @@ __all__ = [
     "quantize_int8",
     "quantized_nodes",
     "refusal",
+    "run_stage",
     "search_int8",
     "sensitivities",
     "smallest_holding",

@@ -8,10 +8,15 @@ Failures are :meth:`Budget.failures <rewriter.validation.numerics.Budget.failure
 :meth:`Budget.compare <rewriter.validation.numerics.Budget.compare>` (lossy bounds: int8 is never exact), plus
 the task metric's gate (:meth:`TaskMetric.failure <rewriter.validation.judge.TaskMetric.failure>`) when one is
 given, scored on the same split (a metric with a ``split`` keyword scores ``"validation"`` or ``"test"``).
+
+:meth:`BudgetCheck.spend` is the budget's worst term as a fraction used (:func:`rewriter.holdout.budget_spend`:
+1 at the edge), with the metric's terms: ``(baseline - value) / max_drop`` and, for a floor,
+``(baseline - value) / (baseline - floor)`` (the share of the room above the floor used).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -49,6 +54,18 @@ class BudgetCheck:
         """Per-output statistics of ``model`` against the original on ``split``."""
         return self.budget.compare(self.reference[split], run_feeds(eval_session(model, self.runtime), self.splits[split]))
 
+    def spend(self, model: onnx.ModelProto, split: str) -> float:
+        """The budget's worst term on ``split`` as a fraction used (module docstring)."""
+        from rewriter.holdout import budget_spend
+
+        session = eval_session(model, self.runtime)
+        stats = self.budget.compare(self.reference[split], run_feeds(session, self.splits[split]))
+        worst = budget_spend(stats, self.budget)
+        if self.metric is not None:
+            base, value = self.baseline[split], self.metric.score(session, split)
+            worst = max(worst, metric_spend(base, value, self.metric))
+        return worst
+
     def __call__(self, model: onnx.ModelProto, split: str) -> list[str]:
         if split not in self.splits:
             raise InputError(f"no {split!r} feeds to check the int8 budget on")
@@ -60,3 +77,14 @@ class BudgetCheck:
             if why is not None:
                 failures.append(why)
         return failures
+
+
+def metric_spend(baseline: float, value: float, metric: TaskMetric) -> float:
+    """The metric's share of its budget used: ``drop / max_drop`` and, with a floor, ``drop / (baseline - floor)``."""
+    drop, worst = baseline - value, 0.0
+    if math.isfinite(metric.max_drop) and metric.max_drop > 0:
+        worst = drop / metric.max_drop
+    if metric.min_value is not None:
+        room = baseline - metric.min_value
+        worst = max(worst, drop / room if room > 0 else (0.0 if value >= metric.min_value else math.inf))
+    return worst

@@ -5,7 +5,11 @@ The rule, with ``check(model, split)`` the budget's failures on a split (empty: 
 
 1. **Full int8.** Every node onnxruntime's QDQ quantizer quantizes (a *unit*) is int8. If the budget holds on
    validation, go to 4.
-2. **Rank.** Units are ranked by :func:`~rewriter.precision.sensitivity.sensitivities` (the noise each adds,
+2. **Rank.** With a ``spend`` function (the budget's worst term as a fraction used), units are ranked by
+   :mod:`~rewriter.precision.leave_one_out` on validation: by default the budget each unit spends alone in
+   int8 (every other unit float), per MAC it runs; or (``direction="out"``) what putting its float closure
+   back wins from full int8, per MAC left float. Without ``spend`` (and, in the proxy's order, for units that
+   ranking did not try), by :func:`~rewriter.precision.sensitivity.sensitivities` (the noise each adds,
    measured once on the full-int8 model), most sensitive first. Keeping the top ``k`` in float means the
    exclusion set ``E_k``: those ``k`` units and the units producing their activation inputs, since
    onnxruntime quantizes a tensor when its producer *or* a consumer is quantized -- keeping a node float alone
@@ -45,6 +49,7 @@ import numpy as np
 import onnx
 
 from rewriter.precision.int8 import Int8Options, Prepared, Quantizer, prepare, quantized_nodes
+from rewriter.precision.leave_one_out import LeaveOneOut, LeaveOneOutOptions, Spend, rank, unit_macs
 from rewriter.precision.sensitivity import sensitivities
 
 if TYPE_CHECKING:
@@ -90,14 +95,19 @@ class Trial:
     split: str
     excluded: tuple[str, ...]
     failures: tuple[str, ...]
+    #: The budget's worst term as a fraction used, for a ranking trial (which records no failures).
+    spend: float | None = None
 
     @property
     def holds(self) -> bool:
-        return not self.failures
+        return not self.failures if self.spend is None else self.spend <= 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"purpose": self.purpose, "split": self.split, "excluded": list(self.excluded), "holds": self.holds,
-                "failures": list(self.failures)}
+        out = {"purpose": self.purpose, "split": self.split, "excluded": list(self.excluded), "holds": self.holds,
+               "failures": list(self.failures)}
+        if self.spend is not None:
+            out["spend"] = self.spend if math.isfinite(self.spend) else None
+        return out
 
 
 @dataclass
@@ -114,6 +124,8 @@ class Int8Result:
     #: How many quantize_static calls the search made (trials share them across splits).
     quantizations: int = 0
     rolled_back_islands: list[tuple[str, ...]] = field(default_factory=list)
+    #: How the units were ranked (the leave-one-out ranking's record; empty: the proxy, or no ranking needed).
+    ranking: dict[str, Any] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -127,7 +139,7 @@ class Int8Result:
         return {"status": self.status, "normalizations": list(self.normalizations), "counts": self.counts,
                 "trials": len(self.trials), "quantizations": self.quantizations, "seconds": round(self.seconds, 3),
                 "nodes": [d.to_dict() for d in self.nodes], "trial_log": [t.to_dict() for t in self.trials],
-                "rolled_back_islands": [list(i) for i in self.rolled_back_islands]}
+                "rolled_back_islands": [list(i) for i in self.rolled_back_islands], "ranking": self.ranking}
 
 
 def smallest_holding(holds: Callable[[int], bool], start: int, n: int) -> int | None:
@@ -182,8 +194,8 @@ def exclusion(ranked: Sequence[str], k: int, producers: Mapping[str, Sequence[st
 class _Trials:
     """Quantize + check with memos (one quantization per exclusion set, one check per set and split)."""
 
-    def __init__(self, quantizer: Quantizer, check: Check) -> None:
-        self.quantizer, self.check = quantizer, check
+    def __init__(self, quantizer: Quantizer, check: Check, spend: Spend | None = None) -> None:
+        self.quantizer, self.check, self.spend_fn = quantizer, check, spend
         self.models: dict[tuple[str, ...], onnx.ModelProto] = {}
         self.log: list[Trial] = []
         self._seen: dict[tuple[tuple[str, ...], str], Trial] = {}
@@ -203,6 +215,13 @@ class _Trials:
                      "holds" if trial.holds else "; ".join(trial.failures))
         return self._seen[key].holds
 
+    def spend(self, excluded: tuple[str, ...], purpose: str) -> float:
+        """The validation spend of the model with ``excluded`` float (a ranking trial, logged)."""
+        assert self.spend_fn is not None
+        value = float(self.spend_fn(self.model(excluded), "validation"))
+        self.log.append(Trial(purpose, "validation", excluded, (), value))
+        return value
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -212,25 +231,44 @@ class SearchOptions:
     sensitivity_feeds: int = 4
     #: Step 3b: put the least sensitive units of the float set back in int8 while validation holds.
     refine: bool = True
+    #: Bounds of the leave-one-out ranking (used when the search has a ``spend`` function).
+    leave_one_out: LeaveOneOutOptions = field(default_factory=LeaveOneOutOptions)
 
 
 class _Ranking:
-    """The units ranked by sensitivity, computed on first use (full int8 may hold without it)."""
+    """The units ranked (leave-one-out with ``trials.spend_fn``, else the proxy), computed on first use (full
+    int8 may hold without it)."""
 
-    def __init__(self, prepared: Prepared, full: onnx.ModelProto, units: Sequence[str], feeds: Sequence[Feed]) -> None:
+    def __init__(self, prepared: Prepared, full: onnx.ModelProto, units: Sequence[str], feeds: Sequence[Feed],
+                 trials: _Trials | None = None, options: LeaveOneOutOptions | None = None) -> None:
         self.prepared, self.full, self.units, self.feeds = prepared, full, list(units), feeds
         self.producers = _activation_producers(prepared.model, set(units))
+        self.trials, self.options = trials, options
+        self.loo: LeaveOneOut | None = None
         self._scores: dict[str, float] | None = None
         self._ranked: list[str] = []
 
     @property
     def scores(self) -> dict[str, float]:
         if self._scores is None:
-            self._scores = sensitivities(self.prepared.model, self.full, self.units, self.feeds)
+            proxy = sensitivities(self.prepared.model, self.full, self.units, self.feeds)
             order = {u: i for i, u in enumerate(self.units)}
-            self._ranked = sorted(self.units, key=lambda u: (-self._scores[u], order[u]))  # type: ignore[index]
-            log.info("int8 sensitivity ranking: %s", ", ".join(f"{u}={self._scores[u]:.3g}" for u in self._ranked[:10]))
+            self._ranked = sorted(self.units, key=lambda u: (-proxy[u], order[u]))
+            self._scores = proxy
+            log.info("int8 sensitivity ranking: %s", ", ".join(f"{u}={proxy[u]:.3g}" for u in self._ranked[:10]))
+            if self.trials is not None and self.trials.spend_fn is not None:
+                self._leave_one_out()
         return self._scores
+
+    def _leave_one_out(self) -> None:
+        trials = self.trials
+        assert trials is not None
+        shapes = {k: tuple(v.shape) for k, v in self.feeds[0].items()} if self.feeds else {}
+        self.loo = rank(self.units, self._ranked, lambda u: exclusion([u], 1, self.producers),
+                        lambda e: trials.spend(e, f"ranking: {len(e)} float" if e else "ranking: full int8"),
+                        unit_macs(self.prepared.model, shapes), self.options)
+        self._ranked = list(self.loo.ranked)
+        self._scores = {u: self.loo.scores.get(u, 0.0) for u in self.units}
 
     @property
     def ranked(self) -> list[str]:
@@ -256,8 +294,8 @@ def _refine(trials: _Trials, ranking: _Ranking, k: int) -> tuple[tuple[str, ...]
     """Step 3b: ``E_k`` with its ``j`` least sensitive units put back in int8, ``j`` the largest for which
     validation still holds (galloping then bisection on ``j``; ``j = 0`` holds)."""
     full = ranking.excluded(k)
-    rank = {u: i for i, u in enumerate(ranking.ranked)}
-    order = sorted(full, key=lambda u: (ranking.scores[u], -rank[u]))
+    position = {u: i for i, u in enumerate(ranking.ranked)}
+    order = sorted(full, key=lambda u: -position[u])
 
     def without(j: int) -> tuple[str, ...]:
         return tuple(sorted(set(full) - set(order[:j])))
@@ -337,10 +375,11 @@ def _decisions(prepared: Prepared, ranking: _Ranking, ks: tuple[int, int], rolle
     """Each unit's precision and why (see the module docstring), in graph order."""
     k_val, k_test = ks
     ops = {n.name: n.op_type for n in prepared.model.graph.node}
-    scores = ranking.scores if k_test else {}
-    rank = {u: i + 1 for i, u in enumerate(ranking.ranked)} if k_test else {}
+    scores = ranking.scores if k_test else {}  # full int8 held: no ranking was needed, none is computed
+    ranked = ranking.ranked if k_test else []
+    rank = {u: i + 1 for i, u in enumerate(ranked)}
     n, out_set = len(ranking.units), set(excluded)
-    top_val, top_test = set(ranking.ranked[:k_val]), set(ranking.ranked[:k_test])
+    top_val, top_test = set(ranked[:k_val]), set(ranked[:k_test])
     island_of = {u: isl for isl in rolled for u in isl}
     decisions = []
     for unit in ranking.units:
@@ -365,17 +404,20 @@ def _decisions(prepared: Prepared, ranking: _Ranking, ks: tuple[int, int], rolle
 
 
 def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Check, *, has_test: bool = True,
-                options: SearchOptions | None = None, island_pays: IslandPays | None = None) -> Int8Result:
+                options: SearchOptions | None = None, island_pays: IslandPays | None = None,
+                spend: Spend | None = None) -> Int8Result:
     """The guarded int8 search of the module docstring. ``check`` judges a model on ``"validation"`` and, with
-    ``has_test``, ``"test"`` against the original model; ``calibration`` feeds calibrate and rank."""
+    ``has_test``, ``"test"`` against the original model; ``calibration`` feeds calibrate and rank; ``spend``
+    (the budget's worst term as a fraction used) selects the leave-one-out ranking."""
     start = time.perf_counter()
     options = options or SearchOptions()
     prepared = prepare(model, options.int8)
     with Quantizer(prepared, calibration, options.int8) as quantizer:
-        trials = _Trials(quantizer, check)
+        trials = _Trials(quantizer, check, spend)
         full = trials.model(())
         units = [u for u in quantized_nodes(full) if u in {n.name for n in prepared.model.graph.node}]
-        ranking = _Ranking(prepared, full, units, list(calibration)[: max(1, options.sensitivity_feeds)])
+        ranking = _Ranking(prepared, full, units, list(calibration)[: max(1, options.sensitivity_feeds)], trials,
+                           options.leave_one_out)
         found = _bisect(trials, ranking, has_test, options.refine)
         k_val, k_test = found.k_val, found.k_test
         if k_val is None or k_test is None:
@@ -395,7 +437,7 @@ def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Chec
     int8_count = sum(d.precision is Precision.INT8 for d in nodes)
     status = "int8" if int8_count == len(nodes) and nodes else ("float" if int8_count == 0 else "mixed")
     result = Int8Result(result_model, status, prepared.normalizations, nodes, trials.log, time.perf_counter() - start, calls,
-                        [tuple(sorted(i)) for i in rolled])
+                        [tuple(sorted(i)) for i in rolled], ranking.loo.to_dict() if ranking.loo else {})
     log.info("int8 search: %s, %d int8 / %d float, %d trials, %.1f s", status, int8_count, len(nodes) - int8_count,
              len(trials.log), result.seconds)
     return result
@@ -409,4 +451,5 @@ def guarded_int8(model: onnx.ModelProto, calibration: Sequence[Feed], validation
     from rewriter.precision.check import BudgetCheck
 
     check = BudgetCheck(model, {"validation": validation, "test": test}, budget, metric)
-    return search_int8(model, calibration, check, has_test=check.has_test, options=options, island_pays=island_pays)
+    return search_int8(model, calibration, check, has_test=check.has_test, options=options, island_pays=island_pays,
+                       spend=check.spend)
