@@ -35,7 +35,8 @@ from rewriter.precision import BudgetCheck, Int8Options, quantize_int8, search_i
 from rewriter.precision.leave_one_out import unit_macs
 from rewriter.validation.judge import TaskMetric
 from rewriter.validation.numerics import Budget
-from rewriter.validation.runtime import RuntimeOptions, eval_session, reference_session, reference_threads, run_feeds
+from rewriter.validation.latency import TimingOptions, time_pairs
+from rewriter.validation.runtime import RuntimeOptions, deploy_session, eval_session, reference_session, reference_threads, run_feeds
 
 log = logging.getLogger("int8_nsfw")
 
@@ -63,6 +64,16 @@ def judged(model: onnx.ModelProto, unseen: list[dict[str, np.ndarray]], ref_scor
             "cosine": {name: round(s.cosine, 6) for name, s in stats.items()}}
 
 
+def timed(base: onnx.ModelProto, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``model`` against ``base``: deploy sessions at 1 intra-op thread, ORT_ENABLE_ALL, interleaved pairs, ratio
+    of medians with its 95% bootstrap CI."""
+    options = RuntimeOptions(threads=1)
+    lat = time_pairs(deploy_session(base, options), deploy_session(model, options), feed,
+                     TimingOptions(min_pairs=60, max_pairs=300, time_budget_s=30.0))
+    return {"speedup": round(lat.ci.speedup, 3), "ci95": [round(lat.ci.low, 3), round(lat.ci.high, 3)], "pairs": lat.ci.pairs,
+            "base_ms": round(lat.base_median_s * 1e3, 2), "int8_ms": round(lat.candidate_median_s * 1e3, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path(".cache/corpus"))
@@ -71,6 +82,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=32, help="held-out crops the search confirms on")
     parser.add_argument("--unseen", type=int, default=64, help="crops neither method saw, for the final judgment")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--latency", action="store_true",
+                        help="also time plain and guarded int8 against the float original (1 thread, ORT_ENABLE_ALL, interleaved pairs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     logging.getLogger("root").setLevel(logging.WARNING)
@@ -113,6 +126,8 @@ def main() -> None:
                              "ranking": {k: v for k, v in result.ranking.items() if k != "units"}},
             "search": result.to_dict(),
         }
+        if args.latency:
+            out["latency_1_thread"] = {name: timed(original, model, unseen[0]) for name, model in (("plain_int8", plain), ("guarded_int8", result.model))}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     sys.stdout.write(json.dumps({k: v for k, v in out.items() if k != "search"}, indent=2) + "\n")

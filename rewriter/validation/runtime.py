@@ -108,14 +108,17 @@ def payload(model: onnx.ModelProto | bytes | str) -> Iterator[bytes | str]:
     written to a temporary file (removed when the block ends; onnxruntime has read it by then)."""
     if not isinstance(model, onnx.ModelProto):
         yield model
-    elif model.ByteSize() < FILE_PAYLOAD_BYTES:
-        yield model.SerializeToString()
-    else:
-        with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-session-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            with open(path, "wb") as fh:
-                fh.write(model.SerializeToString())
-            yield path
+        return
+    data = model.SerializeToString()  # (asking a big proto its ByteSize first costs as much again)
+    if len(data) < FILE_PAYLOAD_BYTES:
+        yield data
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-session-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        del data
+        yield path
 
 
 _REFERENCE_THREADS: ContextVar[int] = ContextVar("rewriter_reference_threads", default=0)
