@@ -19,10 +19,11 @@ worst term is that unit's, every other unit's gain reads small. ``direction="in"
 each unit from a clean base instead -- every unit float but ``u`` --
 
     damage(u) = spend(all float but u) - spend(all float)
-    score(u)  = damage(u) / max(1, MACs(u))
+    score(u)  = damage(u) / max(1, cost(u))
 
 (the noise ``u``'s own quantization brings to the outputs -- the classic one-layer-at-a-time sensitivity,
-measured on the budget -- per MAC ``u`` runs) at the same cost, one quantization per unit. On open-nsfw
+measured on the budget -- per unit of work ``u`` does: its MACs, at least its output's elements,
+:func:`unit_costs`) at the same cost, one quantization per unit. On open-nsfw
 (docs/int8_nsfw.json) it keeps 24 of 75 units float with 82% of the MACs in int8, where leave-one-out kept 56
 float (22% of the MACs int8) and dividing by the MACs of ``E({u})`` instead of ``u``'s kept 29 float (75%).
 
@@ -80,7 +81,7 @@ class LeaveOneOut:
         method = "leave-one-in" if self.direction == "in" else "leave-one-out"
         return {"method": method, "base_spend": _finite(self.full_spend), "tried": len(self.spends),
                 "untried": len(self.untried), "stopped": self.stopped, "seconds": round(self.seconds, 3),
-                "units": [{"node": u, "spend": _finite(self.spends[u]), "macs": self.macs.get(u, 0),
+                "units": [{"node": u, "spend": _finite(self.spends[u]), "cost": self.macs.get(u, 0),
                            "score": _finite(self.scores.get(u, 0.0))} for u in self.ranked if u in self.spends]}
 
 
@@ -97,6 +98,28 @@ def unit_macs(model: onnx.ModelProto, feed_shapes: Mapping[str, tuple[int, ...]]
         return {c.name: int(c.macs) for c in analyze(Model(model, feed_shapes)).nodes}
     except Exception as exc:  # a model the analysis cannot read ranks by gain alone
         log.warning("int8 ranking: MACs unavailable (%s: %s); ranking by gain alone", type(exc).__name__, exc)
+        return {}
+
+
+def unit_costs(model: onnx.ModelProto, feed_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """What each node's precision is worth, for the ranking's denominator: its MACs, and at least its output's
+    element count -- an op with no MACs (Add, Mul, pooling) still reads and writes every element, and keeping it
+    float costs a dequantize/quantize pair around it; counting it as free sends every such op float first."""
+    from math import prod
+
+    from rewriter.analysis import analyze
+    from rewriter.model import Model
+
+    try:
+        m = Model(model, feed_shapes)
+        macs = {c.name: int(c.macs) for c in analyze(m).nodes}
+        out = {}
+        for node in m.graph.nodes:
+            shape = m.static_shape(node.outputs[0]) if node.outputs else None
+            out[node.name] = max(macs.get(node.name, 0), int(prod(shape)) if shape else 0)
+        return out
+    except Exception as exc:  # a model the analysis cannot read ranks by gain alone
+        log.warning("int8 ranking: costs unavailable (%s: %s); ranking by gain alone", type(exc).__name__, exc)
         return {}
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 
 from rewriter.precision.int8 import Int8Options, Prepared, Quantizer, prepare, quantized_nodes
-from rewriter.precision.leave_one_out import LeaveOneOut, LeaveOneOutOptions, Spend, rank, unit_macs
+from rewriter.precision.leave_one_out import LeaveOneOut, LeaveOneOutOptions, Spend, rank, unit_costs
 from rewriter.precision.sensitivity import sensitivities
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ class _Ranking:
         shapes = {k: tuple(v.shape) for k, v in self.feeds[0].items()} if self.feeds else {}
         self.loo = rank(self.units, self._ranked, lambda u: exclusion([u], 1, self.producers),
                         lambda e: trials.spend(e, f"ranking: {len(e)} float" if e else "ranking: full int8"),
-                        unit_macs(self.prepared.model, shapes), self.options)
+                        unit_costs(self.prepared.model, shapes), self.options)
         self._ranked = list(self.loo.ranked)
         self._scores = {u: self.loo.scores.get(u, 0.0) for u in self.units}
 
