@@ -185,3 +185,37 @@ def test_the_guarded_pipeline_with_rounds_applied_on_one_fork_preserves_outputs(
     onnx.checker.check_model(result.model, full_check=True)
     assert_same_outputs(model, result.model)
     assert all(d.exact for d in result.decisions)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(conv_graphs(), st.sampled_from([0.9, 1.0, 1.2]))
+def test_a_run_proven_once_on_its_result_preserves_outputs(model: onnx.ModelProto, ratio: float) -> None:
+    """The same graphs through the default :func:`optimize` -- latency measured, so a run of exact passes is proven
+    once on its result -- with a clock where every timing says ``ratio`` (0.9: the result is slower, so the run is
+    searched again round by round): the output stays valid and exact, and says how its latency was proven."""
+    from rewriter.model import Model
+    from rewriter.pipeline import optimize
+    from rewriter.validation.judge import Judge, ValidationConfig
+    from rewriter.validation.latency import LatencyComparison
+    from rewriter.validation.stats import RatioCI
+
+    def comparison() -> LatencyComparison:
+        return LatencyComparison(1e-3, 1e-3 / ratio, RatioCI(ratio, 0.99 * ratio, 1.01 * ratio, 20), 1)
+
+    class Clock(Judge):
+        def model_latency(self, base, candidate, profile=None):  # type: ignore[no-untyped-def]
+            return comparison()
+
+        def region_latency(self, accepted, trial, candidate, profile=None):  # type: ignore[no-untyped-def]
+            return comparison()
+
+        def same_deployed(self, base, candidate):  # type: ignore[no-untyped-def]
+            return False
+
+    source = Model.from_source(model)
+    result = optimize(source, judge=Clock(source, None, ValidationConfig()), config=ValidationConfig())
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_outputs(model, result.model)
+    if result.kept:
+        assert result.exact_latency is not None
+        assert (result.exact_latency == "result") == (ratio >= 1.0)
