@@ -43,6 +43,18 @@ def six_bn() -> onnx.ModelProto:
     return model
 
 
+# Two 1x1 convs on a 1x1 input: conv_as_gemm rewrites that lower neither MACs nor nodes.
+SPECULATIVE = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 1, 1] X) => (float[1, 4, 1, 1] Y)
+    <float[4, 4, 1, 1] Wa, float[4, 4, 1, 1] Wb> {
+        A = Conv (X, Wa)
+        R = Relu (A)
+        Y = Conv (R, Wb)
+    }
+"""
+
+
 def _comparison(base_ms: float, cand_ms: float) -> LatencyComparison:
     ratio = base_ms / cand_ms
     return LatencyComparison(base_ms / 1e3, cand_ms / 1e3, RatioCI(ratio, 0.99 * ratio, 1.01 * ratio, 20), 1)
@@ -137,16 +149,7 @@ def test_without_latency_or_for_speculative_rewrites_each_is_judged_alone() -> N
     from rewriter.rounds import prove_round
     from passes.conv1x1_to_gemm import Conv1x1ToGemm
 
-    text = """
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[1, 4, 1, 1] X) => (float[1, 4, 1, 1] Y)
-        <float[4, 4, 1, 1] Wa, float[4, 4, 1, 1] Wb> {
-            A = Conv (X, Wa)
-            R = Relu (A)
-            Y = Conv (R, Wb)
-        }
-    """
-    model = Model.from_source(parse(text))
+    model = Model.from_source(parse(SPECULATIVE))
     judge = Judge(model, None, ValidationConfig())
     todo = [c for c in Conv1x1ToGemm().find(model) if hasattr(c, "cost")]
     proof = prove_round(Conv1x1ToGemm(), model, todo, judge)
@@ -240,15 +243,6 @@ def test_a_rewrite_onnxruntime_cannot_run_in_a_deferred_run_is_named_and_rolled_
 
 
 # -- rewrites that lower neither MACs nor nodes, in a run proven on its result --------------------------------
-SPECULATIVE = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 4, 1, 1] X) => (float[1, 4, 1, 1] Y)
-    <float[4, 4, 1, 1] Wa, float[4, 4, 1, 1] Wb> {
-        A = Conv (X, Wa)
-        R = Relu (A)
-        Y = Conv (R, Wb)
-    }
-"""
 
 
 class GroupClock(Judge):
