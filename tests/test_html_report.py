@@ -207,3 +207,24 @@ def test_untouched_layers_of_the_sample_are_unchanged_when_really_profiled(full_
     untouched = [r for r in layers if not r.touched and r.change is not None]
     assert len(untouched) >= 20
     assert {r.name: r.change for r in untouched if r.change != "unchanged"} == {}
+
+
+def test_the_page_says_what_bound_the_search_and_each_units_precision(full_report: tuple[dict, list[LayerRow]]) -> None:
+    data, _ = full_report
+    precision = {
+        "precision": "int8", "status": "mixed", "kept": True, "reason": "2 of 3 unit(s) int8, shown faster at every profile",
+        "recipe": {"format": "QDQ", "per_channel": True}, "normalizations": ["converted from opset 9 to 13"],
+        "counts": {"int8": 2, "float": 1}, "trials": 5, "seconds": 1.5,
+        "nodes": [{"node": "conv<1>", "op_type": "Conv", "precision": "float", "reason": "kept float: among the 1 most sensitive"},
+                  {"node": "conv2", "op_type": "Conv", "precision": "int8", "reason": "int8"}],
+        "latency": [{"threads": 1, "batch": 1, "speedup": 1.4, "ci_low": 1.3, "ci_high": 1.5}],
+        "budget": {"validation": {"feeds": 8, "holds": True, "spend": 0.8}, "test": {"feeds": 4, "holds": True, "spend": 0.9}},
+    }
+    search = {"bound": "time", "candidates": 9, "judged": 6, "dominated": 0, "untried": {"not_tried_time": 3}, "budget_spent": 0.5}
+    page = render_html({**data, "precision": precision, "search": search})
+    assert page_problems(page) == []
+    assert "Precision: int8" in page and "conv&lt;1&gt;" in page and "kept float: among the 1 most sensitive" in page
+    assert "int8 against float at threads=1, batch=1: 1.400x [1.300, 1.500]" in page
+    assert "budget on test (4 feeds): holds, 90% spent" in page and "converted from opset 9 to 13" in page
+    assert "6 of 9 candidates judged (3 time left); error budget 50% spent -- bound by the time budget" in page
+    assert "Precision: int8" not in render_html(data)  # fp32 runs have no precision section

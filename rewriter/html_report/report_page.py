@@ -1,5 +1,6 @@
 """The optimize report's page: summary, end-to-end latency, MACs and latency per layer, the Pareto curve
-(when the report carries sweep points), the held-out split and the decision table."""
+(when the report carries sweep points), the held-out split, the int8 stage (each unit's precision and why),
+what bound the search, and the decision table."""
 
 from __future__ import annotations
 
@@ -128,6 +129,45 @@ def _holdout_html(held: Any) -> list[str]:
     return lines
 
 
+def _search_html(search: Any) -> list[str]:
+    """What bound the search: every candidate judged, the error budget, the clock or the target; with the counts."""
+    if not isinstance(search, dict) or not search.get("candidates"):
+        return []
+    why = {"complete": "every candidate judged", "error_budget": "bound by the error budget", "time": "bound by the time budget",
+           "target": "the target speedup was reached"}.get(str(search.get("bound")), str(search.get("bound")))
+    untried = ", ".join(f"{n} {str(k).removeprefix('not_tried_')}" for k, n in (search.get("untried") or {}).items())
+    spent = search.get("budget_spent")
+    return [f"<p><b>Search</b>: {e(search.get('judged'))} of {e(search.get('candidates'))} candidates judged"
+            + (f" ({e(untried)} left)" if untried else "") + (f"; error budget {100 * float(spent):.0f}% spent" if known(spent) else "")
+            + f" -- {e(why)}</p>"]
+
+
+def _precision_html(precision: Any) -> list[str]:
+    """The int8 stage (``--precision int8``): status and why, the recipe, the latency against the float result, the
+    budget on each split, and each unit's precision and reason."""
+    if not isinstance(precision, dict):
+        return []
+    recipe = precision.get("recipe") or {}
+    counts = precision.get("counts") or {}
+    lines = ["<h2>Precision: int8</h2>",
+             f"<p><b>{e(precision.get('status'))}</b>: {e(precision.get('reason'))}"
+             + (f"<br>recipe: {e(', '.join(f'{k} {v}' for k, v in recipe.items()))}" if recipe else "")
+             + "".join(f"<br>{e(n)}" for n in precision.get("normalizations") or [])
+             + (f"<br>units: {e(counts.get('int8', 0))} int8, {e(counts.get('float', 0))} float; {e(precision.get('trials'))} trials, "
+                f"{e(fmt_value(precision.get('seconds')))} s" if counts else "")
+             + "".join(f"<br>budget on {e(k)} ({e(v.get('feeds'))} feeds): {'holds' if v.get('holds') else 'fails'}"
+                       + (f", {100 * float(v['spend']):.0f}% spent" if known(v.get("spend")) else "")
+                       for k, v in (precision.get("budget") or {}).items())
+             + "".join(f"<br>int8 against float at threads={e(r.get('threads'))}, batch={e(r.get('batch'))}: {e(fmt_ci(r))}"
+                       for r in precision.get("latency") or [])
+             + "</p>"]
+    nodes = precision.get("nodes") or []
+    if nodes:
+        rows = [[e(n.get("node")), e(n.get("op_type")), f"<b>{e(n.get('precision'))}</b>", e(n.get("reason"))] for n in nodes]
+        lines.append(table(["node", "op", "precision", "why"], rows))
+    return lines
+
+
 def _pareto_html(pareto: Sequence[ParetoPoint]) -> list[str]:
     front = {id(p) for p in pareto_front(pareto)}
     points = [CurvePoint(p.error, p.speedup, p.speedup, p.speedup, p.label, f"{p.label + ': ' if p.label else ''}speedup {p.speedup:.3f}x, error {p.error:.3g}",
@@ -192,7 +232,8 @@ def render_html(
     if pareto:
         body += _pareto_html(pareto)
     body += _holdout_html(report.get("holdout"))
-    body += ["<h2>Decisions</h2>", _decision_table(report.get("decisions", []))]
+    body += _precision_html(report.get("precision"))
+    body += ["<h2>Decisions</h2>", *_search_html(report.get("search")), _decision_table(report.get("decisions", []))]
     return page(name, body)
 
 
