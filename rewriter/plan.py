@@ -12,6 +12,10 @@ Lossy data-aware steps (fitted on calibration activations) need the same calibra
 records a digest of the calibration feeds ``optimize`` fitted on, and replaying requires feeds with the
 same digest (the same ``--feeds``/``--images``, ``--seed`` and ``--holdout-fraction``). Exact steps need no data.
 
+A plan of ``optimize --precision int8`` whose int8 model was written also records the stage: the recipe, the
+nodes kept float and the calibration digest; replaying quantizes the replayed structure the same way (one
+``quantize_static`` call), so the same data gives the same bytes.
+
 Plan file (JSON), version 1::
 
     {"plan_version": 1, "tool": "onnx-bottleneck", "tool_version": "0.2.0",
@@ -19,6 +23,7 @@ Plan file (JSON), version 1::
      "input_shapes": {"x": [1, 3, 224, 224]},
      "pass_options": {"fuse_1x1_chain": {}},
      "calibration": null | {"source": "...", "count": 8, "sha256": "..."},
+     "precision": null | {"recipe": {...}, "excluded": ["node", ...], "calibration": {"source": "...", "count": 8, "sha256": "..."}},
      "steps": [{"pass": "fuse_1x1_chain", "nodes": ["a", "b"], "options": {}, "description": "..."}]}
 
 The JSON Schema is ``docs/plan.schema.json``.
@@ -79,6 +84,8 @@ class Plan:
     output_sha256: str | None = None
     #: The calibration feeds lossy steps were fitted on: ``{"source", "count", "sha256"}``, or ``None``.
     calibration: dict[str, Any] | None = None
+    #: The int8 stage written (``--precision int8``): ``{"recipe", "excluded", "calibration"}``, or ``None`` (float).
+    precision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +97,7 @@ class Plan:
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "pass_options": {k: dict(v) for k, v in self.pass_options.items()},
             "calibration": self.calibration,
+            "precision": self.precision,
             "steps": [
                 {"pass": s.pass_name, "nodes": list(s.nodes), "options": dict(s.options), "description": s.description}
                 for s in self.steps
@@ -135,9 +143,16 @@ class Plan:
         calibration = data.get("calibration")
         if calibration is not None and not (isinstance(calibration, dict) and isinstance(calibration.get("sha256"), str)):
             raise bad("'calibration' must be null or an object with a 'sha256'")
+        precision = data.get("precision")
+        if precision is not None and not (
+            isinstance(precision, dict) and isinstance(precision.get("recipe"), dict)
+            and isinstance(precision.get("excluded"), list) and all(isinstance(n, str) for n in precision["excluded"])
+            and isinstance(precision.get("calibration"), dict) and isinstance(precision["calibration"].get("sha256"), str)
+        ):
+            raise bad("'precision' must be null or an object with 'recipe', 'excluded' (node names) and 'calibration' (with a 'sha256')")
         return cls(
             tuple(steps), sha, {k: tuple(v) for k, v in shapes_raw.items()}, {k: dict(v) for k, v in pass_options.items()},
-            out_sha if isinstance(out_sha, str) else None, calibration,
+            out_sha if isinstance(out_sha, str) else None, calibration, precision,
         )
 
     @classmethod
@@ -196,7 +211,12 @@ def plan_from_result(
     calibration = None
     if any(not d.exact for d in kept) and _uses_calibration(feeds):
         calibration = {"source": feeds.source, "count": len(feeds.calibration), "sha256": feeds_digest(feeds.calibration)}
-    return Plan(steps, input_sha256, dict(result.input_shapes), opts, output_sha256, calibration)
+    stage = getattr(result, "precision", None)
+    precision = None
+    if stage is not None and stage.kept and stage.search is not None and _uses_calibration(feeds):
+        precision = {"recipe": dict(stage.recipe), "excluded": list(stage.search.excluded),
+                     "calibration": {"source": feeds.source, "count": len(feeds.calibration), "sha256": feeds_digest(feeds.calibration)}}
+    return Plan(steps, input_sha256, dict(result.input_shapes), opts, output_sha256, calibration, precision)
 
 
 @dataclass
@@ -271,7 +291,30 @@ def apply_plan(
             raise InputError(f"{where}: cannot be applied: {exc}") from None
         applied.append(found[0])
         log.info("replayed %s", step.label())
-    return ApplyResult(model.proto if applied else model.as_given(), applied, sha, matches)  # as optimize writes it
+    written = model.proto if applied else model.as_given()  # as optimize writes it
+    if plan.precision is not None:
+        written = _replay_precision(written, plan.precision, feeds, force)
+    return ApplyResult(written, applied, sha, matches)
+
+
+def _replay_precision(model: onnx.ModelProto, recorded: Mapping[str, Any], feeds: Any, force: bool) -> onnx.ModelProto:
+    """The plan's int8 stage on the replayed structure: the same recipe, calibration (checked by digest) and
+    nodes kept float, so the same bytes as optimize wrote."""
+    from rewriter.precision.int8 import replay
+    from rewriter.precision.stage import recipe_options
+
+    cal = recorded["calibration"]
+    what = f"{cal.get('count', '?')} calibration feed(s) from {cal.get('source', '?')}"
+    if not _uses_calibration(feeds):
+        raise InputError(f"the plan's int8 stage was calibrated on {what}; give the same data (--feeds, --images or "
+                         "--data-loader-script, and --seed and --holdout-fraction)")
+    if feeds_digest(feeds.calibration) != cal["sha256"]:
+        if not force:
+            raise InputError(f"the calibration feeds differ from the ones the plan's int8 stage was calibrated on ({what}); "
+                             "give the same data, --seed and --holdout-fraction (or --force to calibrate on these)")
+        log.warning("calibration feeds differ from the plan's; int8 ranges will differ (--force)")
+    log.info("replaying the int8 stage: %d node(s) kept float", len(recorded["excluded"]))
+    return replay(model, feeds.calibration, recorded["excluded"], recipe_options(recorded["recipe"]))
 
 
 

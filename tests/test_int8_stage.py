@@ -188,3 +188,26 @@ def test_metric_spend_is_the_share_of_the_allowed_drop_or_of_the_room_above_the_
     assert metric_spend(0.9, 0.89, TaskMetric(fn, max_drop=0.02)) == pytest.approx(0.5)
     assert metric_spend(0.9, 0.7, TaskMetric(fn, min_value=0.5)) == pytest.approx(0.5)
     assert metric_spend(0.9, 0.9, TaskMetric(fn)) == 0.0
+
+
+def test_a_plan_replays_the_int8_stage_byte_for_byte_on_the_same_data(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    model, data = _files(tmp_path, chain(8, sensitive=4), n=24)
+    plan = tmp_path / "plan.json"
+    result, out, _ = _run(tmp_path, model, data, "--max-error", "cosine>=0.999", "--precision", "int8", "--save-plan", plan)
+    assert result.exit_code == 0, result.output
+    import jsonschema
+
+    written = json.loads(plan.read_text())
+    jsonschema.Draft202012Validator(json.loads((Path(__file__).parents[1] / "docs" / "plan.schema.json").read_text())).validate(written)
+    recorded = written["precision"]
+    assert recorded is not None and recorded["excluded"] and recorded["recipe"]["activations"] == "uint8"
+    again = tmp_path / "again.onnx"
+    replayed = invoke("apply", model, "--plan", plan, "-o", again, "--feeds", data)
+    assert replayed.exit_code == 0, replayed.output
+    assert again.read_bytes() == out.read_bytes()  # the same structure, calibration and float nodes: the same bytes
+    # Without the data, or with other data, the stage cannot be replayed: one line, exit 2, nothing written.
+    assert "calibrated on" in assert_one_line_error(invoke("apply", model, "--plan", plan, "-o", tmp_path / "none.onnx"))
+    other = tmp_path / "other.npz"
+    np.savez(other, X=np.stack([f["X"] for f in feeds(24, 99)]))
+    assert "differ" in assert_one_line_error(invoke("apply", model, "--plan", plan, "-o", tmp_path / "none.onnx", "--feeds", other))
+    assert not (tmp_path / "none.onnx").exists()

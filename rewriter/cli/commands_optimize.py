@@ -74,8 +74,6 @@ def optimize(
         out_sha = sha256_file(target)
         if output.save_plan is not None:
             outcome.plan(out_sha).save(output.save_plan)
-            if result.precision is not None and result.precision.kept:
-                log.warning("the plan replays the structure rewrites only: apply writes the float model, not the int8 one")
     data = outcome.report(str(model), str(target), out_sha)
     if output.report is not None:
         write_json(data, output.report)
@@ -194,7 +192,7 @@ def apply_plan_cmd(
     the_plan = Plan.load(plan)
     max_bytes = model_args.max_model_bytes
     feedset = None
-    if the_plan.calibration is not None and (feeds.feeds or feeds.images):
+    if (the_plan.calibration is not None or the_plan.precision is not None) and (feeds.feeds or feeds.images or feeds.data_loader_script):
         source = Model.from_source(src, the_plan.input_shapes or None, max_bytes=max_bytes)
         feedset = replace(feeds, num_feeds=1).feedset(source)
     result = apply_plan(src, the_plan, force=force, max_model_bytes=max_bytes, feeds=feedset)

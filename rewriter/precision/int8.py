@@ -263,3 +263,13 @@ def quantized_nodes(int8: onnx.ModelProto) -> list[str]:
     dq_out = {o for n in int8.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [n.name for n in int8.graph.node
             if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input)]
+
+
+def replay(model: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]], excluded: Iterable[str],
+           options: Int8Options | None = None) -> onnx.ModelProto:
+    """``model`` prepared and quantized with ``excluded`` (nodes of the prepared model) kept in float: what a plan
+    replays. The same model, calibration feeds, exclusions and recipe give the same bytes as the search's result
+    (one deterministic calibration, one ``quantize_static`` call)."""
+    options = options or Int8Options()
+    with Quantizer(prepare(model, options), calibration, options) as quantizer:
+        return quantizer.quantize(excluded)

@@ -126,6 +126,8 @@ class Int8Result:
     rolled_back_islands: list[tuple[str, ...]] = field(default_factory=list)
     #: How the units were ranked (the leave-one-out ranking's record; empty: the proxy, or no ranking needed).
     ranking: dict[str, Any] = field(default_factory=dict)
+    #: The nodes of the prepared model kept float in ``model`` (what a plan replays: :func:`~rewriter.precision.int8.replay`).
+    excluded: tuple[str, ...] = ()
 
     @property
     def counts(self) -> dict[str, int]:
@@ -437,7 +439,7 @@ def search_int8(model: onnx.ModelProto, calibration: Sequence[Feed], check: Chec
     int8_count = sum(d.precision is Precision.INT8 for d in nodes)
     status = "int8" if int8_count == len(nodes) and nodes else ("float" if int8_count == 0 else "mixed")
     result = Int8Result(result_model, status, prepared.normalizations, nodes, trials.log, time.perf_counter() - start, calls,
-                        [tuple(sorted(i)) for i in rolled], ranking.loo.to_dict() if ranking.loo else {})
+                        [tuple(sorted(i)) for i in rolled], ranking.loo.to_dict() if ranking.loo else {}, tuple(sorted(excluded)))
     log.info("int8 search: %s, %d int8 / %d float, %d trials, %.1f s", status, int8_count, len(nodes) - int8_count,
              len(trials.log), result.seconds)
     return result

@@ -94,8 +94,14 @@ class PrecisionResult:
 def recipe(options: Int8Options) -> dict[str, Any]:
     """The quantization recipe as reported."""
     return {"format": "QDQ", "weights": "int8 symmetric", "per_channel": options.per_channel,
-            "activations": options.activations, "reduce_range": options.reduce_range, "calibration": "MinMax",
-            "tool": "onnxruntime.quantization.quantize_static"}
+            "activations": options.activations, "reduce_range": options.reduce_range, "preprocess": options.preprocess,
+            "calibration": "MinMax", "tool": "onnxruntime.quantization.quantize_static"}
+
+
+def recipe_options(recipe: dict[str, Any]) -> Int8Options:
+    """The :class:`Int8Options` of a reported (or planned) recipe."""
+    return Int8Options(activations=str(recipe.get("activations", "uint8")), per_channel=bool(recipe.get("per_channel", True)),
+                       reduce_range=bool(recipe.get("reduce_range", False)), preprocess=bool(recipe.get("preprocess", True)))
 
 
 def _skipped(why: str, options: PrecisionOptions, start: float) -> PrecisionResult:
