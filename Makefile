@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 CORPUS_DIR ?= .cache/corpus
 
-.PHONY: demo test docs test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo bench-profiles html-check venv clean
+.PHONY: demo test docs test-corpus fuzz fuzz-io audit bench-tool bench bench-zoo bench-profiles bench-precision html-check venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -119,6 +119,15 @@ bench: $(STAMP)
 bench-zoo: $(STAMP)
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
 	$(PY) -m benchmarks.zoo --corpus $(CORPUS_DIR) $(BENCH_ZOO_ARGS)
+
+## make bench-precision: structure x precision against onnxruntime's int8 PTQ alone -- the digits CNN (top-1 on
+## held-out digits for int8 alone, ours in float, ours with int8) and open-nsfw (plain against guarded int8 under its
+## score budget, judged on unseen crops), with latency at 1 thread; writes docs/precision_digits.json, docs/int8_nsfw.json.
+bench-precision: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
+	$(PY) -m benchmarks.precision_digits --json docs/precision_digits.json
+	$(PY) -m benchmarks.int8_nsfw --corpus $(CORPUS_DIR) --latency --json docs/int8_nsfw.json
 
 ## make bench-profiles: a lossy search on a trained detector of the corpus judged at two deployment profiles
 ## (--profile threads=1,batch=1 --profile threads=2,batch=8) through the CLI; writes docs/profiles_nudenet.json.
