@@ -266,7 +266,8 @@ def _speculative_decision(cand: Candidate, group: GroupVerdict, seconds: float) 
     lat, size = group.profiles[-1].latency, len(group.candidates)
     many = "".join(f"; {p.profile.label}: {p.latency.ci}" for p in group.profiles[1:])
     if group.slower_at is not None:
-        reason = f"lowers neither MACs nor node count, and no speedup shown with its round of {size} (subgraph speedup {lat.ci})"
+        where = f" at {group.slower_at}" if len(group.profiles) > 1 or group.profiles[0].profile.label != group.slower_at else ""
+        reason = f"lowers neither MACs nor node count, and no speedup shown with its round of {size} (subgraph speedup {lat.ci}{where})"
         verdict = Verdict(False, reason, {}, group.profiles[0].latency, "subgraph", seconds=seconds, outcome=Outcome.LATENCY)
         return Decision(cand, True, Outcome.LATENCY, reason, verdict)
     reason = f"exact, shown faster with its round of {size} (subgraph speedup {group.profiles[0].latency.ci}{many}); numerics {DEFERRED}"

@@ -17,6 +17,10 @@ Exact passes prove a round's candidates together (:func:`prove_round`): all of t
 the result's numerics checked once; within the exact budget, each candidate is then judged on latency alone.
 Where the round fails, each candidate is proven alone, as lossy ones are.
 
+In a run of exact passes only (:attr:`Judge.deferred <rewriter.validation.judge.Judge.deferred>`), a round is
+kept on neither numerics nor a timing of its own -- the pipeline proves the whole result once -- except rewrites
+that lower neither MACs nor nodes: a round of those is timed as one group (:func:`~rewriter.rounds.settle_speculative`).
+
 After its rounds, a pass that changed the model is checked end to end (:meth:`PassSearch.close`): where the
 whole model is not shown to pay, the pass is undone and its kept decisions say so.
 
