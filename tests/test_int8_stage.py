@@ -85,6 +85,7 @@ def test_cli_int8_writes_a_qdq_model_and_a_report_the_schema_accepts(tmp_path: P
     assert set(p["budget"]) == {"validation", "test"} and all(b["holds"] for b in p["budget"].values())
     assert p["latency"] and all(row["faster"] for row in p["latency"])
     assert rep["gate"]["passed"] and rep["totals"]["final_latency"]["speedup"] > 1  # the written int8 model's
+    assert rep["totals"]["ops_after"].get("QuantizeLinear", 0) > 0 and "QuantizeLinear" not in rep["totals"]["ops_before"]
 
 
 def test_int8_needs_real_data_and_a_lossy_budget(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ After the structure passes (and their held-out confirmation), :func:`run_stage`:
    report says why. Without latency measurement int8 is never kept (it cannot be shown to pay).
 
 When int8 is kept, :func:`apply_stage` makes it the written model: the final numerics are the int8 model's
-against the original (validation feeds) and the final latency the int8 model's against the original at each
-profile, so the final gate judges what is written.
+against the original (validation feeds), the final latency the int8 model's against the original at each
+profile, and the totals its analysis, so the final gate and the report describe what is written.
 """
 
 from __future__ import annotations
@@ -215,8 +215,15 @@ def apply_stage(result: OptimizeResult, feeds: FeedSet, judge: Judge, options: P
     result.precision = stage
     if not stage.kept or stage.model is None:
         return
+    from rewriter.analysis import analyze
+    from rewriter.model import Model
+
     model = stage.model
     result.model = model
+    try:  # the totals describe what is written: ops (with the Q/DQ pairs), MACs and parameters of the int8 model
+        result.after = analyze(Model(model, result.input_shapes))
+    except Exception as exc:  # the float result's totals stay, and the log says why
+        log.warning("the int8 model could not be analysed (%s: %s); totals describe the float result", type(exc).__name__, exc)
     result.final_numerics = judge.numerics(model, eval_session(model, judge.config.runtime))  # as deployed
     profiles: Sequence[Any] = judge.config.deployments
     final = [ProfileLatency(p, judge.model_latency(result.original, model, p), "model") for p in profiles]
