@@ -121,12 +121,12 @@ bench-zoo: $(STAMP)
 	$(PY) -m benchmarks.zoo --corpus $(CORPUS_DIR) $(BENCH_ZOO_ARGS)
 
 ## make bench-precision: structure x precision against onnxruntime's int8 PTQ alone -- the digits CNN (top-1 on
-## held-out digits for int8 alone, ours in float, ours with int8) and open-nsfw (plain against guarded int8 under its
+## held-out digits for int8 alone, ours in float, ours with int8), NudeNet 320n (cosine on unseen crops) and open-nsfw (plain against guarded int8 under its
 ## score budget, judged on unseen crops), with latency at 1 thread; writes docs/precision_digits.json, docs/int8_nsfw.json.
 bench-precision: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) scripts/fetch_corpus.py --dest $(CORPUS_DIR)
-	$(PY) -m benchmarks.precision_digits --json docs/precision_digits.json
+	$(PY) -m benchmarks.precision_digits --nudenet $(CORPUS_DIR) --json docs/precision_digits.json
 	$(PY) -m benchmarks.int8_nsfw --corpus $(CORPUS_DIR) --latency --json docs/int8_nsfw.json
 
 ## make bench-profiles: a lossy search on a trained detector of the corpus judged at two deployment profiles
