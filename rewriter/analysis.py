@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import const_value, op_histogram
+from rewriter.graph import const_info, const_value, op_histogram
 from rewriter.model import Model
 
 
@@ -43,28 +43,14 @@ class NodeCost:
         return self.op == "Conv" and self.group == 1 and bool(self.kernel) and max(self.kernel) >= 3
 
 
-def _const_info(tensor: gs.Tensor) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """The dtype and shape of a load-time constant, read without loading its values where onnx-graphsurgeon
-    holds them lazily (analysing a model then copies none of its weights); ``None`` for anything computed at
-    run time or fed by the user."""
-    lazy = tensor if isinstance(tensor, gs.Constant) else None
-    if lazy is None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        lazy = value if isinstance(value, gs.Constant) else None
-    if lazy is not None:
-        return np.dtype(lazy.dtype), tuple(int(d) for d in lazy.shape)
-    v = const_value(tensor)
-    return None if v is None else (v.dtype, tuple(int(d) for d in v.shape))
-
-
 def _const_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
-    info = _const_info(tensor)
+    info = const_info(tensor)
     return None if info is None else info[1]
 
 
 def _const_meta(tensor: gs.Tensor) -> tuple[np.dtype, int] | None:
-    """The dtype and element count of a load-time constant (see :func:`_const_info`)."""
-    info = _const_info(tensor)
+    """The dtype and element count of a load-time constant (see :func:`rewriter.graph.const_info`)."""
+    info = const_info(tensor)
     return None if info is None else (info[0], int(prod(info[1])))
 
 

@@ -40,6 +40,20 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+def const_info(tensor: gs.Tensor) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """The dtype and shape of a load-time constant, read without loading its values where onnx-graphsurgeon
+    holds them lazily (analysing a model then copies none of its weights); ``None`` for anything computed at
+    run time or fed by the user."""
+    lazy = tensor if isinstance(tensor, gs.Constant) else None
+    if lazy is None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        lazy = value if isinstance(value, gs.Constant) else None
+    if lazy is not None:
+        return np.dtype(lazy.dtype), tuple(int(d) for d in lazy.shape)
+    v = const_value(tensor)
+    return None if v is None else (v.dtype, tuple(int(d) for d in v.shape))
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor or out.name == tensor.name for out in graph.outputs)
 

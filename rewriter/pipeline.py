@@ -245,6 +245,8 @@ class _Searched:
     numerics: dict[str, OutputStats]
     latency: list[ProfileLatency]
     same: bool
+    #: The analysis of ``model`` (taken before its graph view is released).
+    after: Analysis
     exact_latency: str | None = None
 
 
@@ -252,10 +254,12 @@ def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
     """The passes' searches, the held-out confirmation and the closing comparison."""
     model, runs, measured = _search(state, selected, max_rounds)
     model, holdout = confirm(state, model, runs, selected, feeds, fail=holdout_fail)
+    after = analyze(model)  # (reads shapes, not weights) while the graph view is still built
     for m in (state.original, model):
         m.release()  # the closing runs onnxruntime on the protos: the graph views' weight copies need not be held
+    give_back_memory()
     numerics, final, same = _closing(state, model, measured)
-    return _Searched(model, runs, holdout, numerics, final, same)
+    return _Searched(model, runs, holdout, numerics, final, same, after)
 
 
 def _deferred(state: SearchState, selected: Sequence[Pass], max_rounds: int, feeds: FeedSet, holdout_fail: bool) -> _Searched:
@@ -289,6 +293,7 @@ def _deferred(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
         return first
     log.info("the result of the exact passes %s: searching again, each round proven and timed", failed)
     state.decisions.clear()
+    state.out_of_time = False
     again = _searched(state, selected, max_rounds, feeds, holdout_fail)
     again.exact_latency = f"rounds: the result with every exact rewrite {failed}, so each round was proven and timed"
     return again
@@ -359,15 +364,11 @@ def _unchanged(original: Model, runs: list[PassRun], budget: str, deadline: Dead
     )
 
 
-def _result(state: SearchState, done: _Searched, selected: Sequence[Pass], budget: str, time_budget_s: float | None,
-            target_speedup: float | None) -> OptimizeResult:
-    """The run's :class:`OptimizeResult` from what its search left (the graph views released first)."""
+def _result(state: SearchState, done: _Searched, selected: Sequence[Pass], before: Analysis, budget: str,
+            time_budget_s: float | None, target_speedup: float | None) -> OptimizeResult:
+    """The run's :class:`OptimizeResult` from what its search left (``before``: the original's analysis)."""
     original, judge, deadline = state.original, state.judge, state.deadline
     model, final = done.model, done.latency
-    before, after = analyze(original), analyze(model)
-    for m in (original, model):
-        m.release()  # the graph views' weight copies (a pass's reads) are not kept with the result
-    give_back_memory()
     return OptimizeResult(
         model=model.proto if model is not original else original.as_given(),
         original=original.proto,
@@ -375,7 +376,7 @@ def _result(state: SearchState, done: _Searched, selected: Sequence[Pass], budge
         decisions=state.decisions,
         passes=done.runs,
         before=before,
-        after=after,
+        after=done.after,
         final_numerics=done.numerics,
         final_latency=final[0].latency if final else None,
         budget=budget,
@@ -443,10 +444,11 @@ def optimize(
         feeds = feeds()  # a candidate has to be judged: the feeds are made now (each judge re-batches its own)
     judge = _ready_judge(original, judge, feeds, config, deadline)
     _bind_calibration(selected, judge, original)
+    before = analyze(original)  # once: the original's graph view is built (its find) and released before the closing
     state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
     run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
     done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
-    result = _result(state, done, selected, budget, time_budget_s, target_speedup)
+    result = _result(state, done, selected, before, budget, time_budget_s, target_speedup)
     if precision is not None:  # the int8 stage on the structure result, judged against the original
         apply_stage(result, feeds if feeds is not None else judge.feeds, judge, precision)
     return result

@@ -86,6 +86,9 @@ def test_cli_int8_writes_a_qdq_model_and_a_report_the_schema_accepts(tmp_path: P
     assert p["latency"] and all(row["faster"] for row in p["latency"])
     assert rep["gate"]["passed"] and rep["totals"]["final_latency"]["speedup"] > 1  # the written int8 model's
     assert rep["totals"]["ops_after"].get("QuantizeLinear", 0) > 0 and "QuantizeLinear" not in rep["totals"]["ops_before"]
+    # No structure rewrite: the float result is the input, so the end-to-end figure is the gate's own timing.
+    assert not rep["decisions"] and clock.calls == p["island_timings"] + len(p["latency"])
+    assert rep["totals"]["final_latency"]["speedup"] == p["latency"][0]["speedup"]
 
 
 def test_int8_needs_real_data_and_a_lossy_budget(tmp_path: Path) -> None:

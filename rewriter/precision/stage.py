@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from rewriter.pipeline import OptimizeResult
     from rewriter.validation.feeds import FeedSet
     from rewriter.validation.judge import Judge
+    from rewriter.validation.latency import LatencyComparison
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class PrecisionResult:
     island_timings: int = 0
     seconds: float = 0.0
     model: onnx.ModelProto | None = field(default=None, repr=False)
+    #: The latency gate's comparisons (int8 against the float result), by profile.
+    compared: dict[Any, LatencyComparison] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         s = self.search
@@ -131,13 +134,15 @@ def _island_hook(judge: Judge, model: onnx.ModelProto, feeds: FeedSet, options: 
     return pays, taken
 
 
-def _latency_gate(judge: Judge, float_model: onnx.ModelProto, int8: onnx.ModelProto) -> tuple[list[dict[str, Any]], str | None]:
-    """The int8 model against the float result at every profile, and why it does not pay (``None``: it does)."""
+def _latency_gate(judge: Judge, float_model: onnx.ModelProto, int8: onnx.ModelProto,
+                  compared: dict[Any, LatencyComparison]) -> tuple[list[dict[str, Any]], str | None]:
+    """The int8 model against the float result at every profile (each comparison also put in ``compared``), and
+    why it does not pay (``None``: it does)."""
     if not judge.config.latency:
         return [], "latency not measured (--no-latency): int8 cannot be shown faster, the float result is kept"
     rows, why = [], None
     for profile in judge.config.deployments:
-        cmp = judge.model_latency(float_model, int8, profile)
+        cmp = compared[profile] = judge.model_latency(float_model, int8, profile)
         rows.append({**profile.to_dict(), **cmp.to_dict(), "faster": cmp.ci.faster(1.0)})
         if why is None and not cmp.ci.faster(1.0):
             why = f"int8 not shown faster than float at {profile.label}: speedup {cmp.ci}; the float result is kept"
@@ -193,7 +198,7 @@ def run_stage(original: onnx.ModelProto, float_model: onnx.ModelProto, feeds: Fe
                        else "the budget fails even with every unit float: the float result is kept")
     else:
         base.budget = _budget(check, result.model)
-        base.latency, slow = _latency_gate(judge, float_model, result.model)
+        base.latency, slow = _latency_gate(judge, float_model, result.model, base.compared)
         if slow is None:
             base.kept, base.model = True, result.model
             base.reason = f"{result.counts['int8']} of {len(result.nodes)} unit(s) int8, shown faster at every profile"
@@ -226,7 +231,10 @@ def apply_stage(result: OptimizeResult, feeds: FeedSet, judge: Judge, options: P
         log.warning("the int8 model could not be analysed (%s: %s); totals describe the float result", type(exc).__name__, exc)
     result.final_numerics = judge.numerics(model, eval_session(model, judge.config.runtime))  # as deployed
     profiles: Sequence[Any] = judge.config.deployments
-    final = [ProfileLatency(p, judge.model_latency(result.original, model, p), "model") for p in profiles]
+    # Without a structure rewrite the float result is the input: the gate already timed this very pair.
+    same_pair = not any(d.kept for d in result.decisions)
+    final = [ProfileLatency(p, stage.compared[p] if same_pair and p in stage.compared else judge.model_latency(result.original, model, p), "model")
+             for p in profiles]
     result.final_latency = final[0].latency
     result.profile_latency = final if len(final) > 1 else []
     result.same_deployed = False
