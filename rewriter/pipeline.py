@@ -44,6 +44,7 @@ from rewriter.validation.calibration import Calibration
 from rewriter.validation.feeds import FeedSet
 from rewriter.validation.deployment import check_batches
 from rewriter.validation.judge import DEFERRED, Judge, ProfileLatency, ValidationConfig
+from rewriter.validation.runtime import share, shared_payloads
 from rewriter.validation.latency import LatencyComparison
 from rewriter.validation.numerics import OutputStats
 
@@ -96,6 +97,9 @@ class OptimizeResult:
     #: result end to end), or why each round was timed after all; ``None``: as the search went (a run with lossy
     #: passes, without latency, or with nothing kept).
     exact_latency: str | None = None
+    #: How many validation feeds the closing numerics (``final_numerics``) ran on: all of them, or -- a run of
+    #: exact passes proven on its result -- ``ValidationConfig.exact_feeds`` (0: no closing check).
+    numerics_feeds: int = 0
     #: What bound the search: every candidate judged, the error budget spent, the clock, or the target.
     search: SearchSummary | None = None
     #: The int8 stage (``precision=``; :mod:`rewriter.precision.stage`); ``None``: fp32, no stage ran.
@@ -197,6 +201,10 @@ def _closing(state: SearchState, model: Model, measured: Measured | None) -> tup
     target = state.target
     if target is not None and target.model is model and target.last is not None and (measured is None or measured[0] is not model):
         measured = (model, [ProfileLatency(judge.config.deployments[0], target.last, "model")])
+    share(model.proto)  # serialized once for its numerics, deployed graph and timing
+    asks_same = judge.config.latency and all(d.exact for d in state.decisions if d.kept and not d.superseded)
+    if asks_same:
+        judge.deployed_soon(model.proto)  # read on the worker while the numerics run
     numerics = judge.numerics(model.proto)
     if not judge.config.latency:
         return numerics, [], False
@@ -248,6 +256,7 @@ class _Searched:
     #: The analysis of ``model`` (taken before its graph view is released).
     after: Analysis
     exact_latency: str | None = None
+    numerics_feeds: int = 0
 
 
 def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, feeds: FeedSet, holdout_fail: bool) -> _Searched:
@@ -259,7 +268,7 @@ def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
         m.release()  # the closing runs onnxruntime on the protos: the graph views' weight copies need not be held
     give_back_memory()
     numerics, final, same = _closing(state, model, measured)
-    return _Searched(model, runs, holdout, numerics, final, same, after)
+    return _Searched(model, runs, holdout, numerics, final, same, after, None, len(state.judge.proof_feeds()) if numerics else 0)
 
 
 def _deferred(state: SearchState, selected: Sequence[Pass], max_rounds: int, feeds: FeedSet, holdout_fail: bool) -> _Searched:
@@ -388,6 +397,7 @@ def _result(state: SearchState, done: _Searched, selected: Sequence[Pass], befor
         profile_latency=final if len(final) > 1 else [],
         same_deployed=done.same,
         exact_latency=done.exact_latency,
+        numerics_feeds=done.numerics_feeds,
         search=summarize(state.decisions, _spent(state, done, selected), state.out_of_time, time_budget_s),
     )
 
@@ -443,14 +453,19 @@ def optimize(
     if callable(feeds):
         feeds = feeds()  # a candidate has to be judged: the feeds are made now (each judge re-batches its own)
     judge = _ready_judge(original, judge, feeds, config, deadline)
-    _bind_calibration(selected, judge, original)
-    before = analyze(original)  # once: the original's graph view is built (its find) and released before the closing
-    state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
-    run = _deferred if config.latency and config.defer_exact and all(p.exact for p in selected) else _searched
-    done = run(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
-    result = _result(state, done, selected, before, budget, time_budget_s, target_speedup)
-    if precision is not None:  # the int8 stage on the structure result, judged against the original
-        apply_stage(result, feeds if feeds is not None else judge.feeds, judge, precision)
+    deferring = config.latency and config.defer_exact and all(p.exact for p in selected)
+    with shared_payloads(original.proto):
+        try:
+            judge.prefetch(exact_only=deferring)  # the original's part of the proof, beside the analysis and search
+            _bind_calibration(selected, judge, original)
+            before = analyze(original)  # once: the original's graph view is built (its find) and released before the closing
+            state = SearchState(original, judge, deadline, target, screen, on_decision, on_round)
+            done = (_deferred if deferring else _searched)(state, selected, max_rounds, feeds if feeds is not None else judge.feeds, holdout_fail)
+            result = _result(state, done, selected, before, budget, time_budget_s, target_speedup)
+            if precision is not None:  # the int8 stage on the structure result, judged against the original
+                apply_stage(result, feeds if feeds is not None else judge.feeds, judge, precision)
+        finally:
+            judge.worker.close()
     return result
 
 

@@ -15,6 +15,8 @@ test split before and after backing off, what was backed off; :mod:`rewriter.hol
 failures), ``pareto`` (speedup/error points of a
 sweep, or null) and ``seconds``.
 
+Changes from version 7: ``totals.numerics_feeds`` (how many validation feeds ``final_numerics`` ran on: all
+of them, or -- a run of exact passes proven on its result -- the first ``exact_feeds``).
 Changes from version 6: ``search`` (what bound the search: ``bound`` -- ``complete``, ``error_budget``, ``time``
 or ``target`` --, counts of candidates, judged, dominated and untried by outcome, the fraction of the error
 budget the result spends, the time budget); ``totals.exact_latency`` (a run of exact passes only: ``result``
@@ -51,7 +53,7 @@ from rewriter.validation.deployment import DeploymentProfile
 from rewriter.validation.latency import LatencyComparison
 from rewriter.version import __version__
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ def build_report(
             "final_latency": _latency(result.final_latency, "model"),
             "same_deployed_graph": result.same_deployed,
             "exact_latency": result.exact_latency,
+            "numerics_feeds": result.numerics_feeds,
         },
         "search": None if result.search is None else result.search.to_dict(),
         "profiles": profiles_dict(result, threads, batch, profiles),

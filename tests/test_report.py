@@ -69,7 +69,7 @@ def test_cli_report_with_latency_matches_the_schema(sample_path: Path, tmp_path:
     target = data["target_speedup"]  # the exact pass is not stopped by it; the report says where the run ended
     assert target["speedup"] == 1.01 and target["reached"] in (True, False)  # the rule: test_report_target_speedup
     assert f"target speedup 1.01x: {'reached' if target['reached'] else 'not reached'} (" in result.output
-    assert data["schema_version"] == SCHEMA_VERSION == 7
+    assert data["schema_version"] == SCHEMA_VERSION == 8
     assert data["normalized"] == []
     assert [(n["input"], n["dim"], n["declared"], n["value"]) for n in data["input_shape_notes"]] == [("input", 0, "N", 1)]  # batch N taken as 1
     env = data["environment"]

@@ -194,6 +194,8 @@ def test_a_run_of_exact_passes_is_proven_with_one_numerics_run_and_one_timing(mo
     result, judge = _run(set(), ValidationConfig())
     assert len(result.kept) == 6 and result.exact_latency == "result"
     assert len(calls) == 1 and len(judge.timings) == 1  # the closing comparison, which every run makes anyway
+    assert result.numerics_feeds == ValidationConfig().exact_feeds == 2 < len(judge.feeds.validation)
+    assert len(judge.reference) == len(judge.feeds.validation)  # (asked for: the rest is computed then)
     for d in result.decisions:
         assert d.verdict.latency is result.final_latency and d.verdict.latency_scope == "result"  # type: ignore[union-attr]
         assert d.verdict.numerics == result.final_numerics  # type: ignore[union-attr]
@@ -228,6 +230,7 @@ def test_a_corrupting_rewrite_in_a_deferred_run_is_named_and_rolled_back() -> No
     assert "Conv_3" in bad.candidate.nodes and bad.outcome is Outcome.NUMERICS
     assert result.exact_latency is not None and "fails the exact budget" in result.exact_latency
     assert len(result.kept) == 2 and len(result.decisions) == 3
+    assert result.numerics_feeds == 8  # searched again: every validation feed, not the result's first two
     assert_same_outputs(model, result.model)
 
 

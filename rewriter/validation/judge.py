@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +33,7 @@ from rewriter.deadline import Deadline
 from rewriter.errors import InputError
 from rewriter.model import Model
 from rewriter.outcome import Outcome
+from rewriter.validation.background import Worker, result_or_none
 from rewriter.validation.calibration import with_outputs
 from rewriter.validation.deployment import DeploymentProfile, rows, shapes_at
 from rewriter.validation.feeds import FeedSet, input_specs
@@ -113,6 +116,9 @@ class ValidationConfig:
     #: again round by round only where the result fails (:func:`rewriter.pipeline.optimize`); off: every round and
     #: pass is proven and timed as the search goes.
     defer_exact: bool = True
+    #: The validation feeds such a run's result is proven on (the first ones; 0: all of them). Its error is
+    #: rounding, the same on any input; where the result fails, the search again round by round uses them all.
+    exact_feeds: int = 2
     #: The deployment profiles latency must pay on, the primary first (its threads are ``runtime.threads``);
     #: empty: the one profile of ``runtime.threads`` on the feeds as they are (the model's resolved batch).
     profiles: tuple[DeploymentProfile, ...] = ()
@@ -203,31 +209,60 @@ class Judge:
         if not self.feeds.validation:
             raise InputError("no validation feeds")
         self._timing_feeds: dict[int, dict] = {}
-        self._deployed: dict[int, tuple[onnx.ModelProto, str | None]] = {}
-        self._last_numerics: tuple[onnx.ModelProto, dict[str, OutputStats]] | None = None
+        self._deployed: dict[int, tuple[onnx.ModelProto, Future[str | None]]] = {}
+        self._last_numerics: tuple[onnx.ModelProto, int, dict[str, OutputStats]] | None = None
         self._shaped: dict[int, tuple[Model, Model]] = {}
         self._reference: list[dict] | None = None
         self._reference_error: str | None = None
         self._metric_base: float | None = None
         self._error_reference: list[dict] | None = None
+        #: Where proof work that times nothing runs ahead of need (:mod:`~rewriter.validation.background`).
+        self.worker = Worker()
+        self._lock = threading.RLock()  # the reference outputs
+        self._deployed_lock = threading.Lock()
 
     # -- reference ------------------------------------------------------------------------------------
     def reference_error(self) -> str | None:
         """Why the original model cannot be run for reference outputs (warned once), or ``None``."""
         if self._reference is None and self._reference_error is None:
             try:
-                _ = self.reference
+                self._reference_upto(len(self.proof_feeds()))
             except InputError as exc:
                 self._reference_error = str(exc)
                 log.warning("no rewrite can be validated, the model is left as it is: %s", exc)
         return self._reference_error
 
+    def proof_feeds(self) -> list[dict]:
+        """The validation feeds :meth:`numerics` runs on: all of them, or -- in a run proven on its result
+        (:attr:`deferred`) -- the first ``config.exact_feeds``. An exact rewrite's error is rounding, the same
+        on any input; more feeds add run time, not evidence (a lossy rewrite's error depends on the data:
+        every feed)."""
+        k = self.config.exact_feeds
+        return self.feeds.validation[:k] if self.deferred and k else self.feeds.validation
+
     @property
     def reference(self) -> list[dict]:
-        if self._reference is None:
-            self._reference = run_feeds(reference_session(self.original.proto), self.feeds.validation)
-            give_back_memory()
-        return self._reference
+        """The original's outputs on every validation feed (optimizations disabled)."""
+        return self._reference_upto(len(self.feeds.validation))
+
+    def _reference_upto(self, n: int) -> list[dict]:
+        """The reference outputs of the first ``n`` validation feeds (computed as first needed, then kept)."""
+        with self._lock:  # (the worker may be computing them: wait for it rather than run them twice)
+            have = self._reference or []
+            if len(have) < n:
+                have = have + run_feeds(reference_session(self.original.proto), self.feeds.validation[len(have):n])
+                self._reference = have
+                give_back_memory()
+            return have if len(have) == n else have[:n]
+
+    def prefetch(self, exact_only: bool) -> None:
+        """Start the original's part of the proof on the worker: its reference outputs on the feeds numerics
+        will use and -- in a run of exact passes only, with latency judged -- its deployed graph
+        (:meth:`same_deployed`). Every timing waits for them first."""
+        n = self.config.exact_feeds if exact_only and self.config.exact_feeds else len(self.feeds.validation)
+        self.worker.submit(self._reference_upto, min(n, len(self.feeds.validation)))
+        if exact_only and self.config.latency:
+            self.deployed_soon(self.original.proto)
 
     @property
     def metric_baseline(self) -> float | None:
@@ -242,31 +277,44 @@ class Judge:
         """Outputs on the validation feeds against the reference; by default run with optimizations
         disabled (the exact gate; the last such result is kept, so a model proven once -- a round's -- is not
         run again for the closing check), or in the given session (lossy rewrites reuse their deploy session)."""
-        if session is None and self._last_numerics is not None and self._last_numerics[0] is proto:
-            return dict(self._last_numerics[1])
+        feeds = self.proof_feeds()
+        last = self._last_numerics
+        if session is None and last is not None and last[0] is proto and last[1] == len(feeds):
+            return dict(last[2])
         if session is not None:
-            return self.config.budget.compare(self.reference, run_feeds(session, self.feeds.validation))
-        outputs = run_feeds(reference_session(proto), self.feeds.validation)  # the session is freed here ...
+            return self.config.budget.compare(self._reference_upto(len(feeds)), run_feeds(session, feeds))
+        outputs = run_feeds(reference_session(proto), feeds)  # the session is freed here ...
         give_back_memory()  # ... and its pages returned
-        stats = self.config.budget.compare(self.reference, outputs)
-        self._last_numerics = (proto, stats)
+        stats = self.config.budget.compare(self._reference_upto(len(feeds)), outputs)
+        self._last_numerics = (proto, len(feeds), stats)
         return stats
 
     def metric_value(self, proto: onnx.ModelProto, session=None) -> float:  # type: ignore[no-untyped-def]
         assert self.config.metric is not None
         return self.config.metric.score(session if session is not None else eval_session(proto, self.config.runtime), "validation")
 
+    def deployed_soon(self, proto: onnx.ModelProto) -> None:
+        """Start reading the graph onnxruntime deploys for ``proto`` on the worker (kept for
+        :meth:`same_deployed`; the last two are kept)."""
+        from rewriter.validation.deployed import deployed_key
+
+        with self._deployed_lock:
+            hit = self._deployed.get(id(proto))
+            if hit is None or hit[0] is not proto:
+                task = self.worker.submit(deployed_key, proto, self.config.runtime)
+                self._deployed = {**dict(list(self._deployed.items())[-1:]), id(proto): (proto, task)}  # no more models kept alive
+
     def same_deployed(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
         """Whether onnxruntime runs the same graph for both (:mod:`~rewriter.validation.deployed`): then they
-        take the same time by construction, at every profile, and are not timed. The last few keys are kept."""
+        take the same time by construction, at every profile, and are not timed."""
         from rewriter.validation.deployed import deployed_key
 
         def key(proto: onnx.ModelProto) -> str | None:
+            self.deployed_soon(proto)
             hit = self._deployed.get(id(proto))
-            if hit is None or hit[0] is not proto:
-                hit = (proto, deployed_key(proto, self.config.runtime))
-                self._deployed = {**dict(list(self._deployed.items())[-1:]), id(proto): hit}  # no more models kept alive
-            return hit[1]
+            task = hit[1] if hit is not None and hit[0] is proto else None
+            done = result_or_none(task)
+            return done if task is not None and task.exception() is None else deployed_key(proto, self.config.runtime)
 
         first = key(base)
         return first is not None and first == key(candidate)
@@ -287,12 +335,20 @@ class Judge:
             self._timing_feeds[batch] = rows(self.feeds.validation, batch)
         return self._timing_feeds[batch]
 
+    @property
+    def settle(self) -> tuple[float, float]:
+        """The speedups every latency call of this judge is made against (an exact rewrite's "not slower", a
+        lossy one's "faster"): a timing whose interval lies wholly on one side of both stops early."""
+        return (self.config.exact_min_speedup, self.config.lossy_min_speedup)
+
     def model_latency(self, base: onnx.ModelProto, candidate: onnx.ModelProto,
                       profile: DeploymentProfile | None = None) -> LatencyComparison:
         """Whole-model timing of ``candidate`` against ``base`` at ``profile`` (default: the primary one)."""
+        self.worker.quiet()  # nothing runs beside a timing
         p = self._profile(profile)
         rt = self._runtime(p)
-        lat = time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.timing_feed(p.batch), self.config.timing)
+        lat = time_pairs(deploy_session(base, rt), deploy_session(candidate, rt), self.timing_feed(p.batch), self.config.timing,
+                         self.settle)
         give_back_memory()
         return lat
 
@@ -312,6 +368,7 @@ class Judge:
     def region_latency(self, accepted: Model, trial: Model, candidate: Candidate,
                        profile: DeploymentProfile | None = None) -> LatencyComparison:
         """Timing of the touched region alone, before and after, at ``profile`` (default: the primary one)."""
+        self.worker.quiet()  # nothing runs beside a timing
         p = self._profile(profile)
         outputs = region_outputs(accepted, candidate.nodes)
         if not outputs:
@@ -321,7 +378,7 @@ class Judge:
         after = extract_region(trial, outputs, candidate.nodes, known)
         feed = region_feed((before, after), known, seed=self.config.timing.seed)
         rt = self._runtime(p)
-        return time_pairs(deploy_session(before.model, rt), deploy_session(after.model, rt), feed, self.config.timing)
+        return time_pairs(deploy_session(before.model, rt), deploy_session(after.model, rt), feed, self.config.timing, self.settle)
 
     # -- quick error measurement (screening) ----------------------------------------------------------
     def error_tensors(self) -> list[str]:

@@ -5,6 +5,13 @@ Both models run in deploy sessions built with the same :class:`RuntimeOptions`. 
 enough times to last at least ``min_sample_s`` so that timer and Python overhead do not dominate small
 subgraphs. Pairs are collected until ``max_pairs`` or the time budget (never fewer than ``min_pairs``).
 
+A measurement told which speedups decide its call (``settle``: the thresholds its caller compares the
+interval with) stops as soon as the call is made: from ``min_pairs`` on, every few pairs, the paired bootstrap
+interval at :data:`LOOK_CONFIDENCE` is computed, and once it lies wholly above every threshold or wholly below
+every one, no more pairs are taken. The looks are sequential tests, so each is made at a stricter level than the
+95% interval that is reported (six looks at 99% keep the chance of stopping on noise near 5%). A pair whose
+speedup sits at a threshold still gets the whole budget.
+
 Several jobs on one machine (``optimize-many``) must not time at the same moment: inside
 :func:`timing_lock`, every measurement (:func:`time_pairs`, :func:`time_session`) holds the given lock
 from its warm-up to its last sample. Outside it, measuring takes no lock.
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,6 +40,26 @@ class TimingOptions:
     time_budget_s: float = 3.0
     min_sample_s: float = 0.002
     seed: int = 0
+    #: Stop taking pairs once the interval decides against the caller's thresholds (:func:`time_pairs`'s
+    #: ``settle``); off: every comparison runs to ``max_pairs`` or its time budget.
+    settle_early: bool = True
+
+
+#: Warm-up pairs beyond the first are run only within this many seconds: a slow model is warm after one run
+#: (its first allocates), and the two runs that size the samples follow it anyway.
+WARMUP_S = 0.25
+
+#: The confidence of the interval looked at while pairs are still being taken (:func:`time_pairs`'s ``settle``).
+LOOK_CONFIDENCE = 0.99
+
+
+def decided(a: Sequence[float], b: Sequence[float], settle: Sequence[float], seed: int = 0) -> bool:
+    """Whether the speedup interval of the pairs so far (at :data:`LOOK_CONFIDENCE`) lies wholly above every
+    threshold in ``settle`` or wholly below every one: the call they decide is made."""
+    if not settle or len(a) < 2:
+        return False
+    ci = bootstrap_speedup(a, b, resamples=1000, confidence=LOOK_CONFIDENCE, seed=seed)
+    return ci.low > max(settle) or ci.high < min(settle)
 
 
 @dataclass(frozen=True)
@@ -90,22 +117,33 @@ def _sample(session, names, feed, repeats: int) -> float:  # type: ignore[no-unt
     return (time.perf_counter() - start) / repeats
 
 
-def time_pairs(base_session, candidate_session, feed: Mapping[str, np.ndarray], opts: TimingOptions) -> LatencyComparison:  # type: ignore[no-untyped-def]
-    """Interleaved timing of two ready sessions on one feed."""
+def time_pairs(base_session, candidate_session, feed: Mapping[str, np.ndarray], opts: TimingOptions,  # type: ignore[no-untyped-def]
+               settle: Sequence[float] = ()) -> LatencyComparison:
+    """Interleaved timing of two ready sessions on one feed; with ``settle``, stopped once the interval decides
+    against those thresholds (module docstring)."""
     feed_a, feed_b = session_feed(feed, base_session), session_feed(feed, candidate_session)
     names_a = [o.name for o in base_session.get_outputs()]
     names_b = [o.name for o in candidate_session.get_outputs()]
     a: list[float] = []
     b: list[float] = []
     with _measuring():
-        for _ in range(max(1, opts.warmup)):
+        warm = time.perf_counter() + WARMUP_S
+        for i in range(max(1, opts.warmup)):  # one pair at least; more while they are quick
+            if i and time.perf_counter() > warm:
+                break
             base_session.run(names_a, feed_a)
             candidate_session.run(names_b, feed_b)
         single = max(_sample(base_session, names_a, feed_a, 1), _sample(candidate_session, names_b, feed_b, 1), 1e-7)
         repeats = max(1, math.ceil(opts.min_sample_s / single))
         deadline = time.perf_counter() + opts.time_budget_s
         i = 0
+        look = max(2, opts.min_pairs)
+        step = max(2, opts.min_pairs // 2)
         while len(a) < opts.max_pairs and (len(a) < opts.min_pairs or time.perf_counter() < deadline):
+            if len(a) >= look:
+                if opts.settle_early and decided(a, b, settle, opts.seed):
+                    break
+                look += step
             if i % 2 == 0:
                 a.append(_sample(base_session, names_a, feed_a, repeats))
                 b.append(_sample(candidate_session, names_b, feed_b, repeats))

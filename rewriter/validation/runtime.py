@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -102,12 +104,81 @@ def deploy_session_options(options: RuntimeOptions):  # type: ignore[no-untyped-
 FILE_PAYLOAD_BYTES = 32 * 2**20
 
 
+class _Shared:
+    """The protos a :func:`shared_payloads` block serializes once, and what each became (bytes or a file)."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.allowed: dict[int, onnx.ModelProto] = {}
+        self.made: dict[int, Future[bytes | str]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, model: onnx.ModelProto) -> bytes | str | None:
+        """The payload of an allowed ``model`` (serialized by the first thread to ask), else ``None``."""
+        with self.lock:
+            if self.allowed.get(id(model)) is not model:
+                return None
+            task, mine = self.made.get(id(model)), False
+            if task is None:
+                task, mine = Future(), True
+                self.made[id(model)] = task
+        if mine:
+            try:
+                data = model.SerializeToString()
+                if len(data) >= FILE_PAYLOAD_BYTES:
+                    path = os.path.join(self.tmp, f"model-{len(self.made)}.onnx")
+                    with open(path, "wb") as fh:
+                        fh.write(data)
+                    del data
+                    task.set_result(path)
+                else:
+                    task.set_result(data)
+            except BaseException as exc:
+                task.set_exception(exc)
+        return task.result()
+
+
+_SHARED: ContextVar[_Shared | None] = ContextVar("rewriter_shared_payloads", default=None)
+
+
+@contextmanager
+def shared_payloads(*models: onnx.ModelProto) -> Iterator[None]:
+    """Within this block, each of ``models`` -- and each one given to :func:`share` -- is serialized once, for
+    every session built from it (a big one written to a temporary file, removed when the block ends). A run's
+    original and result are built into several sessions (reference, numerics, deployed graph, timing); each
+    serialization of a 100 MB model costs a fifth of a second. The protos must not be edited meanwhile: the
+    versions of a run are not."""
+    with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-shared-") as tmp:
+        shared = _Shared(tmp)
+        token = _SHARED.set(shared)
+        try:
+            for model in models:
+                share(model)
+            yield
+        finally:
+            _SHARED.reset(token)
+
+
+def share(model: onnx.ModelProto) -> None:
+    """Serialize ``model`` once for the sessions of the enclosing :func:`shared_payloads` block (none: no-op)."""
+    shared = _SHARED.get()
+    if shared is not None:
+        with shared.lock:
+            shared.allowed[id(model)] = model
+
+
 @contextmanager
 def payload(model: onnx.ModelProto | bytes | str) -> Iterator[bytes | str]:
-    """What an ``InferenceSession`` is built from: a path or bytes as given, a small proto serialized, a big one
-    written to a temporary file (removed when the block ends; onnxruntime has read it by then)."""
+    """What an ``InferenceSession`` is built from: a path or bytes as given, a shared proto's payload
+    (:func:`shared_payloads`), a small proto serialized, a big one written to a temporary file (removed when
+    the block ends; onnxruntime has read it by then)."""
     if not isinstance(model, onnx.ModelProto):
         yield model
+        return
+    shared = _SHARED.get()
+    made = shared.get(model) if shared is not None else None
+    if made is not None:
+        yield made
         return
     data = model.SerializeToString()  # (asking a big proto its ByteSize first costs as much again)
     if len(data) < FILE_PAYLOAD_BYTES:
