@@ -50,7 +50,7 @@ def main() -> None:
     )
     original = Model.from_source(MODEL, {"input": (BATCH, 1, 32, 32)})
     rows = [{"budget": "original", "top1": top1(original.proto, x_test, y_test), "speedup": 1.0, "ci95": [1.0, 1.0], "kept": 0}]
-    timing = TimingOptions(min_pairs=30, max_pairs=60, time_budget_s=10)
+    timing = TimingOptions(min_pairs=30, max_pairs=60, time_budget_s=10, settle_early=False)
     for budget in args.budgets.split(";"):
         config = ValidationConfig(budget=Budget.parse(budget), timing=TimingOptions())
         start = time.perf_counter()

@@ -41,7 +41,7 @@ def run(name: str, source, shapes: dict, pairs: int) -> dict:  # type: ignore[no
     start = time.perf_counter()
     result = optimize(model)
     seconds = time.perf_counter() - start
-    judge = Judge(model, config=ValidationConfig(timing=TimingOptions(min_pairs=pairs, max_pairs=pairs, time_budget_s=60)))
+    judge = Judge(model, config=ValidationConfig(timing=TimingOptions(min_pairs=pairs, max_pairs=pairs, time_budget_s=60, settle_early=False)))
     stats = judge.numerics(result.model)
     lat = judge.model_latency(model.proto, result.model)
     return {

@@ -49,7 +49,7 @@ from rewriter.model import Model
 from rewriter.search import SearchState
 from rewriter.trial import apply_candidate
 from rewriter.validation.feeds import FeedSet
-from rewriter.validation.judge import Judge
+from rewriter.validation.judge import Judge, TaskMetric
 from rewriter.validation.numerics import Budget, OutputStats
 from rewriter.validation.runtime import eval_session
 
@@ -186,9 +186,10 @@ class HeldOutSplit:
 
 
 # -- the back-off rule -----------------------------------------------------------------------------------
-def budget_spend(numerics: Mapping[str, OutputStats], budget: Budget, metric: tuple[float, float, float] | None = None) -> float:
+def budget_spend(numerics: Mapping[str, OutputStats], budget: Budget, metric: tuple[float, float, TaskMetric] | None = None) -> float:
     """The budget's worst term as a fraction used (1: at the edge; see the module docstring). ``metric``:
-    ``(baseline, value, max_drop)`` of the task metric, when it was measured."""
+    ``(baseline, value, task metric)`` when it was measured: its allowed drop and its floor are terms too
+    (:meth:`TaskMetric.spend <rewriter.validation.judge.TaskMetric.spend>`)."""
     worst = 0.0
     for name, s in numerics.items():
         for b in budget.bounds:
@@ -205,13 +206,12 @@ def budget_spend(numerics: Mapping[str, OutputStats], budget: Budget, metric: tu
                 used = b.value / m if m > 0 else math.inf
             worst = max(worst, used)
     if metric is not None:
-        baseline, value, max_drop = metric
-        if math.isfinite(max_drop) and max_drop > 0:
-            worst = max(worst, (baseline - value) / max_drop)
+        baseline, value, task = metric
+        worst = max(worst, task.spend(baseline, value))
     return worst
 
 
-def spends(decisions: Sequence[Decision], budget: Budget, metric_baseline: float | None = None, max_drop: float = math.inf) -> dict[int, float]:
+def spends(decisions: Sequence[Decision], budget: Budget, metric_baseline: float | None = None, task: TaskMetric | None = None) -> dict[int, float]:
     """Each kept lossy decision's spend: the rise of :func:`budget_spend` at its verdict over the previous
     kept lossy decision's, never below 0."""
     out: dict[int, float] = {}
@@ -220,7 +220,7 @@ def spends(decisions: Sequence[Decision], budget: Budget, metric_baseline: float
         if not d.kept or d.exact or d.verdict is None:
             continue
         v = d.verdict
-        metric = (metric_baseline, v.metric, max_drop) if metric_baseline is not None and v.metric is not None else None
+        metric = (metric_baseline, v.metric, task) if metric_baseline is not None and v.metric is not None and task is not None else None
         now = budget_spend(v.numerics, budget, metric)
         out[i] = max(0.0, now - previous)
         previous = now
@@ -314,8 +314,7 @@ def _back_off(state: SearchState, split: HeldOutSplit, passes: Sequence[Pass], r
     model, its check and the decisions undone. Each step is recorded in ``result.backed_off``."""
     decisions, budget, metric = state.decisions, state.judge.config.budget, state.judge.config.metric
     by_name = {p.name: p for p in reversed(passes)}  # the first instance of a name, as the search ran it
-    spent = spends(decisions, budget, state.judge.metric_baseline if metric is not None else None,
-                   metric.max_drop if metric is not None else math.inf)
+    spent = spends(decisions, budget, state.judge.metric_baseline if metric is not None else None, metric)
     undone: set[int] = set()
     model, check = searched, result.searched
     assert check is not None

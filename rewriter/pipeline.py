@@ -351,7 +351,7 @@ def _spent(state: SearchState, searched: _Searched, selected: Sequence[Pass]) ->
     config, metric = state.judge.config, None
     lossy = [d for d in state.decisions if d.kept and not d.superseded and not d.exact and d.verdict is not None]
     if config.metric is not None and lossy and lossy[-1].verdict.metric is not None:  # type: ignore[union-attr]
-        metric = (state.judge.metric_baseline or 0.0, lossy[-1].verdict.metric, config.metric.max_drop)  # type: ignore[union-attr]
+        metric = (state.judge.metric_baseline or 0.0, lossy[-1].verdict.metric, config.metric)  # type: ignore[union-attr]
     return budget_spend(searched.numerics, config.budget, metric)
 
 

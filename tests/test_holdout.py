@@ -168,8 +168,11 @@ def test_the_back_off_order_is_budget_spent_per_mac_saved() -> None:
     budget = Budget.parse("cosine>=0.99,max-abs<=0.1")
     stats = {"y": OutputStats("y", 0.05, 0.01, 0.1, 0.995, 30.0, 1.0, 0, 10)}
     assert budget_spend(stats, budget) == pytest.approx(0.5)  # (1 - 0.995) / (1 - 0.99) and 0.05 / 0.1 are both half
-    assert budget_spend(stats, budget, (1.0, 0.99, 0.04)) == pytest.approx(0.5)
-    assert budget_spend(stats, budget, (1.0, 0.97, 0.04)) == pytest.approx(0.75)  # the metric's drop is the worst term
+    drop = TaskMetric(lambda s: 0.0, max_drop=0.04)
+    assert budget_spend(stats, budget, (1.0, 0.99, drop)) == pytest.approx(0.5)
+    assert budget_spend(stats, budget, (1.0, 0.97, drop)) == pytest.approx(0.75)  # the metric's drop is the worst term
+    floor = TaskMetric(lambda s: 0.0, min_value=0.0)  # a floor only (no allowed drop): the room above it is the budget
+    assert budget_spend(stats, budget, (0.01, 0.0046, floor)) == pytest.approx(0.54)
     assert budget_spend(stats, Budget.parse("snr-db>=20")) == pytest.approx(20 / 30)
     found = [Unit((0,), True, 0.2, 100), Unit((1,), False, 0.0, 10), Unit((2,), True, 0.2, 1000), Unit((3,), True, 0.1, 10)]
     assert [u.members for u in back_off_order(found)] == [(3,), (0,), (2,)]  # exact units are never backed off

@@ -16,7 +16,6 @@ given, scored on the same split (a metric with a ``split`` keyword scores ``"val
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -80,11 +79,5 @@ class BudgetCheck:
 
 
 def metric_spend(baseline: float, value: float, metric: TaskMetric) -> float:
-    """The metric's share of its budget used: ``drop / max_drop`` and, with a floor, ``drop / (baseline - floor)``."""
-    drop, worst = baseline - value, 0.0
-    if math.isfinite(metric.max_drop) and metric.max_drop > 0:
-        worst = drop / metric.max_drop
-    if metric.min_value is not None:
-        room = baseline - metric.min_value
-        worst = max(worst, drop / room if room > 0 else (0.0 if value >= metric.min_value else math.inf))
-    return worst
+    """The metric's share of its budget used (:meth:`TaskMetric.spend`)."""
+    return metric.spend(baseline, value)

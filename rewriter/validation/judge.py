@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -91,6 +92,17 @@ class TaskMetric:
         if self.min_value is not None and value < self.min_value:
             return f"{self.name} = {value:.6g} is below its floor {self.min_value:g}"
         return None
+
+    def spend(self, baseline: float, value: float) -> float:
+        """The share of this metric's budget ``value`` uses (1: at the edge): ``drop / max_drop`` and, with a
+        floor, ``drop / (baseline - floor)`` -- the larger."""
+        drop, worst = baseline - value, 0.0
+        if math.isfinite(self.max_drop) and self.max_drop > 0:
+            worst = drop / self.max_drop
+        if self.min_value is not None:
+            room = baseline - self.min_value
+            worst = max(worst, drop / room if room > 0 else (0.0 if value >= self.min_value else math.inf))
+        return worst
 
 
 def load_metric(spec: str) -> MetricFn:

@@ -133,10 +133,14 @@ def time_pairs(base_session, candidate_session, feed: Mapping[str, np.ndarray], 
                 break
             base_session.run(names_a, feed_a)
             candidate_session.run(names_b, feed_b)
-        single = max(_sample(base_session, names_a, feed_a, 1), _sample(candidate_session, names_b, feed_b, 1), 1e-7)
-        repeats = max(1, math.ceil(opts.min_sample_s / single))
+        first = (_sample(base_session, names_a, feed_a, 1), _sample(candidate_session, names_b, feed_b, 1))
+        repeats = max(1, math.ceil(opts.min_sample_s / max(*first, 1e-7)))
         deadline = time.perf_counter() + opts.time_budget_s
         i = 0
+        if repeats == 1:  # runs long enough to be samples themselves: the pair that sized them is the first pair
+            a.append(first[0])
+            b.append(first[1])
+            i = 1
         look = max(2, opts.min_pairs)
         step = max(2, opts.min_pairs // 2)
         while len(a) < opts.max_pairs and (len(a) < opts.min_pairs or time.perf_counter() < deadline):
