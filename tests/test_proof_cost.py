@@ -180,3 +180,20 @@ def test_a_model_with_big_weights_is_still_checked_by_the_onnx_checker() -> None
     check_model_structure(_big("Conv"))
     with pytest.raises(InputError, match="invalid ONNX model"):
         check_model_structure(_big("NoSuchOp"))
+
+
+# -- one CPU arena for every deploy session -------------------------------------------------------------------
+
+
+def test_deploy_sessions_share_one_cpu_arena_and_stay_exact() -> None:
+    from rewriter.validation.runtime import RuntimeOptions, deploy_session, reference_session, run_feeds, shared_cpu_arena
+
+    model = parse(THREE_BN, seed=1)
+    assert shared_cpu_arena() and shared_cpu_arena()  # registered once, asked many times
+    first, second = (deploy_session(model, RuntimeOptions(threads=1)) for _ in range(2))
+    assert first.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    feed = [{"X": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}]
+    expected = run_feeds(reference_session(model), feed)[0]["Y"]
+    for _ in range(3):  # in turn, as a timing runs them
+        for session in (first, second):
+            np.testing.assert_allclose(run_feeds(session, feed)[0]["Y"], expected, rtol=1e-4, atol=1e-5)
