@@ -86,6 +86,8 @@ class MeasureOptions:
     min_speedup: float = 1.0
     exact_min_speedup: float = 0.99
     max_pairs: int = 40
+    #: The validation feeds a run of exact passes proves its result on (0: all of them).
+    exact_feeds: int = 2
     #: The batch of the timed and numerics feeds (the first dim of every input).
     batch: int = 1
     #: Deployment profiles as ``threads=T,batch=B``, the primary first (instead of ``threads``/``batch``).
@@ -143,6 +145,7 @@ def validation_config(budget: BudgetOptions, measure: MeasureOptions) -> Validat
         latency=measure.latency,
         subgraph_latency=measure.subgraph,
         exact_min_speedup=measure.exact_min_speedup,
+        exact_feeds=measure.exact_feeds,
         lossy_min_speedup=measure.min_speedup,
         timing=TimingOptions(max_pairs=measure.max_pairs, min_pairs=min(10, measure.max_pairs)),
         metric=metric,

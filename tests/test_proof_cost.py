@@ -197,3 +197,20 @@ def test_deploy_sessions_share_one_cpu_arena_and_stay_exact() -> None:
     for _ in range(3):  # in turn, as a timing runs them
         for session in (first, second):
             np.testing.assert_allclose(run_feeds(session, feed)[0]["Y"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("flag", "feeds"), [([], 2), (["--exact-feeds", "0"], 8), (["--exact-feeds", "5"], 5)])
+def test_the_cli_proves_an_exact_run_on_the_feeds_it_is_told(tmp_path, flag: list[str], feeds: int) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from rewriter.cli import app
+
+    source = tmp_path / "m.onnx"
+    onnx.save(parse(THREE_BN, seed=1), source)
+    args = ["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"), "--max-pairs", "6", *flag]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    totals = json.loads((tmp_path / "r.json").read_text())["totals"]
+    assert totals["numerics_feeds"] == feeds and totals["final_numerics"]["Y"]["elements"] == feeds * 4 * 8 * 8

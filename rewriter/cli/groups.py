@@ -222,6 +222,8 @@ TIMING: Group[MeasureOptions] = Group("Latency", (
     Flag("min_speedup", float, 1.0, ("--min-speedup",), "Lossy rewrites are kept only if the speedup CI lies above this."),
     Flag("exact_min_speedup", float, 0.99, ("--exact-min-speedup",), "Exact rewrites are rolled back if the speedup CI lies wholly below this."),
     Flag("max_pairs", int, 40, ("--max-pairs",), "Most interleaved timing pairs per comparison.", min=4),
+    Flag("exact_feeds", int, 2, ("--exact-feeds",),
+         "Validation feeds a run of exact passes proves its result on (0: all; an exact rewrite's error is rounding, the same on any input).", min=0),
 ), _measure_options)
 
 SEARCH: Group[SearchOptions] = Group("Search", (

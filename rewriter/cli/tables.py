@@ -75,8 +75,10 @@ def optimize_summary(result: Any, metric: str | None = None) -> list[Renderable]
         f"nodes {sum(b.histogram.values())} -> {sum(a.histogram.values())}, MACs {fmt_int(b.total_macs)} -> {fmt_int(a.total_macs)}{saved}, "
         f"params {fmt_int(b.total_params)} -> {fmt_int(a.total_params)}"
     )
+    used = getattr(result, "numerics_feeds", 0)
+    on = f" (on {used} validation feed{'s' if used != 1 else ''})" if used else ""
     for name, s in result.final_numerics.items():
-        shown.append(f"output {name}: max abs err {s.max_abs:.3g}, cosine {s.cosine:.6f}" + (f", top-1 agreement {s.top1:.3f}" if s.top1 is not None else ""))
+        shown.append(f"output {name}: max abs err {s.max_abs:.3g}, cosine {s.cosine:.6f}" + (f", top-1 agreement {s.top1:.3f}" if s.top1 is not None else "") + on)
     if result.target_speedup is not None:
         target = result.final_latency.ci if result.final_latency is not None else "nothing kept"
         shown.append(f"target speedup {result.target_speedup:g}x: {'reached' if result.target_reached else 'not reached'} ({target})")
