@@ -268,6 +268,12 @@ def check_limits(model: onnx.ModelProto) -> None:
         raise InputError(f"subgraphs nested more than {MAX_SUBGRAPH_DEPTH} deep (If/Loop/Scan bodies); refused")
 
 
+def _big(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is left out of the checker's copy (over :data:`_STRIP_BYTES`, or past protobuf's limit,
+    where upb raises rather than answer its size)."""
+    return not fits_protobuf(tensor) or tensor.ByteSize() > _STRIP_BYTES
+
+
 def _checkable(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """The model, or -- where it has big main-graph initializers -- a copy without them.
 
@@ -276,7 +282,7 @@ def _checkable(model: onnx.ModelProto) -> onnx.ModelProto | None:
     cases (a 100 MB model's serialization and size cost half a second; its copy's, nothing). ``None`` when
     even the copy is too large for the checker.
     """
-    if not any(t.ByteSize() > _STRIP_BYTES for t in model.graph.initializer):
+    if not any(_big(t) for t in model.graph.initializer):
         return model if fits_protobuf(model) else None
     slim = onnx.ModelProto()
     copy_fields(model, slim, skip=("graph",))
