@@ -214,3 +214,32 @@ def test_the_cli_proves_an_exact_run_on_the_feeds_it_is_told(tmp_path, flag: lis
     assert done.exit_code == 0, done.output
     totals = json.loads((tmp_path / "r.json").read_text())["totals"]
     assert totals["numerics_feeds"] == feeds and totals["final_numerics"]["Y"]["elements"] == feeds * 4 * 8 * 8
+
+
+def test_a_result_written_once_for_its_sessions_is_the_output_byte_for_byte(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from rewriter.cli import app
+    from rewriter.io import save_model
+
+    source = tmp_path / "m.onnx"
+    onnx.save(parse(THREE_BN, seed=1), source)
+    copied: list[str] = []
+    real = save_model.__globals__["_copy_into"]
+
+    def spy(path, fh):  # type: ignore[no-untyped-def]
+        copied.append(path)
+        real(path, fh)
+
+    outputs = []
+    for files in (False, True):  # small payloads are bytes (serialized again to save); with files, the file is copied
+        if files:
+            monkeypatch.setattr(runtime, "FILE_PAYLOAD_BYTES", 0)
+            monkeypatch.setitem(save_model.__globals__, "_copy_into", spy)
+        out = tmp_path / f"out{int(files)}.onnx"
+        done = CliRunner().invoke(app, ["optimize", str(source), "-o", str(out), "--max-pairs", "6"])
+        assert done.exit_code == 0, done.output
+        outputs.append(out.read_bytes())
+    assert len(copied) == 1 and outputs[0] == outputs[1]
+    m = runtime.FILE_PAYLOAD_BYTES
+    assert m == 0 and not _exists(copied[0])  # the shared file went with its block

@@ -53,6 +53,7 @@ def optimize(
     from rewriter.job import optimize_model
     from rewriter.progress import DecisionProgress
     from rewriter.report import check_output_paths, write_json
+    from rewriter.validation.runtime import shared_file, shared_payloads
     from rewriter.zoo import plan_for
 
     target = output.output
@@ -66,11 +67,13 @@ def optimize(
     options = _optimize_options(config_file, search, model_args, feeds, budget, measure, output.external_data, shapes)
     options = plan_for(src, options, model_tables(config_file)).options  # its [models."PATTERN"] tables, if any
     shown = DecisionProgress(err, enabled=sys.stderr.isatty() and not quiet(), time_budget_s=options.time_budget)
-    outcome = optimize_model(src, options, progress=shown, on_decision=shown.on_decision, on_round=shown.on_round)
-    result, gate = outcome.result, outcome.gate
+    with shared_payloads():  # a big result is written once, for its sessions and then as the output
+        outcome = optimize_model(src, options, progress=shown, on_decision=shown.on_decision, on_round=shown.on_round)
+        result, gate = outcome.result, outcome.gate
+        if not gate:
+            save_model(result.model, target, external_data=output.external_data, serialized=shared_file(result.model))
     out_sha = None
     if not gate:
-        save_model(result.model, target, external_data=output.external_data)
         out_sha = sha256_file(target)
         if output.save_plan is not None:
             outcome.plan(out_sha).save(output.save_plan)

@@ -63,6 +63,14 @@ def _umask() -> int:
     return mask
 
 
+def _copy_into(source: str, fh: IO[Any]) -> None:
+    """Copy the file ``source`` into the open file ``fh`` (in the kernel where it can)."""
+    import shutil
+
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, fh, 8 << 20)
+
+
 def _make_temp(folder: Path, name: str, suffix: str) -> tuple[int, str]:
     """A new file ``.NAME.PID.XXXX<suffix>`` in ``folder``, readable like any new file (not mkstemp's 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=suffix, dir=folder)
@@ -193,8 +201,12 @@ def save_model(
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
+    serialized: str | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
+
+    ``serialized``: a file already holding ``model`` serialized (a run's result was written once for its
+    sessions): copied rather than serialized again, where the model goes in one file.
 
     ``external_data=None`` stores weights in a side file ``<name>.data`` only when the model would
     exceed protobuf's 2 GiB limit. The data file is written fresh (never appended to) and moved into
@@ -216,11 +228,14 @@ def save_model(
         if external_data:
             to_write = copy_model(model)
             temps.append(_write_temp(folder, data_name, lambda fh: _externalize(to_write, data_name, fh)))
-        try:
-            payload = to_write.SerializeToString()
-        except ValueError as exc:  # protobuf refuses messages over 2 GiB
-            raise InputError(f"{out}: the model is too large to write without external data ({first_line(exc)}); use --external-data") from None
-        model_tmp = _write_temp(folder, out.name, lambda fh: fh.write(payload))
+        if serialized is not None and not external_data:
+            model_tmp = _write_temp(folder, out.name, lambda fh: _copy_into(serialized, fh))
+        else:
+            try:
+                payload = to_write.SerializeToString()
+            except ValueError as exc:  # protobuf refuses messages over 2 GiB
+                raise InputError(f"{out}: the model is too large to write without external data ({first_line(exc)}); use --external-data") from None
+            model_tmp = _write_temp(folder, out.name, lambda fh: fh.write(payload))
         temps.append(model_tmp)
         aside: list[str] = []
         if external_data:

@@ -147,7 +147,12 @@ def shared_payloads(*models: onnx.ModelProto) -> Iterator[None]:
     every session built from it (a big one written to a temporary file, removed when the block ends). A run's
     original and result are built into several sessions (reference, numerics, deployed graph, timing); each
     serialization of a 100 MB model costs a fifth of a second. The protos must not be edited meanwhile: the
-    versions of a run are not."""
+    versions of a run are not. Inside another such block, the outer one is used (its files last as long as it)."""
+    if _SHARED.get() is not None:
+        for model in models:
+            share(model)
+        yield
+        return
     with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-shared-") as tmp:
         shared = _Shared(tmp)
         token = _SHARED.set(shared)
@@ -157,6 +162,20 @@ def shared_payloads(*models: onnx.ModelProto) -> Iterator[None]:
             yield
         finally:
             _SHARED.reset(token)
+
+
+def shared_file(model: onnx.ModelProto) -> str | None:
+    """The file ``model`` was written to for its sessions in the enclosing :func:`shared_payloads` block (a big
+    model that was built into a session), else ``None`` -- what :func:`rewriter.io.save_model` can copy."""
+    shared = _SHARED.get()
+    if shared is None:
+        return None
+    with shared.lock:
+        task = shared.made.get(id(model)) if shared.allowed.get(id(model)) is model else None
+    if task is None or not task.done() or task.exception() is not None:
+        return None
+    made = task.result()
+    return made if isinstance(made, str) else None
 
 
 def share(model: onnx.ModelProto) -> None:
