@@ -268,7 +268,7 @@ def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
         m.release()  # the closing runs onnxruntime on the protos: the graph views' weight copies need not be held
     give_back_memory()
     numerics, final, same = _closing(state, model, measured)
-    return _Searched(model, runs, holdout, numerics, final, same, after, None, len(state.judge.proof_feeds()) if numerics else 0)
+    return _Searched(model, runs, holdout, numerics, final, same, after, numerics_feeds=len(state.judge.proof_feeds()) if numerics else 0)
 
 
 def _deferred(state: SearchState, selected: Sequence[Pass], max_rounds: int, feeds: FeedSet, holdout_fail: bool) -> _Searched:

@@ -64,7 +64,7 @@ def _umask() -> int:
 
 
 def _copy_into(source: str, fh: IO[Any]) -> None:
-    """Copy the file ``source`` into the open file ``fh`` (in the kernel where it can)."""
+    """Copy the file ``source`` into the open file ``fh``, 8 MiB at a time."""
     import shutil
 
     with open(source, "rb") as src:

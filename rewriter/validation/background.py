@@ -7,8 +7,8 @@ is read while its numerics run. onnxruntime releases the interpreter lock while 
 so the two threads share the machine's cores.
 
 Nothing may run beside a latency measurement: :meth:`Worker.quiet` waits for every task started so far, and the
-judge calls it before each timing. A task's error is left in its future for whoever asks for the result (who
-then computes it again in the open and gets the error where it belongs).
+judge calls it before each timing. A task's error is left in its future: the reference outputs are then computed
+again in the open, where the error belongs; a deployed graph that could not be read is timed instead.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ class Worker:
 
 
 def result_or_none(task: Future[T] | None) -> T | None:
-    """The task's result, or ``None`` when there is no task or it failed (the caller computes it again)."""
+    """The task's result, or ``None`` when there is no task or it failed (the caller falls back: for a deployed
+    graph, to a timing)."""
     if task is None:
         return None
     try:
         return task.result()
-    except Exception as exc:  # noqa: BLE001 -- computed again by the caller, where the error belongs
-        log.debug("a proof task failed (%s); computed again", exc)
+    except Exception as exc:  # noqa: BLE001 -- the caller falls back
+        log.debug("a proof task failed (%s)", exc)
         return None

@@ -249,8 +249,11 @@ class Judge:
         (:attr:`deferred`) -- the first ``config.exact_feeds``. An exact rewrite's error is rounding, the same
         on any input; more feeds add run time, not evidence (a lossy rewrite's error depends on the data:
         every feed)."""
+        return self.feeds.validation[:self._proof_count(self.deferred)]
+
+    def _proof_count(self, exact_only: bool) -> int:
         k = self.config.exact_feeds
-        return self.feeds.validation[:k] if self.deferred and k else self.feeds.validation
+        return min(k, len(self.feeds.validation)) if exact_only and k else len(self.feeds.validation)
 
     @property
     def reference(self) -> list[dict]:
@@ -271,8 +274,7 @@ class Judge:
         """Start the original's part of the proof on the worker: its reference outputs on the feeds numerics
         will use and -- in a run of exact passes only, with latency judged -- its deployed graph
         (:meth:`same_deployed`). Every timing waits for them first."""
-        n = self.config.exact_feeds if exact_only and self.config.exact_feeds else len(self.feeds.validation)
-        self.worker.submit(self._reference_upto, min(n, len(self.feeds.validation)))
+        self.worker.submit(self._reference_upto, self._proof_count(exact_only))
         if exact_only and self.config.latency:
             self.deployed_soon(self.original.proto)
 
@@ -305,31 +307,23 @@ class Judge:
         assert self.config.metric is not None
         return self.config.metric.score(session if session is not None else eval_session(proto, self.config.runtime), "validation")
 
-    def deployed_soon(self, proto: onnx.ModelProto) -> None:
-        """Start reading the graph onnxruntime deploys for ``proto`` on the worker (kept for
-        :meth:`same_deployed`; the last two are kept)."""
+    def deployed_soon(self, proto: onnx.ModelProto) -> Future[str | None]:
+        """Start reading the graph onnxruntime deploys for ``proto`` on the worker, unless it is under way; its
+        task (for :meth:`same_deployed`; the last two are kept)."""
         from rewriter.validation.deployed import deployed_key
 
         with self._deployed_lock:
             hit = self._deployed.get(id(proto))
             if hit is None or hit[0] is not proto:
-                task = self.worker.submit(deployed_key, proto, self.config.runtime)
-                self._deployed = {**dict(list(self._deployed.items())[-1:]), id(proto): (proto, task)}  # no more models kept alive
+                hit = (proto, self.worker.submit(deployed_key, proto, self.config.runtime))
+                self._deployed = {**dict(list(self._deployed.items())[-1:]), id(proto): hit}  # no more models kept alive
+            return hit[1]
 
     def same_deployed(self, base: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
         """Whether onnxruntime runs the same graph for both (:mod:`~rewriter.validation.deployed`): then they
         take the same time by construction, at every profile, and are not timed."""
-        from rewriter.validation.deployed import deployed_key
-
-        def key(proto: onnx.ModelProto) -> str | None:
-            self.deployed_soon(proto)
-            hit = self._deployed.get(id(proto))
-            task = hit[1] if hit is not None and hit[0] is proto else None
-            done = result_or_none(task)
-            return done if task is not None and task.exception() is None else deployed_key(proto, self.config.runtime)
-
-        first = key(base)
-        return first is not None and first == key(candidate)
+        first = result_or_none(self.deployed_soon(base))  # (None when it cannot be had: then only a timing tells)
+        return first is not None and first == result_or_none(self.deployed_soon(candidate))
 
     def _profile(self, profile: DeploymentProfile | None) -> DeploymentProfile:
         return self.config.deployments[0] if profile is None else profile

@@ -113,29 +113,37 @@ class _Shared:
         self.made: dict[int, Future[bytes | str]] = {}
         self.lock = threading.Lock()
 
-    def get(self, model: onnx.ModelProto) -> bytes | str | None:
-        """The payload of an allowed ``model`` (serialized by the first thread to ask), else ``None``."""
+    def get(self, model: onnx.ModelProto, *, make: bool = True) -> bytes | str | None:
+        """The payload of an allowed ``model`` (serialized by the first thread to ask), else ``None``; without
+        ``make``, only one already made."""
         with self.lock:
             if self.allowed.get(id(model)) is not model:
                 return None
             task, mine = self.made.get(id(model)), False
             if task is None:
+                if not make:
+                    return None
                 task, mine = Future(), True
                 self.made[id(model)] = task
         if mine:
             try:
-                data = model.SerializeToString()
-                if len(data) >= FILE_PAYLOAD_BYTES:
-                    path = os.path.join(self.tmp, f"model-{len(self.made)}.onnx")
-                    with open(path, "wb") as fh:
-                        fh.write(data)
-                    del data
-                    task.set_result(path)
-                else:
-                    task.set_result(data)
+                task.set_result(_serialized(model, os.path.join(self.tmp, f"model-{id(model)}.onnx")))
             except BaseException as exc:
                 task.set_exception(exc)
+        if not make and (not task.done() or task.exception() is not None):
+            return None
         return task.result()
+
+
+def _serialized(model: onnx.ModelProto, path: str) -> bytes | str:
+    """``model`` serialized: the bytes, or -- from :data:`FILE_PAYLOAD_BYTES` on -- written to ``path`` (the
+    bytes freed before the session is built) and the path."""
+    data = model.SerializeToString()  # (asking a big proto its ByteSize first costs as much again)
+    if len(data) < FILE_PAYLOAD_BYTES:
+        return data
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path
 
 
 _SHARED: ContextVar[_Shared | None] = ContextVar("rewriter_shared_payloads", default=None)
@@ -168,13 +176,7 @@ def shared_file(model: onnx.ModelProto) -> str | None:
     """The file ``model`` was written to for its sessions in the enclosing :func:`shared_payloads` block (a big
     model that was built into a session), else ``None`` -- what :func:`rewriter.io.save_model` can copy."""
     shared = _SHARED.get()
-    if shared is None:
-        return None
-    with shared.lock:
-        task = shared.made.get(id(model)) if shared.allowed.get(id(model)) is model else None
-    if task is None or not task.done() or task.exception() is not None:
-        return None
-    made = task.result()
+    made = shared.get(model, make=False) if shared is not None else None
     return made if isinstance(made, str) else None
 
 
@@ -199,16 +201,8 @@ def payload(model: onnx.ModelProto | bytes | str) -> Iterator[bytes | str]:
     if made is not None:
         yield made
         return
-    data = model.SerializeToString()  # (asking a big proto its ByteSize first costs as much again)
-    if len(data) < FILE_PAYLOAD_BYTES:
-        yield data
-        return
     with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-session-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        with open(path, "wb") as fh:
-            fh.write(data)
-        del data
-        yield path
+        yield _serialized(model, os.path.join(tmp, "model.onnx"))
 
 
 _REFERENCE_THREADS: ContextVar[int] = ContextVar("rewriter_reference_threads", default=0)
@@ -242,7 +236,7 @@ def reference_session(model: onnx.ModelProto | bytes | str, threads: int | None 
 
 
 _ARENA_LOCK = threading.Lock()
-_ARENA: list[bool] = []  # [registered?] once the process-wide CPU arena was asked for
+_arena: bool | None = None  # whether the process-wide CPU arena is registered (None: not asked yet)
 
 
 def shared_cpu_arena() -> bool:
@@ -253,16 +247,17 @@ def shared_cpu_arena() -> bool:
     of two). It is never shrunk: it holds what the largest run needed until the process ends."""
     import onnxruntime as ort
 
+    global _arena
     with _ARENA_LOCK:
-        if not _ARENA:
+        if _arena is None:
             try:
                 info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
                 ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # (max, kSameAsRequested, defaults)
-                _ARENA.append(True)
+                _arena = True
             except Exception as exc:  # an onnxruntime without it (or one registered already by the host): own arenas
                 log.info("no shared CPU arena (%s); each deploy session keeps its own", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                _ARENA.append(False)
-        return _ARENA[0]
+                _arena = False
+        return _arena
 
 
 def deploy_session(model: onnx.ModelProto | bytes | str, options: RuntimeOptions, *, profile_prefix: str | None = None):  # type: ignore[no-untyped-def]
