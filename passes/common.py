@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewriter.graph import const_value
+from rewriter.graph import const_info, const_value
 from rewriter.model import Model
 
 # -- inputs ----------------------------------------------------------------------------------------------
@@ -37,6 +37,13 @@ def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
 def weight_value(node: gs.Node) -> np.ndarray | None:
     """The constant value of input 1 (a Conv's ``W``, a Gemm's ``B``), or ``None`` (absent or not constant)."""
     return const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+
+
+def weight_shape(node: gs.Node) -> tuple[int, ...] | None:
+    """The shape of input 1 when it is constant, read without loading its values (:func:`weight_value` copies
+    a lazily held weight into an array: a check that needs only its shape should not)."""
+    info = const_info(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if info is None else info[1]
 
 
 def bias_tensor(node: gs.Node) -> gs.Tensor | None:
@@ -79,10 +86,10 @@ def conv_kernel(node: gs.Node) -> tuple[int, ...] | None:
     of rank >= 3; ``None`` when neither is known."""
     kernel = node.attrs.get("kernel_shape")
     if kernel is None:
-        w = weight_value(node)
-        if w is None or w.ndim < 3:
+        w = weight_shape(node)
+        if w is None or len(w) < 3:
             return None
-        kernel = w.shape[2:]
+        kernel = w[2:]
     return tuple(int(k) for k in kernel)
 
 

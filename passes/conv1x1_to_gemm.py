@@ -44,7 +44,7 @@ from math import prod
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.common import bias_tensor, conv_padding_free, is_pointwise_conv, opset, optional_input, stored_as
+from passes.common import bias_tensor, conv_padding_free, is_pointwise_conv, opset, optional_input, stored_as, weight_shape
 from passes.fuse_1x1_chain import compose_pointwise
 from rewriter.analysis import node_cost
 from rewriter.contract import Cost, Rule, RuleSetPass
@@ -118,9 +118,9 @@ def _conv_reason(model: Model, conv: gs.Node) -> str | None:
         return f"{conv.name}: input shape {model.shape(conv.inputs[0])} unknown; cannot tell whether the spatial size is 1x1"
     if any(d != 1 for d in x[2:]):
         return f"{conv.name}: input spatial size is {'x'.join(map(str, x[2:]))}, not 1x1"
-    w = const_value(conv.inputs[1])
+    w = weight_shape(conv)
     assert w is not None
-    if y is None or y != (x[0], w.shape[0]) + (1,) * (len(x) - 2):
+    if y is None or y != (x[0], w[0]) + (1,) * (len(x) - 2):
         return f"{conv.name}: output shape {model.shape(conv.outputs[0])} is not [N, O, 1, ..] for input {x}"
     return None
 
@@ -243,39 +243,39 @@ class ConvIntoGemmRule(Rule[ConvIntoGemm]):
         if reason is not None:
             return reason
         x = model.static_shape(conv.inputs[0])
-        w = const_value(conv.inputs[1])
+        w = weight_shape(conv)
         assert x is not None and w is not None
-        reason = _rows_reason(model, rows, x[0], w.shape[0])
+        reason = _rows_reason(model, rows, x[0], w[0])
         if reason is not None:
             return reason
         w_lin, _ = _as_pointwise(linear)
-        if w_lin.shape[1] != w.shape[0]:
-            return f"{linear.name}: takes {w_lin.shape[1]} features, the conv gives {w.shape[0]}"
-        before, after = chain_macs_per_row(w.shape[1], w.shape[0], w_lin.shape[0])
+        if w_lin.shape[1] != w[0]:
+            return f"{linear.name}: takes {w_lin.shape[1]} features, the conv gives {w[0]}"
+        before, after = chain_macs_per_row(w[1], w[0], w_lin.shape[0])
         if after >= before:
-            return (f"fusing [{w.shape[1]}->{w.shape[0]}->{w_lin.shape[0]}] would raise MACs per row "
+            return (f"fusing [{w[1]}->{w[0]}->{w_lin.shape[0]}] would raise MACs per row "
                     f"from {before} to {after}")
         return None
 
     def describe(self, model: Model, match: ConvIntoGemm) -> str:
-        w = const_value(match.conv.inputs[1])
+        w = weight_shape(match.conv)
         assert w is not None
         w_lin, _ = _as_pointwise(match.linear)
-        return (f"fold 1x1 conv {match.conv.name} ({w.shape[1]}->{w.shape[0]}, 1x1 spatial) + {match.rows.op} "
+        return (f"fold 1x1 conv {match.conv.name} ({w[1]}->{w[0]}, 1x1 spatial) + {match.rows.op} "
                 f"into {match.linear.op} {match.linear.name} (->{w_lin.shape[0]}): Flatten + one "
                 f"{'Gemm' if match.linear.op == 'Gemm' or bias_tensor(match.conv) is not None else 'MatMul'}")
 
     def cost(self, model: Model, match: ConvIntoGemm) -> Cost:
         a, b = node_cost(model, match.conv), node_cost(model, match.linear)
         x = model.static_shape(match.conv.inputs[0])
-        w = const_value(match.conv.inputs[1])
+        w = weight_shape(match.conv)
         assert w is not None
         w_lin, _ = _as_pointwise(match.linear)
         has_bias = bias_tensor(match.conv) is not None or optional_input(match.linear, 2) is not None
-        params_after = w.shape[1] * w_lin.shape[0] + (w_lin.shape[0] if has_bias else 0)
+        params_after = w[1] * w_lin.shape[0] + (w_lin.shape[0] if has_bias else 0)
         if x is None:
             return Cost(0, 0, a.params + b.params, params_after)
-        return Cost(a.macs + b.macs, x[0] * w.shape[1] * w_lin.shape[0], a.params + b.params, params_after)
+        return Cost(a.macs + b.macs, x[0] * w[1] * w_lin.shape[0], a.params + b.params, params_after)
 
     def rewrite(self, model: Model, match: ConvIntoGemm) -> None:
         conv, linear = match.conv, match.linear
@@ -309,11 +309,11 @@ class ConvAsGemmRule(Rule[ConvAsGemm]):
             return None
         mid = node.outputs[0]
         users = mid.outputs
-        x, w = model.static_shape(node.inputs[0]), const_value(node.inputs[1])
+        x, w = model.static_shape(node.inputs[0]), weight_shape(node)
         if (
             len(users) == 1 and not is_graph_output(model.graph, mid) and _is_rows_op(users[0], mid)
             and len(users[0].outputs) == 1 and x is not None and w is not None
-            and _rows_reason(model, users[0], x[0], w.shape[0]) is None
+            and _rows_reason(model, users[0], x[0], w[0]) is None
         ):
             return ConvAsGemm(node, users[0])
         return ConvAsGemm(node, None)
@@ -325,9 +325,9 @@ class ConvAsGemmRule(Rule[ConvAsGemm]):
         return _conv_reason(model, match.conv)
 
     def describe(self, model: Model, match: ConvAsGemm) -> str:
-        w = const_value(match.conv.inputs[1])
+        w = weight_shape(match.conv)
         assert w is not None
-        head = f"1x1 conv {match.conv.name} ({w.shape[1]}->{w.shape[0]}) on a 1x1 input"
+        head = f"1x1 conv {match.conv.name} ({w[1]}->{w[0]}) on a 1x1 input"
         if match.rows is not None:
             return f"{head} + {match.rows.op} as Flatten + Gemm (same MACs, same node count)"
         return (f"{head} as Flatten + Gemm + Reshape (same MACs, two extra reshapes; pays only if Gemm "

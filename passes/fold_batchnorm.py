@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.common import batchnorm_scale_shift, bias_tensor, bias_value, stored_as, weight_value
+from passes.common import batchnorm_scale_shift, bias_tensor, bias_value, stored_as, weight_shape, weight_value
 from rewriter.analysis import node_cost, node_params
 from rewriter.contract import Candidate, Cost, PatternPass
 from rewriter.graph import (
@@ -124,16 +124,17 @@ class Fold:
     operand: gs.Tensor | None = None
 
 
-def _out_channels(node: gs.Node, w: np.ndarray) -> int:
+def _out_channels(node: gs.Node, w: tuple[int, ...]) -> int:
+    """The producer's output channels, from its weight's shape ``w``."""
     if node.op == "Conv":
-        return int(w.shape[0])
+        return int(w[0])
     if node.op == "ConvTranspose":
-        return int(w.shape[1]) * int(node.attrs.get("group", 1))
-    return int(w.shape[0] if node.attrs.get("transB", 0) else w.shape[1])
+        return int(w[1]) * int(node.attrs.get("group", 1))
+    return int(w[0] if node.attrs.get("transB", 0) else w[1])
 
 
-def _out_rank(node: gs.Node, w: np.ndarray) -> int:
-    return 2 if node.op == "Gemm" else int(w.ndim)
+def _out_rank(node: gs.Node, w: tuple[int, ...]) -> int:
+    return 2 if node.op == "Gemm" else len(w)
 
 
 def _bn_params(node: gs.Node) -> list[gs.Tensor]:
@@ -254,16 +255,16 @@ class FoldBatchNorm(PatternPass[Fold]):
         reason = constant_operands_reason(graph, prod)
         if reason is not None:
             return reason
-        w = weight_value(prod)
+        w = weight_shape(prod)  # (its shape only: a check loads no weights)
         assert w is not None
         channels = _out_channels(prod, w)
         if prod.op == "ConvTranspose":
             group = int(prod.attrs.get("group", 1))
-            if group < 1 or w.shape[0] % group:
-                return f"{prod.name}: {w.shape[0]} input channels do not split into {group} groups"
+            if group < 1 or w[0] % group:
+                return f"{prod.name}: {w[0]} input channels do not split into {group} groups"
         if prod.op == "Gemm":
-            if w.ndim != 2:
-                return f"{prod.name}: B has rank {w.ndim}, not 2"
+            if len(w) != 2:
+                return f"{prod.name}: B has rank {len(w)}, not 2"
             c = bias_value(prod)
             if c is not None and per_channel_vector(c, 2, channels) is None:
                 return f"{prod.name}: bias C of shape {tuple(c.shape)} is not per column ([], [1], [N] or [1, N])"
@@ -277,7 +278,7 @@ class FoldBatchNorm(PatternPass[Fold]):
         return affine_reason(graph, fol, match.operand, _out_rank(prod, w), channels)
 
     def describe(self, model: Model, match: Fold) -> str:
-        w = weight_value(match.producer)
+        w = weight_shape(match.producer)
         assert w is not None
         return (
             f"fold {match.follower.op} {match.follower.name} into {match.producer.op} {match.producer.name} "
@@ -286,10 +287,10 @@ class FoldBatchNorm(PatternPass[Fold]):
 
     def cost(self, model: Model, match: Fold) -> Cost:
         prod = node_cost(model, match.producer)
-        w = weight_value(match.producer)
+        w = weight_shape(match.producer)
         assert w is not None
         has_bias = bias_tensor(match.producer) is not None or match.follower.op != "Mul"
-        params_after = int(w.size) + (_out_channels(match.producer, w) if has_bias else 0)
+        params_after = int(np.prod(w)) + (_out_channels(match.producer, w) if has_bias else 0)
         # The follower is elementwise (0 MACs), so MACs do not change; the fold removes a node.
         return Cost(prod.macs, prod.macs, prod.params + node_params(match.follower), params_after)
 
@@ -298,8 +299,8 @@ class FoldBatchNorm(PatternPass[Fold]):
         w = weight_value(prod)
         assert w is not None
         b = bias_value(prod)
-        channels = _out_channels(prod, w)
-        s, t = affine_scale_shift(fol, match.operand, channels, _out_rank(prod, w))
+        channels = _out_channels(prod, w.shape)
+        s, t = affine_scale_shift(fol, match.operand, channels, _out_rank(prod, w.shape))
         attrs = dict(prod.attrs)
         if prod.op == "Conv":
             w2, b2 = fold_conv(w, b, s, t)

@@ -103,13 +103,13 @@ def constant_operands_reason(graph: gs.Graph, conv: gs.Node) -> str | None:
             continue
         if is_graph_input(graph, t):
             return f"{conv.name}: weight or bias {t.name!r} is a graph input, not a constant"
-        value = const_value(t)
-        if value is None and dequantized_constant(t) is not None:
+        info = const_info(t)  # (the dtype only: the values are not loaded to be looked at)
+        if info is None and dequantized_constant(t) is not None:
             return f"{conv.name}: {QUANTIZED_WEIGHTS}"
-        if value is None:
+        if info is None:
             return f"{conv.name}: weight or bias {t.name!r} is not constant"
-        if value.dtype.kind != "f":
-            return f"{conv.name}: weight or bias {t.name!r} is {value.dtype}, not floating point"
+        if info[0].kind != "f":
+            return f"{conv.name}: weight or bias {t.name!r} is {info[0]}, not floating point"
     return None
 
 

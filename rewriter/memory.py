@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 from collections.abc import Callable
 
@@ -10,12 +11,19 @@ _TRIM: Callable[[int], int] | None = None
 _LOOKED = False
 
 
-def give_back_memory() -> None:
+def give_back_memory(collect: bool = False) -> None:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``; nothing where there is none).
 
     A freed onnxruntime session or serialized model leaves its pages with the allocator, which reuses them only
     for allocations that fit: a run of sessions of a big model then stacks their high-water marks. Called after
-    each big one is freed (sessions, serialized copies, a committed fork's graph)."""
+    each big one is freed (sessions, serialized copies, a committed fork's graph).
+
+    ``collect``: run Python's cycle collector first. An onnx-graphsurgeon graph is a web of cycles (nodes and
+    tensors point at each other), so a dropped graph view -- and every weight array it loaded -- is freed only
+    when the collector next runs a full pass, which may be never before the run ends: on ResNet-50 that left
+    300 MB of dead arrays beside the closing's sessions."""
+    if collect:
+        gc.collect()
     global _TRIM, _LOOKED
     if not _LOOKED:
         _LOOKED = True

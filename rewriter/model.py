@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import EncodeError
 
 from rewriter.errors import InputError, UnresolvedShape
 from rewriter.graph import const_value, finalize, to_onnx
@@ -31,6 +32,11 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
         node.name = name
         seen.add(name)
     return model
+
+
+#: Models of at least this many bytes have a dropped graph view collected at once. A full collection costs time
+#: in proportion to every object Python holds; the few weight copies of a small model are not worth it.
+COLLECT_BYTES = 8 << 20
 
 
 class Model:
@@ -62,6 +68,7 @@ class Model:
         #: The nodes' names as the source gave them (``None``: no name), where :func:`name_nodes` changed some
         #: (see :meth:`as_given`).
         self._given_names: tuple[str | None, ...] | None = None
+        self._bytes: int | None = None
 
     @classmethod
     def from_source(
@@ -178,18 +185,29 @@ class Model:
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
         return const_value(tensor)
 
+    @property
+    def heavy(self) -> bool:
+        """Whether the model's bytes reach :data:`COLLECT_BYTES`: then a dropped graph view of it is collected
+        at once (:func:`~rewriter.memory.give_back_memory`), its weight copies being worth a full collection."""
+        if self._bytes is None:
+            try:
+                self._bytes = self.proto.ByteSize()
+            except EncodeError:  # (upb's answer past protobuf's 2 GiB)
+                self._bytes = 1 << 31
+        return self._bytes >= COLLECT_BYTES
+
     # -- versions --------------------------------------------------------------------------------------
     def fork(self) -> Model:
         """An editable copy: a fresh graph view over the same proto (weights are loaded lazily, not copied)."""
         child = Model(self.proto, self.input_shapes, self._info)
-        child.root = self.root
+        child.root, child._bytes = self.root, self._bytes
         return child
 
     def commit(self) -> Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
         proto = to_onnx(finalize(self.graph), self.proto)
         self.release()  # the fork's graph and its weight arrays are done with
-        give_back_memory()
+        give_back_memory(collect=self.heavy)
         child = Model(proto, self.input_shapes)
         child.root = self.root
         return child

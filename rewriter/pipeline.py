@@ -266,7 +266,7 @@ def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
     after = analyze(model)  # (reads shapes, not weights) while the graph view is still built
     for m in (state.original, model):
         m.release()  # the closing runs onnxruntime on the protos: the graph views' weight copies need not be held
-    give_back_memory()
+    give_back_memory(collect=state.original.heavy)
     numerics, final, same = _closing(state, model, measured)
     return _Searched(model, runs, holdout, numerics, final, same, after, numerics_feeds=len(state.judge.proof_feeds()) if numerics else 0)
 
