@@ -9,6 +9,10 @@ so the two threads share the machine's cores.
 Nothing may run beside a latency measurement: :meth:`Worker.quiet` waits for every task started so far, and the
 judge calls it before each timing. A task's error is left in its future: the reference outputs are then computed
 again in the open, where the error belongs; a deployed graph that could not be read is timed instead.
+
+Overlap costs memory: a session of a big model beside the search (or beside another session) adds its whole
+footprint to the run's peak. A worker for a model over :data:`OVERLAP_BYTES` runs nothing ahead: each task runs
+in the thread that first asks for its result, after the search has let go of its graph views.
 """
 
 from __future__ import annotations
@@ -24,18 +28,48 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: The largest model whose proof work overlaps the search. An optimized onnxruntime session of a model takes about
+#: three times its bytes, the search's graph views about as much again: past ~50 MB the two together leave the
+#: memory bound of a run (400 MB + 3x the model's bytes), so a bigger model's tasks wait to be asked for.
+OVERLAP_BYTES = 48 << 20
+
+
+class _OnDemand(Future):  # type: ignore[type-arg]
+    """A task that runs in the first thread asking for its result (a worker that does not overlap)."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__()
+        self._call: Callable[[], Any] | None = call
+        self._run_lock = threading.Lock()
+
+    def result(self, timeout: float | None = None) -> Any:
+        with self._run_lock:
+            call, self._call = self._call, None
+            if call is not None:
+                try:
+                    self.set_result(call())
+                except Exception as exc:  # noqa: BLE001 -- kept in the future, as a worker's would be
+                    self.set_exception(exc)
+        return super().result(timeout)
+
 
 class Worker:
     """One worker thread (started on first use), and the tasks given to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, overlap: bool = True) -> None:
+        #: Whether tasks run ahead on the worker thread; else each runs when its result is first asked for.
+        self.overlap = overlap
         self._pool: ThreadPoolExecutor | None = None
         self._tasks: list[Future[Any]] = []
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+    def submit(self, fn: Callable[..., T], *args: Any, light: bool = False) -> Future[T]:
         """Run ``fn(*args)`` on the worker, in a copy of the caller's context (its reference-thread limit,
-        shared payloads and logging)."""
+        shared payloads and logging). ``light``: a task that runs ahead even on a worker that does not overlap
+        (one that holds about the model's bytes, where an optimized session holds three times them)."""
+        if not self.overlap and not light:
+            context = contextvars.copy_context()
+            return _OnDemand(lambda: context.run(fn, *args))
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-bottleneck-proof")

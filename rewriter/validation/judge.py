@@ -28,13 +28,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from rewriter.contract import Candidate
 from rewriter.deadline import Deadline
 from rewriter.errors import InputError
 from rewriter.model import Model
 from rewriter.outcome import Outcome
-from rewriter.validation.background import Worker, result_or_none
+from rewriter.validation.background import OVERLAP_BYTES, Worker, result_or_none
 from rewriter.validation.calibration import with_outputs
 from rewriter.validation.deployment import DeploymentProfile, rows, shapes_at
 from rewriter.validation.feeds import FeedSet, input_specs
@@ -200,6 +201,14 @@ def speculative(accepted: Model, trial: Model, candidate: Candidate) -> bool:
     return _compute_nodes(trial) >= _compute_nodes(accepted)
 
 
+
+def _small(proto: onnx.ModelProto) -> bool:
+    """Whether the model is small enough for its proof work to overlap the search (:data:`OVERLAP_BYTES`)."""
+    try:
+        return proto.ByteSize() <= OVERLAP_BYTES
+    except EncodeError:  # (upb's answer for a model past protobuf's 2 GiB)
+        return False
+
 class Judge:
     """Holds the original model's reference outputs and judges rewrites against them."""
 
@@ -229,7 +238,7 @@ class Judge:
         self._metric_base: float | None = None
         self._error_reference: list[dict] | None = None
         #: Where proof work that times nothing runs ahead of need (:mod:`~rewriter.validation.background`).
-        self.worker = Worker()
+        self.worker = Worker(overlap=_small(original.proto))
         self._lock = threading.RLock()  # the reference outputs
         self._deployed_lock = threading.Lock()
 
@@ -274,7 +283,7 @@ class Judge:
         """Start the original's part of the proof on the worker: its reference outputs on the feeds numerics
         will use and -- in a run of exact passes only, with latency judged -- its deployed graph
         (:meth:`same_deployed`). Every timing waits for them first."""
-        self.worker.submit(self._reference_upto, self._proof_count(exact_only))
+        self.worker.submit(self._reference_upto, self._proof_count(exact_only), light=True)
         if exact_only and self.config.latency:
             self.deployed_soon(self.original.proto)
 
