@@ -175,6 +175,11 @@ def input_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies under ``folder`` (links resolved)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def check_output_path(source: str | os.PathLike[str], output: str | os.PathLike[str], *, in_place: bool = False) -> None:
     """Refuse an output whose model or data file would replace the input model or one of its data files.
 
@@ -184,6 +189,8 @@ def check_output_path(source: str | os.PathLike[str], output: str | os.PathLike[
     targets = [t for t in (out, out.parent / (out.name + ".data")) if t.exists()]
     if in_place or not targets:
         return
+    if not any(os.path.samefile(t, source) or _within(t, Path(source).parent) for t in targets):
+        return  # (an input's data files lie under its folder: nothing to parse the input for)
     inputs = input_files(source)
     for target in targets:
         for i, existing in enumerate(inputs):
