@@ -123,6 +123,32 @@ def test_the_prefetched_reference_is_the_reference_and_a_failed_task_reads_as_no
     worker.close()
 
 
+def test_a_big_models_proof_work_runs_when_asked_for_except_the_light_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past OVERLAP_BYTES a session beside the search would break the memory bound: tasks wait to be asked for,
+    in the asking thread; the reference (a session of about the model's bytes) still runs ahead."""
+    from rewriter.validation import judge as judge_module
+    from rewriter.validation.background import result_or_none
+
+    model = Model.from_source(parse(THREE_BN, seed=1))
+    assert Judge(model, None, ValidationConfig()).worker.overlap  # a small model overlaps
+    monkeypatch.setattr(judge_module, "OVERLAP_BYTES", 0)
+    judge = Judge(model, None, ValidationConfig())
+    assert not judge.worker.overlap
+    ran: list[threading.Thread] = []
+    task = judge.worker.submit(lambda: ran.append(threading.current_thread()) or 7)
+    judge.worker.quiet()  # (nothing to wait for: it has not started)
+    time.sleep(0.05)
+    assert ran == []
+    assert task.result() == 7 and task.result() == 7 and ran == [threading.current_thread()]  # once, here
+    light = judge.worker.submit(threading.current_thread, light=True)
+    assert light.result() is not threading.current_thread()
+    assert result_or_none(judge.worker.submit(lambda: 1 / 0)) is None
+    judge.prefetch(exact_only=True)  # the reference ahead, the deployed graph on demand
+    judge.worker.quiet()
+    assert judge._reference is not None
+    judge.worker.close()
+
+
 def test_a_deferred_run_proves_its_result_on_the_first_feeds_only() -> None:
     from rewriter.pipeline import optimize
 
