@@ -23,19 +23,15 @@ from onnx import helper
 from rewriter.model import Model
 from rewriter.validation.feeds import Feed
 from rewriter.validation.runtime import RuntimeOptions, eval_session
+from rewriter.validation.spill import SpillStore
+
+#: Bytes of calibration data (captures, samples, moments, fits) a run keeps in memory; the rest waits on disk
+#: (:mod:`~rewriter.validation.spill`).
+MEMORY_BYTES = 128 << 20
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _nbytes(value: Any) -> int:
-    """Bytes of the arrays in ``value`` (nested lists and tuples)."""
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 def _session(proto: onnx.ModelProto):  # type: ignore[no-untyped-def]
@@ -82,19 +78,20 @@ def with_outputs(model: Model, names: Sequence[str], dtypes: Model | None = None
 class Calibration:
     """Activations of the original model and of later versions, on the calibration feeds."""
 
-    def __init__(self, original: Model, feeds: Sequence[Feed], max_capture_feeds: int = 16) -> None:
+    def __init__(self, original: Model, feeds: Sequence[Feed], max_capture_feeds: int = 16, memory_bytes: int = MEMORY_BYTES) -> None:
         if not feeds:
             raise ValueError("calibration needs at least one feed")
         self.original = original
         self.feeds = list(feeds)
         #: Whole tensors are kept for at most this many feeds (moments use every feed).
         self.max_capture_feeds = max_capture_feeds
-        self._cache: dict[tuple[int, str], Any] = {}
-        self._moments: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        #: Captured tensors, memos and moments by (version, name), and lasting values by ("lasting", key): at
+        #: most ``memory_bytes`` of them in memory, the least recently used on disk.
+        self._cache = SpillStore(memory_bytes)
         self._keep: dict[int, Model] = {}
         self._transient: set[tuple[int, str]] = set()
-        self._lasting: OrderedDict[str, Any] = OrderedDict()
-        #: Bytes of arrays :meth:`lasting` keeps.
+        self._lasting: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
+        #: Bytes of arrays :meth:`lasting` keeps (in memory or on disk).
         self.lasting_bytes = 256 << 20
 
     def _capture(self, model: Model, names: Sequence[str]) -> None:
@@ -118,7 +115,7 @@ class Calibration:
         -- accumulated feed by feed in one run, without keeping the tensors. Large maps are subsampled on an
         even spatial grid to about ``flops_per_feed / C^2`` positions per feed (at least 256; deterministic)."""
         key = id(model.proto)
-        missing = [n for n in dict.fromkeys(names) if (key, "moments:" + n) not in self._moments]
+        missing = [n for n in dict.fromkeys(names) if (key, "moments:" + n) not in self._cache]
         if missing:
             proto = with_outputs(model, missing, self.original)
             session = _session(proto)
@@ -144,10 +141,10 @@ class Calibration:
                         acc[2] += len(flat)
             for n in missing:
                 total, outer, count = sums[n]  # type: ignore[misc]
-                self._moments[(key, "moments:" + n)] = (total / count, outer.astype(np.float64) / count)
+                self._cache[(key, "moments:" + n)] = (total / count, outer.astype(np.float64) / count)
             self._keep[key] = model
             self._evict(key)
-        return {n: self._moments[(key, "moments:" + n)] for n in names}
+        return {n: self._cache[(key, "moments:" + n)] for n in names}
 
     def memo(self, model: Model, key: str, compute: Callable[[], T], *, while_current: bool = False) -> T:
         """``compute()`` once per model version and ``key``: data a pass derives from activations (samples,
@@ -186,11 +183,12 @@ class Calibration:
         used entries dropped beyond ``lasting_bytes`` of arrays."""
         if key in self._lasting:
             self._lasting.move_to_end(key)
-            return self._lasting[key]  # type: ignore[no-any-return]
+            return self._cache[("lasting", key)]  # type: ignore[no-any-return]
         value = compute()
-        self._lasting[key] = value
-        while len(self._lasting) > 1 and sum(_nbytes(v) for v in self._lasting.values()) > self.lasting_bytes:
-            self._lasting.popitem(last=False)
+        self._cache[("lasting", key)] = value
+        self._lasting[key] = self._cache.size(("lasting", key))
+        while len(self._lasting) > 1 and sum(self._lasting.values()) > self.lasting_bytes:
+            self._cache.pop(("lasting", self._lasting.popitem(last=False)[0]))
         return value
 
     def has_lasting(self, key: str) -> bool:
@@ -230,7 +228,5 @@ class Calibration:
 
     def _drop(self, key: int) -> None:
         for k in [k for k in self._cache if k[0] == key]:
-            del self._cache[k]
-        for k in [k for k in self._moments if k[0] == key]:
-            del self._moments[k]
+            self._cache.pop(k)
         self._keep.pop(key, None)
