@@ -93,6 +93,22 @@ def test_consumer_metric_reads_through_a_relu_and_declines_other_readers() -> No
     assert consumer_metric(convs["B"]) is None  # read by a graph output, not a conv
 
 
+def test_samples_gathered_through_files_are_the_samples_gathered_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past GATHER_BYTES a calibration run spools each conv's rows to a file: the same rows, one conv in memory at a time."""
+    from passes.bottleneck import fit as fit_module
+
+    model, _, _, fitter = setup(max_samples=60)
+    sites = [Bottleneck()._site(model, n) for n in model.graph.nodes if n.op == "Conv" and n.outputs[0].name != "Y"]
+    in_memory = fitter.sample_many(model, sites)  # type: ignore[arg-type]
+    monkeypatch.setattr(fit_module, "GATHER_BYTES", 0)
+    spooled_fitter = setup(max_samples=60)[3]
+    assert spooled_fitter.sample_many(model, sites, fetch=False) == []  # gathered, none handed back
+    spooled = spooled_fitter.sample_many(model, sites)  # type: ignore[arg-type]
+    for a, b in zip(in_memory, spooled):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_samples_are_input_patches_and_original_outputs_at_the_same_positions() -> None:
     model, cal, site, fitter = setup(max_samples=60)
     p, y, groups = fitter.samples(model, site)

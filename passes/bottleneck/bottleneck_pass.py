@@ -290,7 +290,7 @@ class Bottleneck(Pass):
             if isinstance(site, Site):
                 sites[site.conv.name] = site
         if sites:
-            self.fitter.sample_many(model, list(sites.values()))
+            self.fitter.sample_many(model, list(sites.values()), fetch=False)
 
     def _rewrite(self, model: Model, site: Site, layers: list[Layer], old: list[gs.Node] | None = None) -> None:
         """``layers`` in place of ``old`` (the conv by default, or the chain that replaced it before), named after the conv."""

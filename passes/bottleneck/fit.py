@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +85,47 @@ def consumer_metric(conv: gs.Node) -> np.ndarray | None:
         k = unfolded @ unfolded.T
         total = k if total is None else total + k
     return total
+
+
+#: Bytes of samples held in memory while a calibration run gathers them: past it, each feed's rows go to a
+#: file per conv and are read back one conv at a time (a search that screens every conv at once would
+#: otherwise hold all their patches together, ~800 MB on open-nsfw).
+GATHER_BYTES = 64 << 20
+
+
+def gathered(cal: CalibrationData, version: Model, names: list[str], rows: Callable[[int, dict[str, np.ndarray]], list[np.ndarray]],
+             count: int, nbytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, rows_i)`` for each of ``count`` row sets that ``rows(feed_index, tensors)`` makes per feed, over one
+    run of ``version`` on every calibration feed (``names``: the tensors it reads), joined across feeds. Held
+    in memory when ``nbytes`` fits :data:`GATHER_BYTES`, else spooled to files and read back one at a time."""
+    if nbytes <= GATHER_BYTES:
+        per_feed = cal.map(version, names, rows)
+        for i in range(count):
+            joined = np.concatenate([feed[i] for feed in per_feed])
+            for feed in per_feed:
+                feed[i] = None  # (copied: freed as we go)
+            yield i, joined
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-bottleneck-samples-") as tmp:
+        paths = [os.path.join(tmp, f"{i}.f32") for i in range(count)]
+        widths: dict[int, int] = {}
+
+        def spool(k: int, tensors: dict[str, np.ndarray]) -> None:
+            for i, r in enumerate(rows(k, tensors)):
+                widths[i] = r.shape[1]
+                with open(paths[i], "ab") as fh:
+                    fh.write(np.ascontiguousarray(r, np.float32).tobytes())
+
+        cal.map(version, names, spool)
+        for i in range(count):
+            yield i, np.fromfile(paths[i], np.float32).reshape(-1, widths[i])
+            os.unlink(paths[i])
+
+
+def width(site: Site, inputs: bool) -> int:
+    """Floats per sample row: an input patch (``C*kh*kw``) or an output position (``O``)."""
+    o, c, kh, kw = site.w.shape
+    return c * kh * kw if inputs else o
 
 
 def _gone(key: str) -> np.ndarray:
@@ -191,8 +234,10 @@ class Fitter:
         whole activations are never kept."""
         return self.sample_many(model, [site])[0]
 
-    def sample_many(self, model: Model, sites: list[Site]) -> list[Samples]:
-        """:meth:`samples` of several convs, those not cached yet gathered in one run of each model."""
+    def sample_many(self, model: Model, sites: list[Site], fetch: bool = True) -> list[Samples]:
+        """:meth:`samples` of several convs, those not cached yet gathered in runs of each model (of at most
+        :data:`GATHER_BYTES`). ``fetch=False``: only gather them (none returned: asked for all at once, they
+        would all be in memory at once)."""
         cal = self._cal
         per_feed = max(1, math.ceil(self.options.max_samples / len(cal.feeds)))
         seed = self.options.seed
@@ -215,20 +260,23 @@ class Fitter:
                     cal.memo(version, key(s), lambda found=found: found, while_current=True)
             missing = [s for s in {key(s): s for s in todo}.values() if not cal.cached(version, key(s))]
             if missing:
-                per_feed_rows = cal.map(version, [tensor(s) for s in missing],
-                                        lambda k, t: [take(s, t[tensor(s)], positions(s, k)).astype(np.float32) for s in missing])
-                for i, s in enumerate(missing):
-                    rows = np.concatenate([feed[i] for feed in per_feed_rows])
+                size = sum(per_feed * len(cal.feeds) * width(s, inputs) * 4 for s in missing)
+                for i, rows in gathered(cal, version, [tensor(s) for s in missing],
+                                        lambda k, t: [take(s, t[tensor(s)], positions(s, k)).astype(np.float32) for s in missing],
+                                        len(missing), size):
+                    s = missing[i]
                     cal.memo(version, key(s), lambda rows=rows: rows, while_current=inputs)
                     if inputs:
                         cal.lasting(lasting[key(s)], lambda rows=rows: rows)
-            return [cal.memo(version, key(s), lambda: _gone(key(s))) for s in todo]
+            return [cal.memo(version, key(s), lambda: _gone(key(s))) for s in todo] if fetch else []
 
         # Targets: the original's outputs (kept for the whole run); inputs: this version's.
         ys = gather(cal.original, sites, lambda s: s.conv.outputs[0].name, lambda s: tag + "y:" + s.conv.outputs[0].name,
                     lambda s, t, pos: channels_last(t, pos), False)
         xs = gather(model, sites, lambda s: s.conv.inputs[0].name, lambda s: tag + "x:" + s.conv.name,
                     lambda s, t, pos: extract_patches(t, s.geo, pos), True)
+        if not fetch:
+            return []
         return [(x, y, np.repeat(np.arange(len(cal.feeds)), len(positions(s, 0)[0]))) for s, x, y in zip(sites, xs, ys)]
 
     def solver(self, design: np.ndarray, groups: np.ndarray, target: np.ndarray, prior: np.ndarray) -> tuple[RidgeSolver, float]:
