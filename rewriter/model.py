@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import EncodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from rewriter.errors import InputError, UnresolvedShape
 from rewriter.graph import const_value, finalize, to_onnx
@@ -34,8 +34,8 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-#: Models of at least this many bytes have a dropped graph view collected at once. A full collection costs time
-#: in proportion to every object Python holds; the few weight copies of a small model are not worth it.
+#: A dropped graph view that loaded at least this many bytes of weights is collected at once. A full collection
+#: costs time in proportion to every object Python holds (~0.1 s in a lossy search); a few weights are not worth it.
 COLLECT_BYTES = 8 << 20
 
 
@@ -68,7 +68,6 @@ class Model:
         #: The nodes' names as the source gave them (``None``: no name), where :func:`name_nodes` changed some
         #: (see :meth:`as_given`).
         self._given_names: tuple[str | None, ...] | None = None
-        self._bytes: int | None = None
 
     @classmethod
     def from_source(
@@ -145,11 +144,15 @@ class Model:
             self._graph = graph
         return self._graph
 
-    def release(self) -> None:
+    def release(self) -> int:
         """Drop the graph view built on demand and its node index: the weights it loaded as arrays go with them
-        (a copy of every weight a pass looked at). Built again when next asked for; the proto is untouched."""
-        self._graph = None
-        self._nodes = None
+        (a copy of every weight a pass looked at). Built again when next asked for; the proto is untouched.
+        Returns the bytes of those arrays (whether a collection is worth it: :data:`COLLECT_BYTES`)."""
+        graph, self._graph, self._nodes = self._graph, None, None
+        if graph is None:
+            return 0
+        return sum(np.asarray(t._values).nbytes for t in graph.tensors().values()
+                   if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues))
 
     @property
     def info(self) -> dict[str, TensorInfo]:
@@ -185,29 +188,18 @@ class Model:
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
         return const_value(tensor)
 
-    @property
-    def heavy(self) -> bool:
-        """Whether the model's bytes reach :data:`COLLECT_BYTES`: then a dropped graph view of it is collected
-        at once (:func:`~rewriter.memory.give_back_memory`), its weight copies being worth a full collection."""
-        if self._bytes is None:
-            try:
-                self._bytes = self.proto.ByteSize()
-            except EncodeError:  # (upb's answer past protobuf's 2 GiB)
-                self._bytes = 1 << 31
-        return self._bytes >= COLLECT_BYTES
-
     # -- versions --------------------------------------------------------------------------------------
     def fork(self) -> Model:
         """An editable copy: a fresh graph view over the same proto (weights are loaded lazily, not copied)."""
         child = Model(self.proto, self.input_shapes, self._info)
-        child.root, child._bytes = self.root, self._bytes
+        child.root = self.root
         return child
 
     def commit(self) -> Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
         proto = to_onnx(finalize(self.graph), self.proto)
-        self.release()  # the fork's graph and its weight arrays are done with
-        give_back_memory(collect=self.heavy)
+        loaded = self.release()  # the fork's graph and its weight arrays are done with
+        give_back_memory(collect=loaded >= COLLECT_BYTES)
         child = Model(proto, self.input_shapes)
         child.root = self.root
         return child

@@ -31,7 +31,7 @@ from rewriter.decision import Decision, PassRun, SearchSummary, summarize
 from rewriter.errors import InputError
 from rewriter.holdout import Holdout, budget_spend, confirm
 from rewriter.memory import give_back_memory
-from rewriter.model import Model
+from rewriter.model import COLLECT_BYTES, Model
 from rewriter.outcome import Outcome
 from rewriter.precision.stage import PrecisionOptions, PrecisionResult, apply_stage
 from rewriter.registry import resolve_passes
@@ -264,9 +264,8 @@ def _searched(state: SearchState, selected: Sequence[Pass], max_rounds: int, fee
     model, runs, measured = _search(state, selected, max_rounds)
     model, holdout = confirm(state, model, runs, selected, feeds, fail=holdout_fail)
     after = analyze(model)  # (reads shapes, not weights) while the graph view is still built
-    for m in (state.original, model):
-        m.release()  # the closing runs onnxruntime on the protos: the graph views' weight copies need not be held
-    give_back_memory(collect=state.original.heavy)
+    loaded = sum(m.release() for m in (state.original, model))  # the closing runs onnxruntime on the protos:
+    give_back_memory(collect=loaded >= COLLECT_BYTES)  # the graph views' weight copies need not be held
     numerics, final, same = _closing(state, model, measured)
     return _Searched(model, runs, holdout, numerics, final, same, after, numerics_feeds=len(state.judge.proof_feeds()) if numerics else 0)
 
