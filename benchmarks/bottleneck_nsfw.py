@@ -31,7 +31,6 @@ import numpy as np
 
 from benchmarks.images import CALIBRATION_PHOTOS, VALIDATION_PHOTOS, crops
 from passes.bottleneck import Bottleneck
-from rewriter.memory import map_big_blocks
 from rewriter.model import Model
 from rewriter.pipeline import optimize
 from rewriter.validation.feeds import FeedSet, ImageSpec
@@ -56,7 +55,6 @@ def scores(session, feeds) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    map_big_blocks()  # as the CLI does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path(".cache/corpus"))
     parser.add_argument("--calibration", type=int, default=32)

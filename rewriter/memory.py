@@ -11,11 +11,6 @@ _TRIM: Callable[[int], int] | None = None
 _LOOKED = False
 _LIBC: ctypes.CDLL | None = None
 
-#: glibc's ``mallopt`` parameter for the size from which blocks are mapped on their own.
-_M_MMAP_THRESHOLD = -3
-#: Blocks of at least this many bytes are mapped on their own and unmapped when freed (see :func:`map_big_blocks`).
-MMAP_THRESHOLD = 1 << 20
-
 
 def _libc() -> ctypes.CDLL | None:
     global _LIBC, _LOOKED
@@ -27,17 +22,6 @@ def _libc() -> ctypes.CDLL | None:
         except OSError:
             _LIBC = None
     return _LIBC
-
-
-def map_big_blocks() -> bool:
-    """Have the C heap map every block of :data:`MMAP_THRESHOLD` bytes or more on its own (glibc ``mallopt``;
-    ``False`` where there is none). glibc raises that threshold each time a mapped block is freed, up to 32 MB,
-    after which a search's churn of big arrays (patches, moments, fits) comes from the heap and leaves it
-    fragmented: open-nsfw's lossy run held ~100 MB more at its peak. Fixed, a freed array goes back to the
-    system at once. For the tool's own process (the CLI, the benchmarks): it changes the whole process."""
-    libc = _libc()
-    fn = getattr(libc, "mallopt", None) if libc is not None else None
-    return bool(fn is not None and fn(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def give_back_memory(collect: bool = False) -> None:

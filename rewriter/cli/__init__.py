@@ -43,7 +43,4 @@ def main() -> None:
     """Console-script entry point."""
     import sys
 
-    from rewriter.memory import map_big_blocks
-
-    map_big_blocks()  # (the tool's own process: big arrays go back to the system when freed)
     app(args=hoist_global_flags(sys.argv[1:]))
