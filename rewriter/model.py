@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -37,6 +38,12 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 #: A dropped graph view that loaded at least this many bytes of weights is collected at once. A full collection
 #: costs time in proportion to every object Python holds (~0.1 s in a lossy search); a few weights are not worth it.
 COLLECT_BYTES = 8 << 20
+
+
+def _loaded_bytes(graph: gs.Graph) -> int:
+    """Bytes of the weights a graph view holds as arrays (loaded or made), not those still read lazily."""
+    return sum(np.asarray(t._values).nbytes for t in graph.tensors().values()
+               if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues))
 
 
 class Model:
@@ -149,10 +156,7 @@ class Model:
         (a copy of every weight a pass looked at). Built again when next asked for; the proto is untouched.
         Returns the bytes of those arrays (whether a collection is worth it: :data:`COLLECT_BYTES`)."""
         graph, self._graph, self._nodes = self._graph, None, None
-        if graph is None:
-            return 0
-        return sum(np.asarray(t._values).nbytes for t in graph.tensors().values()
-                   if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues))
+        return 0 if graph is None else _loaded_bytes(graph)
 
     @property
     def info(self) -> dict[str, TensorInfo]:
@@ -197,7 +201,11 @@ class Model:
 
     def commit(self) -> Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
-        proto = to_onnx(finalize(self.graph), self.proto)
+        graph = finalize(self.graph)
+        if _loaded_bytes(graph) >= COLLECT_BYTES:  # the weights the rewrites replaced, cut off but held by cycles,
+            gc.collect()  # go before the export adds a copy of every weight
+        proto = to_onnx(graph, self.proto)
+        del graph
         loaded = self.release()  # the fork's graph and its weight arrays are done with
         give_back_memory(collect=loaded >= COLLECT_BYTES)
         child = Model(proto, self.input_shapes)

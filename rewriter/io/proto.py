@@ -7,6 +7,8 @@ of model-local functions; :func:`model_tensors` yields every one of them, in a f
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Iterator
 
 import onnx
@@ -48,6 +50,19 @@ def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from their dims and element types: no tensor data is read (upb's
+    ``ByteSize`` serializes the whole model to answer)."""
+    total = 0
+    for t in model.graph.initializer:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # (an undefined or string type: counted a byte per element)
+            itemsize = 1
+        total += math.prod(t.dims) * itemsize
+    return total
 
 
 def subgraph_depth(model: onnx.ModelProto) -> int:

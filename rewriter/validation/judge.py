@@ -28,11 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import onnx
-from google.protobuf.message import EncodeError
 
 from rewriter.contract import Candidate
 from rewriter.deadline import Deadline
 from rewriter.errors import InputError
+from rewriter.io.proto import weight_bytes
 from rewriter.model import Model
 from rewriter.outcome import Outcome
 from rewriter.validation.background import OVERLAP_BYTES, Worker, result_or_none
@@ -204,10 +204,7 @@ def speculative(accepted: Model, trial: Model, candidate: Candidate) -> bool:
 
 def _small(proto: onnx.ModelProto) -> bool:
     """Whether the model is small enough for its proof work to overlap the search (:data:`OVERLAP_BYTES`)."""
-    try:
-        return proto.ByteSize() <= OVERLAP_BYTES
-    except EncodeError:  # (upb's answer for a model past protobuf's 2 GiB)
-        return False
+    return weight_bytes(proto) <= OVERLAP_BYTES
 
 class Judge:
     """Holds the original model's reference outputs and judges rewrites against them."""
@@ -238,7 +235,10 @@ class Judge:
         self._metric_base: float | None = None
         self._error_reference: list[dict] | None = None
         #: Where proof work that times nothing runs ahead of need (:mod:`~rewriter.validation.background`).
-        self.worker = Worker(overlap=_small(original.proto))
+        #: A model over :data:`OVERLAP_BYTES`: its proof work waits to be asked for, and the run collects what the
+        #: search left in cycles before the closing's sessions.
+        self.big = not _small(original.proto)
+        self.worker = Worker(overlap=not self.big)
         self._lock = threading.RLock()  # the reference outputs
         self._deployed_lock = threading.Lock()
 
