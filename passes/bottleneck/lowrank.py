@@ -59,8 +59,10 @@ def rank_grid(full: int, fractions: tuple[float, ...], multiple: int) -> list[in
 
 
 def gram(x: np.ndarray) -> np.ndarray:
-    """``x^T x`` with both operands contiguous (some BLAS builds are several times slower on a transposed view)."""
-    return np.ascontiguousarray(x.T) @ x
+    """``x^T x``. numpy hands a product of an array with its own transpose to BLAS ``syrk``: half the work of a
+    general product, exactly symmetric, and no transposed copy (8,000 x 4,608 float32: 1.2 s against 2.5 s for a
+    contiguous copy times the array, which also held another copy of ``x``)."""
+    return x.T @ x
 
 
 def top_eigvecs(moment: np.ndarray, rank: int) -> np.ndarray:

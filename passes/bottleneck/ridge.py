@@ -33,8 +33,7 @@ class RidgeSolver:
         self.samples, self.features = p32.shape
         self.p_mean = p32.mean(axis=0, dtype=np.float64)
         self.pc = p32 - self.p_mean.astype(np.float32)
-        self.pc_t = np.ascontiguousarray(self.pc.T)
-        g = (self.pc_t @ self.pc).astype(np.float64)
+        g = gram(self.pc).astype(np.float64)
         self.lam = ridge * max(np.trace(g) / max(1, g.shape[0]), 1e-12)
         g[np.diag_indices_from(g)] += self.lam
         self.inverse = np.linalg.inv(g)
@@ -42,7 +41,7 @@ class RidgeSolver:
     def fit(self, z: np.ndarray, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         z = np.asarray(z, np.float64)
         z_mean = z.mean(axis=0)
-        rhs = (self.pc_t @ (z - z_mean).astype(np.float32)).astype(np.float64)
+        rhs = (self.pc.T @ (z - z_mean).astype(np.float32)).astype(np.float64)
         if prior is not None:
             rhs += self.lam * prior.T
         a = (self.inverse @ rhs).T
@@ -95,7 +94,7 @@ class HeldOut:
                 e, v = np.linalg.eigh(gram(pc))
                 left, right = pc @ v, ptest @ v
             else:
-                e, left = np.linalg.eigh(pc @ np.ascontiguousarray(pc.T))
+                e, left = np.linalg.eigh(pc @ pc.T)  # (syrk, as gram)
                 right = (ptest @ np.ascontiguousarray(pc.T)) @ left
             e = np.maximum(e.astype(np.float64), 0.0)
             self.folds.append(_Fold(~test, test, pc, ptest, left, right, e, max(float(e.sum()) / d, 1e-30)))

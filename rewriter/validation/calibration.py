@@ -129,9 +129,9 @@ class Calibration:
                         step = int(np.ceil(np.sqrt(positions / max_positions)))
                         v = v[:, :, ::step, ::step]
                     flat = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
-                    # float32 products, summed in float32 (spectra need no more); both operands contiguous:
-                    # some BLAS builds are several times slower on a transposed view.
-                    outer = np.ascontiguousarray(flat.T) @ flat
+                    # float32 products, summed in float32 (spectra need no more); an array times its own
+                    # transpose goes to BLAS syrk (half the work of a general product, no transposed copy)
+                    outer = flat.T @ flat
                     acc = sums[n]
                     if acc is None:
                         sums[n] = [flat.sum(axis=0, dtype=np.float64), outer, len(flat)]
