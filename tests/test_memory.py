@@ -120,3 +120,21 @@ def test_copying_a_written_model_into_its_output_keeps_every_byte(tmp_path: Path
         save._copy_into(str(tmp_path / "src"), fh)
         fh.write(b"tail")
     assert (tmp_path / "dst").read_bytes() == b"head" + data + b"tail"
+
+
+def test_finalizing_a_graph_drops_dead_nodes_without_printing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx-graphsurgeon's cleanup formats every node it removes (weights and all) for a log nobody reads."""
+    from rewriter.graph import finalize
+
+    model = Model.from_source(parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 3, 8, 8] X) => (float[1, 3, 8, 8] Y)
+        <float[4, 3, 3, 3] W> {
+            H = Conv <pads = [1, 1, 1, 1]> (X, W)
+            R = Relu (H)
+            Y = Identity (X)
+        }
+    """, seed=1))
+    monkeypatch.setattr(gs.Node, "__str__", lambda self: pytest.fail("a node was formatted"))
+    graph = finalize(model.graph)
+    assert [n.op for n in graph.nodes] == ["Identity"]  # Relu, then the Conv it read, are gone
