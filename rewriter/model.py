@@ -202,12 +202,13 @@ class Model:
     def commit(self) -> Model:
         """Finish an edited fork: drop dead nodes, sort, export. Returns a new version with fresh shape info."""
         graph = finalize(self.graph)
-        if _loaded_bytes(graph) >= COLLECT_BYTES:  # the weights the rewrites replaced, cut off but held by cycles,
-            gc.collect()  # go before the export adds a copy of every weight
+        heavy = _loaded_bytes(graph) >= COLLECT_BYTES
+        if heavy:  # the weights the rewrites replaced, cut off but held by cycles, go before the export adds a copy
+            gc.collect()
         proto = to_onnx(graph, self.proto)
         del graph
-        loaded = self.release()  # the fork's graph and its weight arrays are done with
-        give_back_memory(collect=loaded >= COLLECT_BYTES)
+        self.release()  # the fork's graph and its weight arrays are done with
+        give_back_memory(collect=heavy)
         child = Model(proto, self.input_shapes)
         child.root = self.root
         return child
